@@ -1,0 +1,112 @@
+"""Engines and units of work.
+
+One :class:`Database` per process (engines are never shared across ``fork()``). Writes go through
+:meth:`Database.transaction`, which retries on deadlocks and serialisation failures; SQLite write
+transactions start with ``BEGIN IMMEDIATE`` so two writers queue instead of failing on upgrade.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.errors import Unavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# PostgreSQL: deadlock_detected, serialization_failure
+_RETRYABLE_PG_CODES = {"40P01", "40001"}
+
+
+def _is_retryable(error: DBAPIError) -> bool:
+    code = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
+    if code in _RETRYABLE_PG_CODES:
+        return True
+    return "database is locked" in str(error.orig)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def create_db_engine(url: str, *, pool_size: int = 10) -> Engine:
+    """Create an engine for ``url`` with the pragmas and pool settings this project relies on."""
+    if url.startswith("sqlite"):
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=pool_size,
+            max_overflow=20,
+        )
+        _configure_sqlite(engine)
+        return engine
+    return create_engine(url, pool_size=pool_size, max_overflow=20, pool_pre_ping=True)
+
+
+class Database:
+    """Session factories for one process: ``transaction()`` to write, ``reading()`` to read."""
+
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = url
+        self.engine = create_db_engine(url, pool_size=pool_size)
+        self.is_sqlite = url.startswith("sqlite")
+        read_engine = self.engine.execution_options(sqlite_begin="DEFERRED")
+        self._write = sessionmaker(self.engine, expire_on_commit=False)
+        self._read = sessionmaker(read_engine, expire_on_commit=False)
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A read-only session; rolled back at the end."""
+        try:
+            with self._read() as session, session.begin():
+                yield session
+                session.rollback()
+        except OperationalError as error:
+            raise Unavailable("the database is unavailable; try again shortly") from error
+
+    def transaction(self, work: Callable[[Session], T], *, attempts: int = 5) -> T:
+        """Run ``work(session)`` in one write transaction and commit it.
+
+        Deadlocks and serialisation failures are retried with a short backoff; ``work`` must
+        therefore be safe to run again (it only touches the database). Domain errors raised by
+        ``work`` roll the transaction back and propagate unchanged.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                with self._write() as session, session.begin():
+                    return work(session)
+            except DBAPIError as error:
+                if attempt < attempts and _is_retryable(error):
+                    log.info("retrying transaction after %s (attempt %d)", type(error.orig).__name__, attempt)
+                    time.sleep(0.01 * 2**attempt)
+                    continue
+                if isinstance(error, OperationalError):
+                    raise Unavailable("the database is busy or unavailable; try again shortly") from error
+                raise
+        raise AssertionError("unreachable")
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,144 @@
+"""The double-entry CPT ledger.
+
+Every movement is a :class:`JournalEntry` whose postings sum to zero. Balances are kept on the
+accounts and changed only by conditional updates in the same transaction as the postings, so
+``Σ non-mint balances = −mint balance = Σ minted`` holds at every commit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from models.errors import InsufficientBalance
+from models.tables import Account, JournalEntry, Posting
+
+MINT_KEY = "mint"
+
+
+def balance_key(user_id: int) -> str:
+    return f"balance:{user_id}"
+
+
+def get_or_create_account(session: Session, key: str, kind: str, user_id: int | None = None) -> Account:
+    account = session.scalar(select(Account).where(Account.key == key))
+    if account is None:
+        account = Account(key=key, kind=kind, user_id=user_id, balance=0)
+        session.add(account)
+        session.flush()
+    return account
+
+
+def account_id(session: Session, key: str) -> int:
+    found = session.scalar(select(Account.id).where(Account.key == key))
+    if found is None:
+        raise LookupError(f"no ledger account {key!r}")
+    return found
+
+
+def _debit(session: Session, account: int, amount: int, *, allow_negative: bool = False) -> bool:
+    """Conditional decrement: never read-modify-write. False if the balance would go negative."""
+    stmt = update(Account).where(Account.id == account).values(balance=Account.balance - amount)
+    if not allow_negative:
+        stmt = stmt.where(Account.balance >= amount)
+    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+
+
+def _credit(session: Session, account: int, amount: int) -> None:
+    session.execute(update(Account).where(Account.id == account).values(balance=Account.balance + amount))
+
+
+def post(
+    session: Session,
+    *,
+    kind: str,
+    debit: int,
+    credit: int,
+    amount: int,
+    memo: str = "",
+    initiator_id: int | None = None,
+    idempotency_key: str | None = None,
+    allow_negative: bool = False,
+) -> JournalEntry:
+    """Move ``amount`` from account ``debit`` to account ``credit`` as one journal entry.
+
+    Rows are updated in account-id order so two opposite movements cannot deadlock.
+    Raises :class:`InsufficientBalance` when ``debit`` cannot cover ``amount``; the caller's
+    transaction must then be rolled back (the entry row was already flushed).
+    """
+    if amount <= 0:
+        raise ValueError("amount must be positive")
+    entry = JournalEntry(kind=kind, initiator_id=initiator_id, idempotency_key=idempotency_key, memo=memo)
+    session.add(entry)
+    session.flush()  # unique idempotency key is checked here
+    steps = sorted([(debit, "debit"), (credit, "credit")])
+    for account, side in steps:
+        if side == "credit":
+            _credit(session, account, amount)
+        elif not _debit(session, account, amount, allow_negative=allow_negative):
+            raise InsufficientBalance(f"insufficient balance: {amount} CPT needed")
+    session.add_all(
+        [
+            Posting(entry_id=entry.id, account_id=debit, amount=-amount),
+            Posting(entry_id=entry.id, account_id=credit, amount=amount),
+        ]
+    )
+    return entry
+
+
+def mint(session: Session, *, to_account: int, amount: int, memo: str) -> JournalEntry:
+    """Create ``amount`` new CPT into ``to_account`` (the mint account goes further negative)."""
+    mint_id = account_id(session, MINT_KEY)
+    return post(session, kind="mint", debit=mint_id, credit=to_account, amount=amount, memo=memo, allow_negative=True)
+
+
+def postings_of(session: Session, entry_id: int) -> list[Posting]:
+    return list(session.scalars(select(Posting).where(Posting.entry_id == entry_id).order_by(Posting.amount)))
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    minted: int
+    balances: int
+    escrow: int
+    pending: int
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def audit(session: Session) -> AuditReport:
+    """Check conservation and that every entry and account agrees with its postings."""
+    problems: list[str] = []
+    totals = dict(session.execute(select(Account.kind, func.coalesce(func.sum(Account.balance), 0)).group_by(Account.kind)).all())
+    minted = -int(totals.get("mint", 0))
+    held = {kind: int(total) for kind, total in totals.items() if kind != "mint"}
+    if sum(held.values()) != minted:
+        problems.append(f"conservation broken: Σ accounts {sum(held.values())} ≠ Σ minted {minted}")
+    unbalanced = session.execute(
+        select(Posting.entry_id, func.sum(Posting.amount)).group_by(Posting.entry_id).having(func.sum(Posting.amount) != 0).limit(5)
+    ).all()
+    problems += [f"journal entry {entry} does not balance (Σ postings = {total})" for entry, total in unbalanced]
+    posted = (
+        select(Posting.account_id, func.sum(Posting.amount).label("total")).group_by(Posting.account_id).subquery()
+    )
+    drift = session.execute(
+        select(Account.key, Account.balance, func.coalesce(posted.c.total, 0))
+        .outerjoin(posted, posted.c.account_id == Account.id)
+        .where(Account.balance != func.coalesce(posted.c.total, 0))
+        .limit(5)
+    ).all()
+    problems += [f"account {key} holds {bal} but its postings sum to {total}" for key, bal, total in drift]
+    negative = session.scalars(select(Account.key).where(Account.kind != "mint", Account.balance < 0).limit(5)).all()
+    problems += [f"account {key} is negative" for key in negative]
+    return AuditReport(
+        minted=minted,
+        balances=held.get("balance", 0),
+        escrow=held.get("escrow", 0),
+        pending=held.get("pending", 0),
+        problems=tuple(problems),
+    )

@@ -1,0 +1,103 @@
+"""Typed settings, read once at an entrypoint and passed down.
+
+Names follow the original HiveMind deployment (``GRPC_SERVER_PORT``, ``REDIS_HOST``, ``DB_PATH``…)
+so existing ``.env`` files keep working. Nothing else in the code base reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # --- where things live
+    DATA_DIR: Path = Path("./data")
+    DB_PATH: Path | None = None  # SQLite file; default DATA_DIR/pool.db
+    DATABASE_URL: str | None = None  # wins over DB_PATH (e.g. postgresql+psycopg://…)
+    TASK_STORAGE_PATH: Path | None = None  # default DATA_DIR/tasks
+
+    # --- gRPC server (the seed's options)
+    GRPC_SERVER_HOST: str = "0.0.0.0"
+    GRPC_SERVER_PORT: int = 50051
+    GRPC_MAX_WORKERS: int = 20
+    GRPC_MAX_MESSAGE_BYTES: int = 100 * 1024 * 1024
+    GRPC_KEEPALIVE_TIME_MS: int = 10_000
+    GRPC_KEEPALIVE_TIMEOUT_MS: int = 5_000
+    GRPC_TLS_CERT: Path | None = None
+    GRPC_TLS_KEY: Path | None = None
+
+    # --- Redis (broker, result backend, live state). REDIS_URL wins over the parts.
+    # With none of them set, `hivemind-pool up` starts a private redis-server.
+    REDIS_URL: str | None = None
+    REDIS_HOST: str | None = None
+    REDIS_PORT: int = 6379
+    REDIS_DB: int = 0
+    CELERY_BROKER_URL: str | None = None  # e.g. amqp://… ; default: the Redis URL
+
+    # --- identity
+    JWT_SECRET_KEY: str | None = None  # generated once into DATA_DIR when unset
+    TOKEN_EXPIRATION_HOURS: float = 24
+    BCRYPT_ROUNDS: int = Field(default=12, ge=4, le=16)
+    OPERATORS: Annotated[list[str], NoDecode] = Field(default_factory=list)  # usernames with operator rights
+
+    # --- limits (defaults an honest person never meets)
+    REGISTRATIONS_PER_PEER_PER_MINUTE: int = 60
+    LOGIN_FREE_FAILURES: int = 5  # failures before any slow-down
+    LOGIN_LOCKOUT_AFTER: int = 20  # failures (per username or peer) before a lockout
+    LOGIN_LOCKOUT_SECONDS: int = 900
+    LOGIN_FAILURE_WINDOW_SECONDS: int = 900
+    MAX_FILE_SIZE: int = 10 * 1024 * 1024
+
+    # --- economy
+    INITIAL_BALANCE: int = Field(default=1000, ge=0)
+    INITIAL_CREDIT_SCORE: int = Field(default=50, ge=0, le=1000)
+    MAX_TRANSFER_AMOUNT: int = 10**12
+
+    # --- observability
+    LOG_LEVEL: str = "INFO"
+    LOG_FORMAT: str = "text"  # or "json"
+
+    @field_validator("OPERATORS", mode="before")
+    @classmethod
+    def _split_operators(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    # ------------------------------------------------------------------ derived values
+
+    @property
+    def database_url(self) -> str:
+        if self.DATABASE_URL:
+            return self.DATABASE_URL
+        path = self.DB_PATH or self.DATA_DIR / "pool.db"
+        return f"sqlite:///{path}"
+
+    @property
+    def task_storage_path(self) -> Path:
+        return self.TASK_STORAGE_PATH or self.DATA_DIR / "tasks"
+
+    @property
+    def redis_configured(self) -> bool:
+        return bool(self.REDIS_URL or self.REDIS_HOST)
+
+    @property
+    def redis_url(self) -> str:
+        if self.REDIS_URL:
+            return self.REDIS_URL
+        host = self.REDIS_HOST or "127.0.0.1"
+        return f"redis://{host}:{self.REDIS_PORT}/{self.REDIS_DB}"
+
+    @property
+    def broker_url(self) -> str:
+        return self.CELERY_BROKER_URL or self.redis_url
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.GRPC_SERVER_HOST}:{self.GRPC_SERVER_PORT}"
