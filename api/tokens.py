@@ -1,0 +1,46 @@
+"""User access tokens: HS256 JWTs whose subject is the username."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import jwt
+
+from models.errors import Unauthenticated
+
+ISSUER = "hivemind-node-pool"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling, as proven by a token."""
+
+    username: str
+    is_operator: bool = False
+
+
+class TokenCodec:
+    def __init__(self, secret: str, lifetime_hours: float) -> None:
+        self._secret = secret
+        self._lifetime = int(lifetime_hours * 3600)
+
+    def issue(self, username: str, *, now: float | None = None) -> str:
+        issued = int(now if now is not None else time.time())
+        claims = {"sub": username, "iat": issued, "exp": issued + self._lifetime, "iss": ISSUER}
+        return jwt.encode(claims, self._secret, algorithm="HS256")
+
+    def verify(self, token: str) -> str:
+        """The username a valid token names. Raises Unauthenticated for anything else."""
+        try:
+            claims = jwt.decode(
+                token, self._secret, algorithms=["HS256"], issuer=ISSUER, options={"require": ["sub", "exp", "iat"]}
+            )
+        except jwt.ExpiredSignatureError as error:
+            raise Unauthenticated("token expired: log in again") from error
+        except jwt.PyJWTError as error:
+            raise Unauthenticated("invalid token") from error
+        subject = claims.get("sub")
+        if not isinstance(subject, str) or not subject:
+            raise Unauthenticated("invalid token")
+        return subject

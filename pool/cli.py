@@ -1,0 +1,63 @@
+"""``hivemind-pool``: the operator's command (up, serve, migrate, audit)."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from pool.logs import configure_logging
+from pool.settings import Settings
+
+app = typer.Typer(help="Run and operate the HiveMind Node Pool.", no_args_is_help=True, add_completion=False)
+
+
+def _settings() -> Settings:
+    settings = Settings()
+    configure_logging(settings)
+    return settings
+
+
+@app.command()
+def serve() -> None:
+    """Run the gRPC server only (Celery workers and beat run separately)."""
+    from api.server import serve as run_server
+
+    run_server(_settings())
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the database schema to the newest revision."""
+    from models import schema
+    from models.db import Database
+
+    settings = _settings()
+    db = Database(settings.database_url)
+    schema.upgrade(db.engine)
+    typer.echo(f"schema is up to date ({db.engine.url.render_as_string(hide_password=True)})")
+
+
+@app.command()
+def audit() -> None:
+    """Check the CPT ledger: Σ balances + Σ escrow + Σ pending = Σ minted, every entry balanced."""
+    from models import ledger, schema
+    from models.db import Database
+
+    settings = _settings()
+    db = Database(settings.database_url)
+    schema.upgrade(db.engine)
+    with db.reading() as session:
+        report = ledger.audit(session)
+    typer.echo(
+        f"minted {report.minted} = balances {report.balances} + escrow {report.escrow} + pending {report.pending}"
+    )
+    if not report.ok:
+        for problem in report.problems:
+            typer.echo(f"PROBLEM: {problem}", err=True)
+        raise typer.Exit(1)
+    typer.echo("ledger balances")
+
+
+def main() -> None:
+    sys.exit(app())
