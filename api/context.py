@@ -46,6 +46,11 @@ def build_context(settings: Settings) -> PoolContext:
         db=Database(settings.database_url, pool_size=settings.GRPC_MAX_WORKERS),
         redis=client,
         tokens=TokenCodec(secret, settings.TOKEN_EXPIRATION_HOURS),
-        limiter=RateLimiter(client, registrations_per_minute=settings.REGISTRATIONS_PER_PEER_PER_MINUTE, login=login),
+        limiter=RateLimiter(
+            client,
+            registrations_per_minute=settings.REGISTRATIONS_PER_PEER_PER_MINUTE,
+            login=login,
+            prefix=f"{settings.REDIS_KEY_PREFIX}:rl",
+        ),
         jobs=JobQueue.from_settings(settings),
     )

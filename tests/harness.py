@@ -1,0 +1,158 @@
+"""Real pools and workers for tests: an in-process gRPC server on a free port, Celery subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from api.context import PoolContext, build_context
+from api.server import create_server
+from models import schema
+from pool.settings import Settings
+from protos import nodepool_pb2 as pb
+from protos import nodepool_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+PASSWORD = "correct-horse-battery"
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+def unique_name(prefix: str = "u") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+@dataclass
+class PoolHarness:
+    settings: Settings
+    env: dict[str, str]
+    ctx: PoolContext
+    server: grpc.Server
+    port: int
+    channel: grpc.Channel
+    users: pb_grpc.UserServiceStub = field(init=False)
+    nodes: pb_grpc.NodeManagerServiceStub = field(init=False)
+    master: pb_grpc.MasterNodeServiceStub = field(init=False)
+    worker_side: pb_grpc.WorkerNodeServiceStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.users = pb_grpc.UserServiceStub(self.channel)
+        self.nodes = pb_grpc.NodeManagerServiceStub(self.channel)
+        self.master = pb_grpc.MasterNodeServiceStub(self.channel)
+        self.worker_side = pb_grpc.WorkerNodeServiceStub(self.channel)
+
+    @classmethod
+    def start(cls, *, data_dir: Path, redis_url: str, database_url: str | None, **overrides: Any) -> PoolHarness:
+        values: dict[str, Any] = {
+            "DATA_DIR": str(data_dir),
+            "REDIS_URL": redis_url,
+            "BCRYPT_ROUNDS": 4,
+            "REGISTRATIONS_PER_PEER_PER_MINUTE": 100_000,
+            "REDIS_KEY_PREFIX": unique_name("hmtest"),
+            "CELERY_KEY_PREFIX": unique_name("hmq") + ":",
+            "GRPC_SERVER_HOST": "127.0.0.1",
+        }
+        if database_url:
+            values["DATABASE_URL"] = database_url
+        values.update(overrides)
+        env = {key: ",".join(v) if isinstance(v, list) else str(v) for key, v in values.items()}
+        settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
+        ctx = build_context(settings)
+        schema.upgrade(ctx.db.engine)
+        server, port = create_server(ctx, "127.0.0.1:0")
+        server.start()
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        return cls(settings=settings, env=env, ctx=ctx, server=server, port=port, channel=channel)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.server.stop(grace=None)
+        self.ctx.close()
+
+    # ---- conveniences for tests
+
+    def register(self, username: str | None = None, password: str = PASSWORD) -> str:
+        username = username or unique_name()
+        reply = self.users.Register(pb.RegisterRequest(username=username, password=password))
+        assert reply.success, reply.message
+        return username
+
+    def login(self, username: str, password: str = PASSWORD) -> str:
+        reply = self.users.Login(pb.LoginRequest(username=username, password=password))
+        assert reply.success, reply.message
+        return reply.token
+
+    def new_user(self) -> tuple[str, str]:
+        """Register and log in a fresh user: (username, token)."""
+        name = self.register()
+        return name, self.login(name)
+
+    def balance(self, token: str) -> int:
+        return self.users.GetBalance(pb.GetBalanceRequest(), metadata=bearer(token)).balance
+
+
+class CeleryWorker:
+    """A real ``celery -A orchestration worker`` process for one pool's settings."""
+
+    def __init__(self, harness: PoolHarness, *, queues: str, concurrency: int, name: str) -> None:
+        self.name = name
+        self.log_path = Path(harness.settings.DATA_DIR) / f"{name}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **harness.env, "PYTHONUNBUFFERED": "1"}
+        argv = [sys.executable, "-m", "celery", "-A", "orchestration", "worker", "-Q", queues,
+                "-c", str(concurrency), "-n", f"{name}@%h", "--loglevel=INFO",
+                "--without-mingle", "--without-gossip"]
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        self._wait_ready(timeout=60)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"celery worker exited early:\n{self.log()}")
+            if " ready." in self.log():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"celery worker not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (main process and pool children)."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self._log.close()
+
+
+def celery_worker_process(
+    harness: PoolHarness, *, queues: str = "scheduling,dispatch,maintenance,archival", concurrency: int = 2,
+    name: str | None = None,
+) -> CeleryWorker:
+    return CeleryWorker(harness, queues=queues, concurrency=concurrency, name=name or unique_name("worker"))

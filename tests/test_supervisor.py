@@ -1,0 +1,174 @@
+"""The supervisor behind ``hivemind-pool up``, with real child processes."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from pool.supervisor import READY_LINE, Child, Supervisor
+
+SERVE = "import time; print('{name} listening', flush=True); time.sleep(60)"
+# Forks a helper that stays in its process group, as Celery's prefork pool does.
+SERVE_WITH_HELPER = (
+    "import subprocess, sys, time\n"
+    "helper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+    "print(f'helper {helper.pid}', flush=True)\n"
+    "print('worker ready', flush=True)\n"
+    "time.sleep(60)\n"
+)
+IGNORE_SIGTERM = (
+    "import signal, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "print('stubborn ready', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def _python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def _gone(pid: int) -> bool:
+    # A zombie waiting for a parent that does not reap (e.g. a container's init) is gone too.
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not _gone(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.fixture
+def out() -> io.StringIO:
+    return io.StringIO()
+
+
+@pytest.fixture
+def supervisors() -> Iterator[list[Supervisor]]:
+    started: list[Supervisor] = []
+    yield started
+    for supervisor in started:
+        supervisor.stop(timeout=1.0)
+
+
+def test_prefixes_output_announces_ready_and_stops_every_process(
+    out: io.StringIO, supervisors: list[Supervisor]
+) -> None:
+    supervisor = Supervisor(
+        [
+            Child("grpc", _python(SERVE.format(name="grpc")), ready_pattern=r"grpc listening"),
+            Child("worker", _python(SERVE_WITH_HELPER), ready_pattern=r"worker ready$"),
+        ],
+        env=dict(os.environ),
+        out=out,
+    )
+    supervisors.append(supervisor)
+
+    supervisor.start(ready_message="gRPC on 127.0.0.1:50051")
+    assert supervisor.wait_ready(timeout=10)
+
+    lines = out.getvalue().splitlines()
+    assert "[grpc]   grpc listening" in lines
+    assert "[worker] worker ready" in lines
+    assert lines.count(f"{READY_LINE}: gRPC on 127.0.0.1:50051") == 1
+    helper_match = re.search(r"^\[worker\] helper (\d+)$", out.getvalue(), re.MULTILINE)
+    assert helper_match is not None
+    pids = [*supervisor.pids.values(), int(helper_match.group(1))]
+
+    supervisor.stop(timeout=5)
+
+    assert all(_wait_gone(pid) for pid in pids)
+
+
+def test_a_child_exiting_stops_the_others_and_fails_the_run(out: io.StringIO, supervisors: list[Supervisor]) -> None:
+    supervisor = Supervisor(
+        [
+            Child("grpc", _python(SERVE.format(name="grpc")), ready_pattern="listening"),
+            Child("beat", _python("import sys, time; time.sleep(0.3); sys.exit(3)")),
+        ],
+        env=dict(os.environ),
+        out=out,
+    )
+    supervisors.append(supervisor)
+    supervisor.start()
+
+    code = supervisor.run_until_signal()
+
+    assert code == 3
+    assert "beat exited unexpectedly with code 3" in out.getvalue()
+    assert _gone(supervisor.pids["grpc"])
+
+
+def test_wait_ready_gives_up_when_a_child_dies_first(out: io.StringIO, supervisors: list[Supervisor]) -> None:
+    supervisor = Supervisor([Child("grpc", _python("raise SystemExit(2)"), "listening")], dict(os.environ), out=out)
+    supervisors.append(supervisor)
+    supervisor.start()
+
+    started = time.monotonic()
+    assert not supervisor.wait_ready(timeout=10)
+    assert time.monotonic() - started < 5
+    assert READY_LINE not in out.getvalue()
+
+
+def test_a_child_ignoring_sigterm_is_killed_after_the_timeout(out: io.StringIO, supervisors: list[Supervisor]) -> None:
+    supervisor = Supervisor([Child("stubborn", _python(IGNORE_SIGTERM), "ready")], dict(os.environ), out=out)
+    supervisors.append(supervisor)
+    supervisor.start()
+    assert supervisor.wait_ready(timeout=10)
+    pid = supervisor.pids["stubborn"]
+
+    started = time.monotonic()
+    supervisor.stop(timeout=0.5)
+
+    assert 0.4 < time.monotonic() - started < 3
+    assert _gone(pid)
+
+
+RUN_SUPERVISOR = f"""
+import os, sys
+from pool.supervisor import Child, Supervisor
+child = Child("grpc", [sys.executable, "-c", {SERVE.format(name="grpc")!r}], ready_pattern="listening")
+supervisor = Supervisor([child], dict(os.environ))
+supervisor.start()
+print("pid", supervisor.pids["grpc"], flush=True)
+sys.exit(supervisor.run_until_signal())
+"""
+
+
+@pytest.mark.timeout(20)
+def test_sigterm_stops_a_running_pool_cleanly() -> None:
+    pool = subprocess.Popen(_python(RUN_SUPERVISOR), stdout=subprocess.PIPE, text=True)
+    try:
+        assert pool.stdout is not None
+        child_pid, ready = None, False
+        while child_pid is None or not ready:
+            line = pool.stdout.readline()
+            assert line, "the pool exited before it was ready"
+            if line.startswith("pid "):
+                child_pid = int(line.split()[1])
+            ready = ready or line.startswith(READY_LINE)
+
+        pool.send_signal(signal.SIGTERM)
+
+        assert pool.wait(timeout=10) == 0
+        assert "received SIGTERM; stopping" in pool.stdout.read()
+        assert _gone(child_pid)
+    finally:
+        pool.kill()
+        pool.wait()
