@@ -29,8 +29,9 @@ class LoginPolicy:
     window_seconds: int = 900
 
     def scaled(self, factor: int) -> LoginPolicy:
-        return LoginPolicy(self.free_failures * factor, self.lockout_after * factor, self.lockout_seconds,
-                           self.window_seconds)
+        return LoginPolicy(
+            self.free_failures * factor, self.lockout_after * factor, self.lockout_seconds, self.window_seconds
+        )
 
 
 def login_delay(failures: int, policy: LoginPolicy) -> float:
@@ -43,8 +44,9 @@ def login_delay(failures: int, policy: LoginPolicy) -> float:
 
 
 class RateLimiter:
-    def __init__(self, client: redis.Redis, *, registrations_per_minute: int, login: LoginPolicy,
-                 prefix: str = "hm:rl") -> None:
+    def __init__(
+        self, client: redis.Redis, *, registrations_per_minute: int, login: LoginPolicy, prefix: str = "hm:rl"
+    ) -> None:
         self._redis = client
         self._registrations = registrations_per_minute
         self._login = login
@@ -64,14 +66,17 @@ class RateLimiter:
             log.warning("registration rate limit skipped: redis unavailable (%s)", error)
             return
         if count > self._registrations:
-            raise RateLimited("too many registrations from your address; try again in a minute",
-                              retry_after=60 - now % 60)
+            raise RateLimited(
+                "too many registrations from your address; try again in a minute", retry_after=60 - now % 60
+            )
 
     def check_login(self, username: str, peer: str, *, now: float | None = None) -> None:
         """RateLimited when this username or peer must still wait after earlier failures."""
         now = time.time() if now is None else now
-        for key, policy in ((self._user_key(username), self._login), (self._peer_key(peer),
-                                                                       self._login.scaled(PEER_FACTOR))):
+        for key, policy in (
+            (self._user_key(username), self._login),
+            (self._peer_key(peer), self._login.scaled(PEER_FACTOR)),
+        ):
             try:
                 state = self._redis.hgetall(key)
             except redis.RedisError as error:

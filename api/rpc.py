@@ -102,7 +102,9 @@ def authenticate(servicer: HasContext, request: Message, context: grpc.ServicerC
     return Caller(username=username, is_operator=servicer.ctx.is_operator(username))
 
 
-def rpc(response: type[R], *, auth: bool = True) -> Callable[[Handler[R]], Callable[[Any, Any, grpc.ServicerContext], R]]:
+def rpc(
+    response: type[R], *, auth: bool = True
+) -> Callable[[Handler[R]], Callable[[Any, Any, grpc.ServicerContext], R]]:
     """Wrap a servicer method ``(self, request, call) -> response`` as a gRPC handler."""
     in_band = "success" in response.DESCRIPTOR.fields_by_name and "message" in response.DESCRIPTOR.fields_by_name
 
@@ -130,6 +132,7 @@ def rpc(response: type[R], *, auth: bool = True) -> Callable[[Handler[R]], Calla
             if isinstance(failure, RateLimited):
                 context.set_trailing_metadata((("retry-after", str(int(failure.retry_after) + 1)),))
             context.abort(code, str(failure))
+            raise AssertionError("context.abort always raises")
 
         return handler
 

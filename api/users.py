@@ -75,6 +75,11 @@ class UserService(pb_grpc.UserServiceServicer):
         )
         if outcome.replayed:
             return pb.TransferResponse(success=True, message="already applied (same idempotency key)")
-        log.info("transfer %s -> %s: %d CPT", call.user.username, request.receiver_username, request.amount,
-                 extra={"event": "transfer", "entry": outcome.entry_id})
+        log.info(
+            "transfer %s -> %s: %d CPT",
+            call.user.username,
+            request.receiver_username,
+            request.amount,
+            extra={"event": "transfer", "entry": outcome.entry_id},
+        )
         return pb.TransferResponse(success=True, message=f"sent {request.amount} CPT to {request.receiver_username}")

@@ -54,7 +54,9 @@ def create_db_engine(url: str, *, pool_size: int = 10) -> Engine:
     """Create an engine for ``url`` with the pragmas and pool settings this project relies on."""
     if url.startswith("sqlite"):
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=pool_size,
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=pool_size,
             max_overflow=20,
         )
         _configure_sqlite(engine)

@@ -114,18 +114,21 @@ class AuditReport:
 def audit(session: Session) -> AuditReport:
     """Check conservation and that every entry and account agrees with its postings."""
     problems: list[str] = []
-    totals = dict(session.execute(select(Account.kind, func.coalesce(func.sum(Account.balance), 0)).group_by(Account.kind)).all())
+    totals = dict(
+        session.execute(select(Account.kind, func.coalesce(func.sum(Account.balance), 0)).group_by(Account.kind)).all()
+    )
     minted = -int(totals.get("mint", 0))
     held = {kind: int(total) for kind, total in totals.items() if kind != "mint"}
     if sum(held.values()) != minted:
         problems.append(f"conservation broken: Σ accounts {sum(held.values())} ≠ Σ minted {minted}")
     unbalanced = session.execute(
-        select(Posting.entry_id, func.sum(Posting.amount)).group_by(Posting.entry_id).having(func.sum(Posting.amount) != 0).limit(5)
+        select(Posting.entry_id, func.sum(Posting.amount))
+        .group_by(Posting.entry_id)
+        .having(func.sum(Posting.amount) != 0)
+        .limit(5)
     ).all()
     problems += [f"journal entry {entry} does not balance (Σ postings = {total})" for entry, total in unbalanced]
-    posted = (
-        select(Posting.account_id, func.sum(Posting.amount).label("total")).group_by(Posting.account_id).subquery()
-    )
+    posted = select(Posting.account_id, func.sum(Posting.amount).label("total")).group_by(Posting.account_id).subquery()
     drift = session.execute(
         select(Account.key, Account.balance, func.coalesce(posted.c.total, 0))
         .outerjoin(posted, posted.c.account_id == Account.id)

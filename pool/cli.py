@@ -19,6 +19,18 @@ def _settings() -> Settings:
 
 
 @app.command()
+def up(
+    flower: bool = typer.Option(False, "--flower", help="Also run Flower (Celery monitoring)."),
+    flower_port: int = typer.Option(5555, help="Flower's HTTP port."),
+    concurrency: int = typer.Option(2, help="Celery worker processes."),
+) -> None:
+    """Run the whole pool: gRPC server, Celery worker and beat (private Redis and SQLite by default)."""
+    from pool.up import run
+
+    raise typer.Exit(run(_settings(), flower=flower, flower_port=flower_port, concurrency=concurrency))
+
+
+@app.command()
 def serve() -> None:
     """Run the gRPC server only (Celery workers and beat run separately)."""
     from api.server import serve as run_server

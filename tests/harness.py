@@ -114,12 +114,27 @@ class CeleryWorker:
         self.log_path = Path(harness.settings.DATA_DIR) / f"{name}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **harness.env, "PYTHONUNBUFFERED": "1"}
-        argv = [sys.executable, "-m", "celery", "-A", "orchestration", "worker", "-Q", queues,
-                "-c", str(concurrency), "-n", f"{name}@%h", "--loglevel=INFO",
-                "--without-mingle", "--without-gossip"]
+        argv = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "orchestration",
+            "worker",
+            "-Q",
+            queues,
+            "-c",
+            str(concurrency),
+            "-n",
+            f"{name}@%h",
+            "--loglevel=INFO",
+            "--without-mingle",
+            "--without-gossip",
+        ]
         self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            argv, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self._wait_ready(timeout=60)
 
     def _wait_ready(self, timeout: float) -> None:
@@ -152,7 +167,10 @@ class CeleryWorker:
 
 
 def celery_worker_process(
-    harness: PoolHarness, *, queues: str = "scheduling,dispatch,maintenance,archival", concurrency: int = 2,
+    harness: PoolHarness,
+    *,
+    queues: str = "scheduling,dispatch,maintenance,archival",
+    concurrency: int = 2,
     name: str | None = None,
 ) -> CeleryWorker:
     return CeleryWorker(harness, queues=queues, concurrency=concurrency, name=name or unique_name("worker"))

