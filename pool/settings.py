@@ -44,6 +44,7 @@ class Settings(BaseSettings):
 
     # --- identity
     JWT_SECRET_KEY: str | None = None  # generated once into DATA_DIR when unset
+    POOL_SIGNING_KEY_PATH: Path | None = None  # Ed25519 PEM; default DATA_DIR/pool_ed25519.pem
     TOKEN_EXPIRATION_HOURS: float = 24
     BCRYPT_ROUNDS: int = Field(default=12, ge=4, le=16)
     OPERATORS: Annotated[list[str], NoDecode] = Field(default_factory=list)  # usernames with operator rights
@@ -84,6 +85,10 @@ class Settings(BaseSettings):
     @property
     def task_storage_path(self) -> Path:
         return self.TASK_STORAGE_PATH or self.DATA_DIR / "tasks"
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.POOL_SIGNING_KEY_PATH or self.DATA_DIR / "pool_ed25519.pem"
 
     @property
     def redis_configured(self) -> bool:

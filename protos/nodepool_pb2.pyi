@@ -164,6 +164,20 @@ class GetNodeListRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class PoolPublicKeyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PoolPublicKeyResponse(_message.Message):
+    __slots__ = ("public_key_pem", "algorithm", "issuer")
+    PUBLIC_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    ISSUER_FIELD_NUMBER: _ClassVar[int]
+    public_key_pem: str
+    algorithm: str
+    issuer: str
+    def __init__(self, public_key_pem: _Optional[str] = ..., algorithm: _Optional[str] = ..., issuer: _Optional[str] = ...) -> None: ...
+
 class GetNodeListResponse(_message.Message):
     __slots__ = ("success", "message", "nodes")
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
@@ -223,20 +237,24 @@ class PollTaskStatusResponse(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., status: _Optional[str] = ..., output: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class StoreOutputRequest(_message.Message):
-    __slots__ = ("task_id", "output")
+    __slots__ = ("task_id", "output", "attempt")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     output: str
-    def __init__(self, task_id: _Optional[str] = ..., output: _Optional[str] = ...) -> None: ...
+    attempt: int
+    def __init__(self, task_id: _Optional[str] = ..., output: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class StoreResultRequest(_message.Message):
-    __slots__ = ("task_id", "result_zip")
+    __slots__ = ("task_id", "result_zip", "attempt")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     RESULT_ZIP_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     result_zip: bytes
-    def __init__(self, task_id: _Optional[str] = ..., result_zip: _Optional[bytes] = ...) -> None: ...
+    attempt: int
+    def __init__(self, task_id: _Optional[str] = ..., result_zip: _Optional[bytes] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class GetTaskResultRequest(_message.Message):
     __slots__ = ("task_id", "token")
@@ -257,26 +275,32 @@ class GetTaskResultResponse(_message.Message):
     def __init__(self, success: _Optional[bool] = ..., message: _Optional[str] = ..., result_zip: _Optional[bytes] = ...) -> None: ...
 
 class TaskCompletedRequest(_message.Message):
-    __slots__ = ("task_id", "node_id", "success")
+    __slots__ = ("task_id", "node_id", "success", "attempt", "message")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     node_id: str
     success: bool
-    def __init__(self, task_id: _Optional[str] = ..., node_id: _Optional[str] = ..., success: _Optional[bool] = ...) -> None: ...
+    attempt: int
+    message: str
+    def __init__(self, task_id: _Optional[str] = ..., node_id: _Optional[str] = ..., success: _Optional[bool] = ..., attempt: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class StoreLogsRequest(_message.Message):
-    __slots__ = ("node_id", "task_id", "logs", "timestamp")
+    __slots__ = ("node_id", "task_id", "logs", "timestamp", "attempt")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     LOGS_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     task_id: str
     logs: str
     timestamp: int
-    def __init__(self, node_id: _Optional[str] = ..., task_id: _Optional[str] = ..., logs: _Optional[str] = ..., timestamp: _Optional[int] = ...) -> None: ...
+    attempt: int
+    def __init__(self, node_id: _Optional[str] = ..., task_id: _Optional[str] = ..., logs: _Optional[str] = ..., timestamp: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class GetTaskLogsRequest(_message.Message):
     __slots__ = ("task_id", "token")
@@ -343,12 +367,14 @@ class StopTaskResponse(_message.Message):
     def __init__(self, success: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ReturnTaskResultRequest(_message.Message):
-    __slots__ = ("task_id", "result_zip")
+    __slots__ = ("task_id", "result_zip", "attempt")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     RESULT_ZIP_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     result_zip: bytes
-    def __init__(self, task_id: _Optional[str] = ..., result_zip: _Optional[bytes] = ...) -> None: ...
+    attempt: int
+    def __init__(self, task_id: _Optional[str] = ..., result_zip: _Optional[bytes] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class ReturnTaskResultResponse(_message.Message):
     __slots__ = ("success", "message")
@@ -359,7 +385,7 @@ class ReturnTaskResultResponse(_message.Message):
     def __init__(self, success: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ExecuteTaskRequest(_message.Message):
-    __slots__ = ("node_id", "task_id", "task_zip", "cpu", "gpu", "memory_gb", "gpu_memory_gb")
+    __slots__ = ("node_id", "task_id", "task_zip", "cpu", "gpu", "memory_gb", "gpu_memory_gb", "attempt", "max_minutes", "allow_network")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ZIP_FIELD_NUMBER: _ClassVar[int]
@@ -367,6 +393,9 @@ class ExecuteTaskRequest(_message.Message):
     GPU_FIELD_NUMBER: _ClassVar[int]
     MEMORY_GB_FIELD_NUMBER: _ClassVar[int]
     GPU_MEMORY_GB_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_MINUTES_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_NETWORK_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     task_id: str
     task_zip: bytes
@@ -374,7 +403,10 @@ class ExecuteTaskRequest(_message.Message):
     gpu: int
     memory_gb: int
     gpu_memory_gb: int
-    def __init__(self, node_id: _Optional[str] = ..., task_id: _Optional[str] = ..., task_zip: _Optional[bytes] = ..., cpu: _Optional[int] = ..., gpu: _Optional[int] = ..., memory_gb: _Optional[int] = ..., gpu_memory_gb: _Optional[int] = ...) -> None: ...
+    attempt: int
+    max_minutes: int
+    allow_network: bool
+    def __init__(self, node_id: _Optional[str] = ..., task_id: _Optional[str] = ..., task_zip: _Optional[bytes] = ..., cpu: _Optional[int] = ..., gpu: _Optional[int] = ..., memory_gb: _Optional[int] = ..., gpu_memory_gb: _Optional[int] = ..., attempt: _Optional[int] = ..., max_minutes: _Optional[int] = ..., allow_network: _Optional[bool] = ...) -> None: ...
 
 class ExecuteTaskResponse(_message.Message):
     __slots__ = ("success", "message", "result")
@@ -387,30 +419,34 @@ class ExecuteTaskResponse(_message.Message):
     def __init__(self, success: _Optional[bool] = ..., message: _Optional[str] = ..., result: _Optional[bytes] = ...) -> None: ...
 
 class ReportOutputRequest(_message.Message):
-    __slots__ = ("node_id", "task_id", "output")
+    __slots__ = ("node_id", "task_id", "output", "attempt")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     task_id: str
     output: str
-    def __init__(self, node_id: _Optional[str] = ..., task_id: _Optional[str] = ..., output: _Optional[str] = ...) -> None: ...
+    attempt: int
+    def __init__(self, node_id: _Optional[str] = ..., task_id: _Optional[str] = ..., output: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class RunningStatusRequest(_message.Message):
-    __slots__ = ("node_id", "task_id", "cpu_usage", "memory_usage", "gpu_usage", "gpu_memory_usage")
+    __slots__ = ("node_id", "task_id", "cpu_usage", "memory_usage", "gpu_usage", "gpu_memory_usage", "attempt")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     CPU_USAGE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USAGE_FIELD_NUMBER: _ClassVar[int]
     GPU_USAGE_FIELD_NUMBER: _ClassVar[int]
     GPU_MEMORY_USAGE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     task_id: str
     cpu_usage: int
     memory_usage: int
     gpu_usage: int
     gpu_memory_usage: int
-    def __init__(self, node_id: _Optional[str] = ..., task_id: _Optional[str] = ..., cpu_usage: _Optional[int] = ..., memory_usage: _Optional[int] = ..., gpu_usage: _Optional[int] = ..., gpu_memory_usage: _Optional[int] = ...) -> None: ...
+    attempt: int
+    def __init__(self, node_id: _Optional[str] = ..., task_id: _Optional[str] = ..., cpu_usage: _Optional[int] = ..., memory_usage: _Optional[int] = ..., gpu_usage: _Optional[int] = ..., gpu_memory_usage: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class RunningStatusResponse(_message.Message):
     __slots__ = ("success", "message", "cpt_reward")

@@ -263,6 +263,11 @@ class NodeManagerServiceStub:
                 request_serializer=protos_dot_nodepool__pb2.GetNodeListRequest.SerializeToString,
                 response_deserializer=protos_dot_nodepool__pb2.GetNodeListResponse.FromString,
                 _registered_method=True)
+        self.GetPoolPublicKey = channel.unary_unary(
+                '/nodepool.NodeManagerService/GetPoolPublicKey',
+                request_serializer=protos_dot_nodepool__pb2.PoolPublicKeyRequest.SerializeToString,
+                response_deserializer=protos_dot_nodepool__pb2.PoolPublicKeyResponse.FromString,
+                _registered_method=True)
 
 
 class NodeManagerServiceServicer:
@@ -294,6 +299,13 @@ class NodeManagerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPoolPublicKey(self, request, context):
+        """Added: the key that signs the pool's ExecuteTask/StopTaskExecution calls to workers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeManagerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -316,6 +328,11 @@ def add_NodeManagerServiceServicer_to_server(servicer, server):
                     servicer.GetNodeList,
                     request_deserializer=protos_dot_nodepool__pb2.GetNodeListRequest.FromString,
                     response_serializer=protos_dot_nodepool__pb2.GetNodeListResponse.SerializeToString,
+            ),
+            'GetPoolPublicKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPoolPublicKey,
+                    request_deserializer=protos_dot_nodepool__pb2.PoolPublicKeyRequest.FromString,
+                    response_serializer=protos_dot_nodepool__pb2.PoolPublicKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -428,6 +445,33 @@ class NodeManagerService:
             '/nodepool.NodeManagerService/GetNodeList',
             protos_dot_nodepool__pb2.GetNodeListRequest.SerializeToString,
             protos_dot_nodepool__pb2.GetNodeListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPoolPublicKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodepool.NodeManagerService/GetPoolPublicKey',
+            protos_dot_nodepool__pb2.PoolPublicKeyRequest.SerializeToString,
+            protos_dot_nodepool__pb2.PoolPublicKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

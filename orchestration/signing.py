@@ -1,0 +1,74 @@
+"""The pool's Ed25519 identity: it signs every ExecuteTask/StopTaskExecution call it makes.
+
+Workers verify the ``authorization: Bearer`` token of those calls against the public key the pool
+publishes (``NodeManagerService.GetPoolPublicKey``). A token is good for one node (``aud``), one
+task and attempt, one action, and a minute.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+log = logging.getLogger(__name__)
+
+ISSUER = "hivemind-node-pool"
+ALGORITHM = "EdDSA"
+TOKEN_SECONDS = 60
+
+
+class PoolSigner:
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._key = private_key
+        self.public_key_pem = (
+            private_key.public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            .decode()
+        )
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> PoolSigner:
+        """The key kept at ``path``, generated there (mode 0600) on first use.
+
+        Raises OSError when the file cannot be read or written, ValueError when it is not an
+        Ed25519 private key.
+        """
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pem = Ed25519PrivateKey.generate().private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(pem)
+                log.warning("generated the pool's signing key at %s", path)
+            except FileExistsError:
+                pass  # another process won the race; read its key
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError(f"{path} is not an Ed25519 private key")
+        return cls(key)
+
+    def sign(self, *, node_id: str, task_id: str, attempt: int, action: str, now: float | None = None) -> str:
+        """A token for one call: ``action`` is ``execute`` or ``stop``."""
+        issued = int(now if now is not None else time.time())
+        claims = {
+            "iss": ISSUER,
+            "aud": node_id,
+            "sub": "pool",
+            "task_id": task_id,
+            "attempt": attempt,
+            "action": action,
+            "iat": issued,
+            "exp": issued + TOKEN_SECONDS,
+            "jti": uuid.uuid4().hex,
+        }
+        return jwt.encode(claims, self._key, algorithm=ALGORITHM)
