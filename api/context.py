@@ -10,6 +10,8 @@ from api.ratelimit import LoginPolicy, RateLimiter
 from api.tokens import TokenCodec
 from models.db import Database
 from orchestration.enqueue import JobQueue
+from orchestration.heartbeats import HeartbeatStore
+from orchestration.signing import PoolSigner
 from pool.secrets import load_or_create_jwt_secret
 from pool.settings import Settings
 
@@ -22,6 +24,8 @@ class PoolContext:
     tokens: TokenCodec
     limiter: RateLimiter
     jobs: JobQueue
+    heartbeats: HeartbeatStore
+    signer: PoolSigner
 
     def is_operator(self, username: str) -> bool:
         return username.lower() in {name.lower() for name in self.settings.OPERATORS}
@@ -53,4 +57,6 @@ def build_context(settings: Settings) -> PoolContext:
             prefix=f"{settings.REDIS_KEY_PREFIX}:rl",
         ),
         jobs=JobQueue.from_settings(settings),
+        heartbeats=HeartbeatStore(client, settings.REDIS_KEY_PREFIX),
+        signer=PoolSigner.load_or_create(settings.signing_key_path),
     )

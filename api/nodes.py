@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from api.context import PoolContext
 from api.rpc import Call, rpc
+from orchestration import nodes as node_cases
+from orchestration.signing import ALGORITHM, ISSUER
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
 
@@ -35,3 +37,72 @@ class NodeManagerService(pb_grpc.NodeManagerServiceServicer):
     def HealthCheck(self, request: pb.HealthCheckRequest, call: Call) -> pb.HealthCheckResponse:
         healthy, message = pool_health(self.ctx)
         return pb.HealthCheckResponse(healthy=healthy, message=message)
+
+    @rpc(pb.StatusResponse)
+    def RegisterWorkerNode(self, request: pb.RegisterWorkerNodeRequest, call: Call) -> pb.StatusResponse:
+        fields = node_cases.NodeRequest(
+            node_id=request.node_id,
+            hostname=request.hostname,
+            port=request.port,
+            cpu_cores=request.cpu_cores,
+            memory_gb=request.memory_gb,
+            cpu_score=request.cpu_score,
+            gpu_score=request.gpu_score,
+            gpu_memory_gb=request.gpu_memory_gb,
+            location=request.location,
+            gpu_name=request.gpu_name,
+            docker_status=request.docker_status,
+        )
+        spec = node_cases.validate(fields, call.user.username, self.ctx.settings)
+        registration = node_cases.register_node(
+            self.ctx.db, self.ctx.heartbeats, self.ctx.settings, caller=call.user.username, spec=spec
+        )
+        record = registration.record
+        verb = "registered" if registration.created else "re-registered"
+        return pb.StatusResponse(success=True, message=f"node {record.node_id} {verb} ({record.tier} trust tier)")
+
+    @rpc(pb.StatusResponse)
+    def ReportStatus(self, request: pb.ReportStatusRequest, call: Call) -> pb.StatusResponse:
+        node_cases.heartbeat(
+            self.ctx.db,
+            self.ctx.heartbeats,
+            caller=call.user.username,
+            node_id=request.node_id,
+            message=request.status_message,
+        )
+        return pb.StatusResponse(success=True, message="ok")
+
+    @rpc(pb.GetNodeListResponse)
+    def GetNodeList(self, request: pb.GetNodeListRequest, call: Call) -> pb.GetNodeListResponse:
+        caller = call.user
+        listings = node_cases.list_nodes(
+            self.ctx.db, self.ctx.heartbeats, timeout=self.ctx.settings.NODE_HEARTBEAT_TIMEOUT
+        )
+        infos = []
+        for item in listings:
+            record = item.record
+            revealed = caller.is_operator or record.owner.lower() == caller.username.lower()
+            infos.append(
+                pb.WorkerNodeInfo(
+                    node_id=record.node_id,
+                    hostname=record.hostname if revealed else "",
+                    port=record.port if revealed else 0,
+                    cpu_cores=record.cpu_cores,
+                    memory_gb=record.capacity["memory_gb"],
+                    status=item.status,
+                    last_heartbeat=item.last_heartbeat,
+                    cpu_score=record.capacity["cpu_score"],
+                    gpu_score=record.capacity["gpu_score"],
+                    gpu_memory_gb=record.capacity["gpu_memory_gb"],
+                    location=record.location,
+                    gpu_name=record.gpu_name,
+                )
+            )
+        online = sum(1 for item in listings if item.status != "offline")
+        return pb.GetNodeListResponse(success=True, message=f"{online} of {len(infos)} nodes online", nodes=infos)
+
+    @rpc(pb.PoolPublicKeyResponse, auth=False)
+    def GetPoolPublicKey(self, request: pb.PoolPublicKeyRequest, call: Call) -> pb.PoolPublicKeyResponse:
+        return pb.PoolPublicKeyResponse(
+            public_key_pem=self.ctx.signer.public_key_pem, algorithm=ALGORITHM, issuer=ISSUER
+        )

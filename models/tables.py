@@ -88,3 +88,70 @@ class Posting(Base):
     entry_id: Mapped[int] = mapped_column(ForeignKey("journal_entries.id"), nullable=False, index=True)
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), nullable=False, index=True)
     amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+RESOURCE_DIMENSIONS = ("cpu_score", "memory_gb", "gpu_score", "gpu_memory_gb")
+
+
+class Node(Base):
+    """A worker machine. ``cap_*`` is what it has, ``avail_*`` what is not allocated.
+
+    Invariant (kept by models.allocation): ``0 ≤ avail ≤ cap`` and
+    ``avail + Σ active allocations = cap`` in every dimension.
+    """
+
+    __tablename__ = "nodes"
+    __table_args__ = (
+        CheckConstraint(
+            " AND ".join(f"avail_{d} >= 0 AND avail_{d} <= cap_{d}" for d in RESOURCE_DIMENSIONS),
+            name="avail_within_capacity",
+        ),
+        CheckConstraint("running_tasks >= 0", name="running_non_negative"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(80), nullable=False, unique=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), nullable=False, index=True)
+    hostname: Mapped[str] = mapped_column(String(253), nullable=False)
+    port: Mapped[int] = mapped_column(Integer, nullable=False)
+    cpu_cores: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    gpu_name: Mapped[str] = mapped_column(String(128), nullable=False, default="")
+    location: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+    docker_status: Mapped[str] = mapped_column(String(16), nullable=False)  # normalised: enabled|disabled
+    tier: Mapped[str] = mapped_column(String(8), nullable=False)  # high|normal|low
+    status: Mapped[str] = mapped_column(String(8), nullable=False)  # online|offline
+    max_tasks: Mapped[int | None] = mapped_column(Integer)
+    running_tasks: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    cap_cpu_score: Mapped[int] = mapped_column(Integer, nullable=False)
+    cap_memory_gb: Mapped[int] = mapped_column(Integer, nullable=False)
+    cap_gpu_score: Mapped[int] = mapped_column(Integer, nullable=False)
+    cap_gpu_memory_gb: Mapped[int] = mapped_column(Integer, nullable=False)
+    avail_cpu_score: Mapped[int] = mapped_column(Integer, nullable=False)
+    avail_memory_gb: Mapped[int] = mapped_column(Integer, nullable=False)
+    avail_gpu_score: Mapped[int] = mapped_column(Integer, nullable=False)
+    avail_gpu_memory_gb: Mapped[int] = mapped_column(Integer, nullable=False)
+    registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Bumped on every change, so a scheduler can refresh only what changed since its last look.
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
+class Allocation(Base):
+    """Resources of one node held by one attempt of one task until released (exactly once)."""
+
+    __tablename__ = "allocations"
+    __table_args__ = (
+        UniqueConstraint("task_id", "attempt", name="uq_allocation_task_attempt"),
+        Index("ix_allocations_active_node", "node_pk", "released_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_pk: Mapped[int] = mapped_column(ForeignKey("nodes.id"), nullable=False)
+    task_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False)
+    cpu_score: Mapped[int] = mapped_column(Integer, nullable=False)
+    memory_gb: Mapped[int] = mapped_column(Integer, nullable=False)
+    gpu_score: Mapped[int] = mapped_column(Integer, nullable=False)
+    gpu_memory_gb: Mapped[int] = mapped_column(Integer, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    release_reason: Mapped[str] = mapped_column(String(64), nullable=False, default="")

@@ -7,7 +7,7 @@ so existing ``.env`` files keep working. Nothing else in the code base reads the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -56,6 +56,14 @@ class Settings(BaseSettings):
     LOGIN_LOCKOUT_SECONDS: int = 900
     LOGIN_FAILURE_WINDOW_SECONDS: int = 900
     MAX_FILE_SIZE: int = 10 * 1024 * 1024
+
+    # --- nodes and trust
+    NODE_HEARTBEAT_TIMEOUT: float = Field(default=30.0, gt=0)  # seconds of silence before a node is offline
+    NODE_ADDRESS_POLICY: Literal["any", "public"] = "any"  # "public" refuses private/loopback targets
+    MAX_NODES_PER_OWNER: int = Field(default=64, ge=1)
+    TRUST_HIGH: int = 100  # credit for the high tier (with Docker)
+    TRUST_NORMAL: int = 50  # credit for the normal tier (with Docker)
+    LOW_TIER_MIN_SUBMITTER_CREDIT: int = 100  # a low-tier node runs only tasks of submitters this trusted
 
     # --- economy
     INITIAL_BALANCE: int = Field(default=1000, ge=0)

@@ -1,4 +1,7 @@
-"""Maintenance jobs run by beat: sweeps and the ledger audit."""
+"""Maintenance jobs run by beat: heartbeat expiry, resource reclamation, the ledger audit.
+
+Each is idempotent and safe to run twice or to overlap with itself.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,8 @@ from typing import Any
 from celery import Task, shared_task
 
 from models import ledger
-from orchestration.runtime import database
+from orchestration import nodes
+from orchestration.runtime import database, heartbeats, settings_of
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +44,16 @@ def audit_ledger(self: Task) -> dict[str, Any]:
 
 @shared_task(name="pool.maintenance.expire_heartbeats", bind=True)
 def expire_heartbeats(self: Task) -> int:
-    """Nodes silent past the heartbeat timeout go offline (filled in with node management)."""
-    return 0
+    """Nodes silent past NODE_HEARTBEAT_TIMEOUT go offline; returns how many allocations were freed."""
+    settings = settings_of(self.app)
+    released = nodes.expire_silent_nodes(
+        database(self.app), heartbeats(self.app), timeout=settings.NODE_HEARTBEAT_TIMEOUT
+    )
+    return len(released)
 
 
 @shared_task(name="pool.maintenance.reclaim_resources", bind=True)
-def reclaim_resources(self: Task) -> int:
-    """Release allocations of terminal tasks and vanished nodes (filled in with allocation)."""
-    return 0
+def reclaim_resources(self: Task) -> dict[str, int]:
+    """Release allocations of vanished nodes and repair availability drift."""
+    freed, repaired = nodes.reclaim(database(self.app))
+    return {"released": len(freed), "repaired": len(repaired)}

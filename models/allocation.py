@@ -1,0 +1,185 @@
+"""Atomic allocation and idempotent release of node resources.
+
+``allocate`` is one conditional UPDATE (``avail = avail - need WHERE avail >= need …``) plus the
+allocation row, in the caller's transaction; ``release`` flips ``released_at`` from NULL exactly
+once and only then gives the resources back. No read-modify-write anywhere, so any number of
+concurrent schedulers keep ``avail + Σ active allocations = capacity`` at every commit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from models.tables import RESOURCE_DIMENSIONS, Allocation, Node, utcnow
+
+
+@dataclass(frozen=True)
+class Need:
+    cpu_score: int = 0
+    memory_gb: int = 0
+    gpu_score: int = 0
+    gpu_memory_gb: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {d: getattr(self, d) for d in RESOURCE_DIMENSIONS}
+
+
+@dataclass(frozen=True)
+class Released:
+    allocation_id: int
+    node_pk: int
+    task_id: str
+    attempt: int
+
+
+def allocate(session: Session, *, node_pk: int, task_id: str, attempt: int, need: Need) -> int | None:
+    """Hold ``need`` on node ``node_pk`` for ``task_id``/``attempt``; the allocation id, or None.
+
+    None when the node is offline, lacks room in any dimension, is at its task cap, or when this
+    attempt already holds an allocation (so a retried job cannot allocate twice).
+    """
+    amounts = need.as_dict()
+    fits = [getattr(Node, f"avail_{d}") >= amount for d, amount in amounts.items()]
+    changes = {f"avail_{d}": getattr(Node, f"avail_{d}") - amount for d, amount in amounts.items()}
+    result = session.execute(
+        update(Node)
+        .where(
+            Node.id == node_pk,
+            Node.status == "online",
+            *fits,
+            or_(Node.max_tasks.is_(None), Node.running_tasks < Node.max_tasks),
+        )
+        .values(**changes, running_tasks=Node.running_tasks + 1, changed_at=utcnow())
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    allocation = Allocation(node_pk=node_pk, task_id=task_id, attempt=attempt, **amounts)
+    try:
+        with session.begin_nested():
+            session.add(allocation)
+            session.flush()
+    except IntegrityError:
+        # This attempt is already allocated: undo our decrement, keep the first allocation.
+        _give_back(session, node_pk, amounts)
+        return None
+    return allocation.id
+
+
+def _give_back(session: Session, node_pk: int, amounts: dict[str, int]) -> None:
+    changes = {f"avail_{d}": getattr(Node, f"avail_{d}") + amount for d, amount in amounts.items()}
+    session.execute(
+        update(Node)
+        .where(Node.id == node_pk)
+        .values(**changes, running_tasks=Node.running_tasks - 1, changed_at=utcnow())
+    )
+
+
+def release(session: Session, allocation_id: int, reason: str) -> bool:
+    """Give an allocation's resources back. True the first time, False ever after (idempotent)."""
+    allocation = session.get(Allocation, allocation_id)
+    if allocation is None:
+        return False
+    flipped = session.execute(
+        update(Allocation)
+        .where(Allocation.id == allocation_id, Allocation.released_at.is_(None))
+        .values(released_at=utcnow(), release_reason=reason[:64])
+    )
+    if flipped.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    _give_back(session, allocation.node_pk, {d: getattr(allocation, d) for d in RESOURCE_DIMENSIONS})
+    return True
+
+
+def active_allocation(session: Session, task_id: str, attempt: int) -> Allocation | None:
+    return session.scalar(
+        select(Allocation).where(
+            Allocation.task_id == task_id, Allocation.attempt == attempt, Allocation.released_at.is_(None)
+        )
+    )
+
+
+def release_task(session: Session, task_id: str, reason: str) -> list[Released]:
+    """Release every active allocation of ``task_id`` (any attempt)."""
+    rows = session.scalars(
+        select(Allocation).where(Allocation.task_id == task_id, Allocation.released_at.is_(None))
+    ).all()
+    return [Released(a.id, a.node_pk, a.task_id, a.attempt) for a in rows if release(session, a.id, reason)]
+
+
+def release_node(session: Session, node_pk: int, reason: str) -> list[Released]:
+    """Release every active allocation on a node (it went offline or restarted)."""
+    rows = session.scalars(
+        select(Allocation).where(Allocation.node_pk == node_pk, Allocation.released_at.is_(None))
+    ).all()
+    return [Released(a.id, a.node_pk, a.task_id, a.attempt) for a in rows if release(session, a.id, reason)]
+
+
+def _held_by_node():  # type: ignore[no-untyped-def]
+    return (
+        select(
+            Allocation.node_pk,
+            func.count().label("tasks"),
+            *[func.sum(getattr(Allocation, d)).label(d) for d in RESOURCE_DIMENSIONS],
+        )
+        .where(Allocation.released_at.is_(None))
+        .group_by(Allocation.node_pk)
+        .subquery()
+    )
+
+
+def invariant_violations(session: Session, limit: int = 20) -> list[str]:
+    """Nodes where ``avail + Σ active = capacity`` or ``0 ≤ avail ≤ capacity`` fails (one snapshot)."""
+    held = _held_by_node()
+    broken = [
+        or_(
+            getattr(Node, f"avail_{d}") + func.coalesce(getattr(held.c, d), 0) != getattr(Node, f"cap_{d}"),
+            getattr(Node, f"avail_{d}") < 0,
+            getattr(Node, f"avail_{d}") > getattr(Node, f"cap_{d}"),
+        )
+        for d in RESOURCE_DIMENSIONS
+    ]
+    rows = session.execute(
+        select(Node.node_id).outerjoin(held, held.c.node_pk == Node.id).where(or_(*broken)).limit(limit)
+    ).all()
+    return [f"node {node_id}: available + allocated ≠ capacity" for (node_id,) in rows]
+
+
+def repair_drift(session: Session) -> list[str]:
+    """Reset ``avail`` and ``running_tasks`` from the active allocations where they drifted.
+
+    Returns one line per repaired node (for the log). Runs inside the caller's write transaction.
+    """
+    held = _held_by_node()
+    drifted = [
+        getattr(Node, f"avail_{d}") + func.coalesce(getattr(held.c, d), 0) != getattr(Node, f"cap_{d}")
+        for d in RESOURCE_DIMENSIONS
+    ]
+    rows = session.execute(
+        select(
+            Node.id,
+            Node.node_id,
+            *[func.coalesce(getattr(held.c, d), 0) for d in RESOURCE_DIMENSIONS],
+            func.coalesce(held.c.tasks, 0),
+        )
+        .outerjoin(held, held.c.node_pk == Node.id)
+        .where(or_(*drifted, Node.running_tasks != func.coalesce(held.c.tasks, 0)))
+    ).all()
+    repaired = []
+    for node_pk, node_id, *sums, tasks in rows:
+        values = {
+            f"avail_{d}": getattr(Node, f"cap_{d}") - int(s) for d, s in zip(RESOURCE_DIMENSIONS, sums, strict=True)
+        }
+        session.execute(
+            update(Node)
+            .where(
+                Node.id == node_pk,
+                and_(*[getattr(Node, f"cap_{d}") >= int(s) for d, s in zip(RESOURCE_DIMENSIONS, sums, strict=True)]),
+            )
+            .values(**values, running_tasks=int(tasks), changed_at=utcnow())
+        )
+        repaired.append(f"node {node_id}: available resources recomputed from {tasks} active allocation(s)")
+    return repaired

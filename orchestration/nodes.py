@@ -1,0 +1,249 @@
+"""Node use cases: register, heartbeat, list, expire the silent, reclaim leaked resources."""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from models import allocation, nodes
+from models.accounts import find_user
+from models.db import Database
+from models.errors import InvalidArgument, NotFound, PermissionDenied, Refused
+from models.tables import Node
+from orchestration.heartbeats import HeartbeatStore
+from orchestration.policies.addresses import check_target
+from orchestration.policies.trust import TrustThresholds, node_tier, normalize_docker_status
+from pool.settings import Settings
+
+log = logging.getLogger("orchestration.nodes")
+
+LABEL_RE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+BOUNDS = {  # inclusive ranges a real machine can have
+    "cpu_cores": (1, 4096),
+    "memory_gb": (0, 65536),
+    "cpu_score": (0, 10_000_000),
+    "gpu_score": (0, 10_000_000),
+    "gpu_memory_gb": (0, 16384),
+    "port": (1, 65535),
+}
+
+
+def thresholds(settings: Settings) -> TrustThresholds:
+    return TrustThresholds(settings.TRUST_HIGH, settings.TRUST_NORMAL, settings.LOW_TIER_MIN_SUBMITTER_CREDIT)
+
+
+def tier_label(credit: int, docker_status: str, t: TrustThresholds) -> str:
+    return node_tier(credit, docker_status == "enabled", t).label
+
+
+def canonical_node_id(raw: str, caller: str) -> str:
+    """``<username>`` or ``<username>/<label>``, owned by ``caller``; returned with the caller's spelling.
+
+    InvalidArgument for a malformed id, PermissionDenied for someone else's.
+    """
+    owner, slash, label = raw.partition("/")
+    if not owner or (slash and not LABEL_RE.fullmatch(label)):
+        raise InvalidArgument(
+            "node_id must be your username, or <username>/<label> with a label of 1–32 letters, digits, '_', '.' or '-'"
+        )
+    if owner.lower() != caller.lower():
+        raise PermissionDenied(f"node {raw!r} belongs to another user; a node_id starts with its owner's username")
+    return caller + (f"/{label}" if slash else "")
+
+
+def _text(value: str, field: str, limit: int) -> str:
+    value = value.strip()
+    if len(value) > limit or any(not ch.isprintable() for ch in value):
+        raise InvalidArgument(f"{field} must be at most {limit} printable characters")
+    return value
+
+
+@dataclass(frozen=True)
+class NodeRequest:
+    """A RegisterWorkerNode request as plain values."""
+
+    node_id: str
+    hostname: str
+    port: int
+    cpu_cores: int
+    memory_gb: int
+    cpu_score: int
+    gpu_score: int
+    gpu_memory_gb: int
+    location: str
+    gpu_name: str
+    docker_status: str
+
+
+def validate(request: NodeRequest, caller: str, settings: Settings, resolve=None) -> nodes.NodeSpec:  # type: ignore[no-untyped-def]
+    """The request as a NodeSpec, or InvalidArgument / PermissionDenied saying what is wrong."""
+    node_id = canonical_node_id(request.node_id, caller)
+    for field, (low, high) in BOUNDS.items():
+        value = getattr(request, field)
+        if not low <= value <= high:
+            raise InvalidArgument(f"{field} must be between {low} and {high} (got {value})")
+    try:
+        docker = normalize_docker_status(request.docker_status)
+    except ValueError as error:
+        raise InvalidArgument(str(error)) from error
+    problem = check_target(request.hostname, settings.NODE_ADDRESS_POLICY, resolve or _resolve, _own_addresses())
+    if problem:
+        raise InvalidArgument(problem)
+    return nodes.NodeSpec(
+        node_id=node_id,
+        hostname=request.hostname,
+        port=request.port,
+        cpu_cores=request.cpu_cores,
+        cpu_score=request.cpu_score,
+        memory_gb=request.memory_gb,
+        gpu_score=request.gpu_score,
+        gpu_memory_gb=request.gpu_memory_gb,
+        gpu_name=_text(request.gpu_name, "gpu_name", 128),
+        location=_text(request.location, "location", 64),
+        docker_status=docker,
+    )
+
+
+def _resolve(host: str) -> list[str]:
+    return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, None)})
+
+
+def _own_addresses() -> frozenset[str]:
+    try:
+        return frozenset(_resolve(socket.gethostname()))
+    except OSError:
+        return frozenset()
+
+
+def register_node(
+    db: Database, store: HeartbeatStore, settings: Settings, *, caller: str, spec: nodes.NodeSpec
+) -> nodes.Registration:
+    """Register (or re-register after a restart) a node of ``caller``'s; it is online at once."""
+    t = thresholds(settings)
+
+    def work(session: Session) -> nodes.Registration:
+        owner = find_user(session, caller)
+        if owner is None:
+            raise NotFound("your account no longer exists")
+        existing = session.scalar(select(Node.id).where(Node.node_id == spec.node_id))
+        if existing is None:
+            count = session.scalar(select(func.count()).select_from(Node).where(Node.owner_id == owner.id)) or 0
+            if count >= settings.MAX_NODES_PER_OWNER:
+                raise Refused(f"you already have {count} nodes, the most one owner may register")
+        return nodes.register(
+            session, owner=owner, spec=spec, tier=tier_label(owner.credit_score, spec.docker_status, t)
+        )
+
+    registration = db.transaction(work)
+    store.mark(spec.node_id, "online")
+    record = registration.record
+    log.info(
+        "Node %s (GPU: %s, Docker: %s) registered successfully",
+        record.node_id,
+        record.gpu_name or "none",
+        record.docker_status,
+        extra={
+            "event": "node_registered",
+            "node_id": record.node_id,
+            "tier": record.tier,
+            "restarted": not registration.created,
+            "released": len(registration.released),
+        },
+    )
+    return registration
+
+
+def heartbeat(db: Database, store: HeartbeatStore, *, caller: str, node_id: str, message: str) -> str:
+    """Record a heartbeat from ``caller``'s node; brings an offline node back online."""
+    node_id = canonical_node_id(node_id, caller)
+    if store.beat(node_id, _text(message, "status_message", 200)) == "online":
+        return "online"
+    with db.reading() as session:
+        record = nodes.get(session, node_id)
+    if record is None:
+        raise NotFound(f"node {node_id} is not registered; call RegisterWorkerNode first")
+    if record.status == "offline" and db.transaction(
+        lambda s: nodes.set_status(s, node_id, to="online", expected="offline")
+    ):
+        log.info("Node %s is back online", node_id, extra={"event": "node_online", "node_id": node_id})
+    store.mark(node_id, "online")
+    return "online"
+
+
+@dataclass(frozen=True)
+class NodeListing:
+    record: nodes.NodeRecord
+    status: str  # offline | idle | busy
+    last_heartbeat: float
+    message: str
+
+
+def list_nodes(db: Database, store: HeartbeatStore, *, timeout: float, now: float | None = None) -> list[NodeListing]:
+    """Every registered node with a status derived from heartbeat freshness and allocations."""
+    now = time.time() if now is None else now
+    with db.reading() as session:
+        records = nodes.list_all(session)
+    seen = store.last_seen(r.node_id for r in records)
+    messages = store.messages(r.node_id for r in records)
+    listings = []
+    for record in records:
+        last = seen.get(record.node_id, 0.0)
+        if record.status != "online" or now - last > timeout:
+            status = "offline"
+        else:
+            status = "busy" if record.running_tasks else "idle"
+        listings.append(NodeListing(record, status, last, messages.get(record.node_id, "")))
+    return listings
+
+
+def expire_silent_nodes(
+    db: Database, store: HeartbeatStore, *, timeout: float, now: float | None = None
+) -> list[allocation.Released]:
+    """Nodes silent for longer than ``timeout`` go offline and give back what they held."""
+    now = time.time() if now is None else now
+    with db.reading() as session:
+        online = nodes.online_node_ids(session)
+    if store.reseed_if_lost(online, now=now):
+        log.warning("heartbeat state was missing from Redis; gave %d online nodes a fresh start", len(online))
+        return []
+    released: list[allocation.Released] = []
+    for node_id in store.silent_since(now - timeout):
+
+        def work(session: Session, node_id: str = node_id) -> list[allocation.Released]:
+            if not nodes.set_status(session, node_id, to="offline", expected="online"):
+                return []
+            pk = nodes.node_pk(session, node_id)
+            return allocation.release_node(session, pk, "node offline") if pk else []
+
+        freed = db.transaction(work)
+        store.mark(node_id, "offline")
+        released += freed
+        log.warning(
+            "Node %s went offline: no heartbeat for %.0f s",
+            node_id,
+            timeout,
+            extra={"event": "node_offline", "node_id": node_id, "released": len(freed)},
+        )
+    return released
+
+
+def reclaim(db: Database) -> tuple[list[allocation.Released], list[str]]:
+    """Release allocations held on offline nodes, then repair any availability drift."""
+
+    def work(session: Session) -> tuple[list[allocation.Released], list[str]]:
+        offline = session.scalars(select(Node.id).where(Node.status == "offline")).all()
+        freed = [r for pk in offline for r in allocation.release_node(session, pk, "reclaimed: node offline")]
+        return freed, allocation.repair_drift(session)
+
+    freed, repaired = db.transaction(work)
+    for line in repaired:
+        log.error("resource drift repaired: %s", line, extra={"event": "drift_repaired"})
+    if freed:
+        log.warning("reclaimed %d allocation(s) from offline nodes", len(freed), extra={"event": "reclaimed"})
+    return freed, repaired

@@ -1,0 +1,143 @@
+"""Allocation never goes over capacity, with several OS processes at once (SPEC §5).
+
+Four processes allocate and release against 50 nodes with random needs (some too big to fit
+anywhere, some racing for the same task attempt) while the test process samples the invariant
+``0 ≤ available ≤ capacity`` and ``available + Σ active allocations = capacity`` continuously.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import threading
+import time
+
+import sqlalchemy as sa
+
+from models import allocation, schema
+from models.db import Database
+from models.tables import Node, User
+
+PROCESSES = 4
+NODES = 50
+OPS = 250
+
+
+def _seed(db: Database, run: str) -> list[int]:
+    def work(session: sa.orm.Session) -> list[int]:
+        owner = User(username=f"own{run}", password_hash="x", credit_score=50)
+        session.add(owner)
+        session.flush()
+        rng = random.Random(run)
+        pks = []
+        for i in range(NODES):
+            cap = {
+                "cpu_score": rng.randint(100, 1000),
+                "memory_gb": rng.randint(1, 32),
+                "gpu_score": rng.choice([0, 0, 500]),
+                "gpu_memory_gb": rng.choice([0, 0, 8]),
+            }
+            node = Node(
+                node_id=f"own{run}/n{i}",
+                owner_id=owner.id,
+                hostname="127.0.0.1",
+                port=1,
+                cpu_cores=4,
+                gpu_name="",
+                location="",
+                docker_status="enabled",
+                tier="normal",
+                status="online",
+                running_tasks=0,
+                **{f"cap_{d}": v for d, v in cap.items()},
+                **{f"avail_{d}": v for d, v in cap.items()},
+            )
+            session.add(node)
+            session.flush()
+            pks.append(node.id)
+        return pks
+
+    return db.transaction(work)
+
+
+def _worker(url: str, run: str, node_pks: list[int], seed: int, results: multiprocessing.Queue) -> None:
+    db = Database(url, pool_size=2)
+    rng = random.Random(seed)
+    held: list[int] = []
+    allocated = refused = released = 0
+    for op in range(OPS):
+        if held and rng.random() < 0.45:
+            allocation_id = held.pop(rng.randrange(len(held)))
+            assert db.transaction(lambda s, a=allocation_id: allocation.release(s, a, "test"))
+            # Releasing twice is harmless.
+            assert not db.transaction(lambda s, a=allocation_id: allocation.release(s, a, "test"))
+            released += 1
+            continue
+        need = allocation.Need(
+            cpu_score=rng.randint(1, 600),
+            memory_gb=rng.randint(0, 40),
+            gpu_score=rng.choice([0, 0, 0, 300]),
+            gpu_memory_gb=rng.choice([0, 0, 4, 16]),
+        )
+        # Every process races for the same small set of task attempts: at most one may win each.
+        task_id = f"{run}-t{rng.randrange(OPS // 2)}"
+        node = rng.choice(node_pks)
+        got = db.transaction(
+            lambda s, n=node, t=task_id, nd=need: allocation.allocate(s, node_pk=n, task_id=t, attempt=1, need=nd)
+        )
+        if got is None:
+            refused += 1
+        else:
+            allocated += 1
+            held.append(got)
+    results.put((allocated, refused, released))
+    db.dispose()
+
+
+def test_concurrent_processes_never_over_allocate(database_url: str) -> None:
+    db = Database(database_url)
+    schema.upgrade(db.engine)
+    run = f"{random.randrange(10**9)}"
+    node_pks = _seed(db, run)
+    violations: list[str] = []
+    samples = 0
+    stop = threading.Event()
+
+    def sampler() -> None:
+        nonlocal samples
+        while not stop.is_set():
+            with db.reading() as session:
+                violations.extend(allocation.invariant_violations(session))
+            samples += 1
+
+    ctx = multiprocessing.get_context("spawn")
+    results: multiprocessing.Queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_worker, args=(database_url, run, node_pks, seed, results)) for seed in range(PROCESSES)
+    ]
+    watcher = threading.Thread(target=sampler)
+    watcher.start()
+    for proc in procs:
+        proc.start()
+    outcomes = [results.get(timeout=240) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=30)
+        assert proc.exitcode == 0
+    time.sleep(0.05)
+    stop.set()
+    watcher.join()
+
+    assert samples > 5, "the sampler must have looked many times while the processes ran"
+    assert violations == []
+    assert sum(a for a, _, _ in outcomes) > 50 and sum(r for _, r, _ in outcomes) > 50
+    with db.reading() as session:
+        doubles = session.execute(
+            sa.text(
+                "SELECT task_id, COUNT(*) FROM allocations WHERE task_id LIKE :p GROUP BY task_id, attempt "
+                "HAVING COUNT(*) > 1"
+            ),
+            {"p": f"{run}-%"},
+        ).all()
+        assert doubles == []
+        assert allocation.invariant_violations(session) == []
+    db.dispose()
