@@ -65,7 +65,7 @@ def _worker(url: str, run: str, node_pks: list[int], seed: int, results: multipr
     rng = random.Random(seed)
     held: list[int] = []
     allocated = refused = released = 0
-    for op in range(OPS):
+    for _ in range(OPS):
         if held and rng.random() < 0.45:
             allocation_id = held.pop(rng.randrange(len(held)))
             assert db.transaction(lambda s, a=allocation_id: allocation.release(s, a, "test"))

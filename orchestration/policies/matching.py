@@ -235,15 +235,14 @@ def explain_pending(nodes: Iterable[NodeView], needs: TaskNeeds, t: TrustThresho
         n = blocked.get(reason, 0)
         if n == 0 or reason is Rejection.OFFLINE:
             continue
+        nodes_fit, are = f"{_count(n)} {_verb(n, 'fits', 'fit')}", _verb(n, "is", "are")
         if reason is Rejection.TRUST:
-            parts.append(
-                f"{_count(n)} fit but {_verb(n, 'is', 'are')} low tier and your credit is "
-                f"{needs.submitter_credit} ({t.low_tier_min_submitter_credit} needed)"
-            )
+            credit, needed = needs.submitter_credit, t.low_tier_min_submitter_credit
+            parts.append(f"{nodes_fit} but {are} low tier and your credit is {credit} ({needed} needed)")
         elif reason is Rejection.GPU_NAME:
             parts.append(f"{_count(n)} {_verb(n, 'has', 'have')} no GPU matching {wanted_gpu!r}")
         elif reason is Rejection.TASK_CAP:
-            parts.append(f"{_count(n)} fit but {_verb(n, 'is', 'are')} at {_verb(n, 'its', 'their')} task limit")
+            parts.append(f"{nodes_fit} but {are} at {_verb(n, 'its', 'their')} task limit")
         else:
             parts.append(f"{_count(n)} lack{_verb(n, 's', '')} free {reason.value} ≥ {getattr(need, reason.value)}")
     offline = len(fleet) - len(online)
