@@ -11,7 +11,9 @@ from api.tokens import TokenCodec
 from models.db import Database
 from orchestration.enqueue import JobQueue
 from orchestration.heartbeats import HeartbeatStore
+from orchestration.lifecycle import Lifecycle
 from orchestration.signing import PoolSigner
+from orchestration.storage import TaskStorage
 from pool.secrets import load_or_create_jwt_secret
 from pool.settings import Settings
 
@@ -26,6 +28,7 @@ class PoolContext:
     jobs: JobQueue
     heartbeats: HeartbeatStore
     signer: PoolSigner
+    lifecycle: Lifecycle
 
     def is_operator(self, username: str) -> bool:
         return username.lower() in {name.lower() for name in self.settings.OPERATORS}
@@ -45,9 +48,11 @@ def build_context(settings: Settings) -> PoolContext:
         lockout_seconds=settings.LOGIN_LOCKOUT_SECONDS,
         window_seconds=settings.LOGIN_FAILURE_WINDOW_SECONDS,
     )
+    db = Database(settings.database_url, pool_size=settings.GRPC_MAX_WORKERS)
+    jobs = JobQueue.from_settings(settings)
     return PoolContext(
         settings=settings,
-        db=Database(settings.database_url, pool_size=settings.GRPC_MAX_WORKERS),
+        db=db,
         redis=client,
         tokens=TokenCodec(secret, settings.TOKEN_EXPIRATION_HOURS),
         limiter=RateLimiter(
@@ -56,7 +61,8 @@ def build_context(settings: Settings) -> PoolContext:
             login=login,
             prefix=f"{settings.REDIS_KEY_PREFIX}:rl",
         ),
-        jobs=JobQueue.from_settings(settings),
+        jobs=jobs,
         heartbeats=HeartbeatStore(client, settings.REDIS_KEY_PREFIX),
         signer=PoolSigner.load_or_create(settings.signing_key_path),
+        lifecycle=Lifecycle(db, TaskStorage(settings.task_storage_path), settings, jobs, client),
     )

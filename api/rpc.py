@@ -98,8 +98,8 @@ def authenticate(servicer: HasContext, request: Message, context: grpc.ServicerC
     names = {tokens.verify(token) for token in (from_metadata, field) if token}
     if len(names) != 1:
         raise Unauthenticated("the token in the metadata and the token in the message name different users")
-    username = names.pop()
-    return Caller(username=username, is_operator=servicer.ctx.is_operator(username))
+    username, user_id = names.pop()
+    return Caller(username=username, user_id=user_id, is_operator=servicer.ctx.is_operator(username))
 
 
 def rpc(

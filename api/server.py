@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from api.context import PoolContext, build_context
 from api.nodes import NodeManagerService
+from api.tasks import MasterNodeService, WorkerReports
 from api.users import UserService
 from models import schema
 from pool.settings import Settings
@@ -47,8 +48,8 @@ def create_server(ctx: PoolContext, address: str) -> tuple[grpc.Server, int]:
     )
     pb_grpc.add_UserServiceServicer_to_server(UserService(ctx), server)
     pb_grpc.add_NodeManagerServiceServicer_to_server(NodeManagerService(ctx), server)
-    pb_grpc.add_MasterNodeServiceServicer_to_server(pb_grpc.MasterNodeServiceServicer(), server)
-    pb_grpc.add_WorkerNodeServiceServicer_to_server(pb_grpc.WorkerNodeServiceServicer(), server)
+    pb_grpc.add_MasterNodeServiceServicer_to_server(MasterNodeService(ctx), server)
+    pb_grpc.add_WorkerNodeServiceServicer_to_server(WorkerReports(ctx), server)
 
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

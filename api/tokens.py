@@ -17,6 +17,7 @@ class Caller:
     """Who is calling, as proven by a token."""
 
     username: str
+    user_id: int = 0
     is_operator: bool = False
 
 
@@ -25,13 +26,13 @@ class TokenCodec:
         self._secret = secret
         self._lifetime = int(lifetime_hours * 3600)
 
-    def issue(self, username: str, *, now: float | None = None) -> str:
+    def issue(self, username: str, user_id: int = 0, *, now: float | None = None) -> str:
         issued = int(now if now is not None else time.time())
-        claims = {"sub": username, "iat": issued, "exp": issued + self._lifetime, "iss": ISSUER}
+        claims = {"sub": username, "uid": user_id, "iat": issued, "exp": issued + self._lifetime, "iss": ISSUER}
         return jwt.encode(claims, self._secret, algorithm="HS256")
 
-    def verify(self, token: str) -> str:
-        """The username a valid token names. Raises Unauthenticated for anything else."""
+    def verify(self, token: str) -> tuple[str, int]:
+        """(username, user id) of a valid token. Raises Unauthenticated for anything else."""
         try:
             claims = jwt.decode(
                 token, self._secret, algorithms=["HS256"], issuer=ISSUER, options={"require": ["sub", "exp", "iat"]}
@@ -40,7 +41,7 @@ class TokenCodec:
             raise Unauthenticated("token expired: log in again") from error
         except jwt.PyJWTError as error:
             raise Unauthenticated("invalid token") from error
-        subject = claims.get("sub")
-        if not isinstance(subject, str) or not subject:
+        subject, uid = claims.get("sub"), claims.get("uid", 0)
+        if not isinstance(subject, str) or not subject or not isinstance(uid, int):
             raise Unauthenticated("invalid token")
-        return subject
+        return subject, uid

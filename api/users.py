@@ -50,7 +50,7 @@ class UserService(pb_grpc.UserServiceServicer):
             limiter.record_login_failure(request.username, call.peer)
             return pb.LoginResponse(success=False, message="invalid username or password")
         limiter.record_login_success(user.username)
-        return pb.LoginResponse(success=True, message="logged in", token=self.ctx.tokens.issue(user.username))
+        return pb.LoginResponse(success=True, message="logged in", token=self.ctx.tokens.issue(user.username, user.id))
 
     @rpc(pb.GetBalanceResponse)
     def GetBalance(self, request: pb.GetBalanceRequest, call: Call) -> pb.GetBalanceResponse:

@@ -183,3 +183,18 @@ def repair_drift(session: Session) -> list[str]:
         )
         repaired.append(f"node {node_id}: available resources recomputed from {tasks} active allocation(s)")
     return repaired
+
+
+def release_finished(session: Session) -> list[Released]:
+    """Release active allocations whose task has ended or moved to another attempt."""
+    from models.tables import Task
+
+    rows = session.scalars(
+        select(Allocation)
+        .join(Task, Task.task_id == Allocation.task_id)
+        .where(
+            Allocation.released_at.is_(None),
+            or_(Task.status.in_(["COMPLETED", "FAILED", "STOPPED"]), Task.attempt != Allocation.attempt),
+        )
+    ).all()
+    return [Released(a.id, a.node_pk, a.task_id, a.attempt) for a in rows if release(session, a.id, "reclaimed")]

@@ -13,9 +13,11 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    TypeDecorator,
     UniqueConstraint,
     func,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
@@ -31,6 +33,23 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite hands back naive ones otherwise)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
@@ -43,7 +62,7 @@ class User(Base):
     username: Mapped[str] = mapped_column(String(32), nullable=False)
     password_hash: Mapped[str] = mapped_column(String(100), nullable=False)
     credit_score: Mapped[int] = mapped_column(Integer, nullable=False)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 # "Alice" and "alice" are one account: no look-alike impersonation.
@@ -77,7 +96,7 @@ class JournalEntry(Base):
     initiator_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     idempotency_key: Mapped[str | None] = mapped_column(String(128))
     memo: Mapped[str] = mapped_column(String(200), nullable=False, default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class Posting(Base):
@@ -130,9 +149,9 @@ class Node(Base):
     avail_memory_gb: Mapped[int] = mapped_column(Integer, nullable=False)
     avail_gpu_score: Mapped[int] = mapped_column(Integer, nullable=False)
     avail_gpu_memory_gb: Mapped[int] = mapped_column(Integer, nullable=False)
-    registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    registered_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     # Bumped on every change, so a scheduler can refresh only what changed since its last look.
-    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    changed_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow, index=True)
 
 
 class Allocation(Base):
@@ -152,6 +171,93 @@ class Allocation(Base):
     memory_gb: Mapped[int] = mapped_column(Integer, nullable=False)
     gpu_score: Mapped[int] = mapped_column(Integer, nullable=False)
     gpu_memory_gb: Mapped[int] = mapped_column(Integer, nullable=False)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    released_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     release_reason: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+
+
+class Task(Base):
+    """A submitted task. ``attempt`` counts dispatches; reports must name the current one."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (Index("ix_tasks_status_due", "status", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), nullable=False, index=True)
+    status: Mapped[str] = mapped_column(String(12), nullable=False)
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    node_pk: Mapped[int | None] = mapped_column(ForeignKey("nodes.id"))
+    cpu_score: Mapped[int] = mapped_column(Integer, nullable=False)
+    memory_gb: Mapped[int] = mapped_column(Integer, nullable=False)
+    gpu_score: Mapped[int] = mapped_column(Integer, nullable=False)
+    gpu_memory_gb: Mapped[int] = mapped_column(Integer, nullable=False)
+    gpu_name: Mapped[str] = mapped_column(String(128), nullable=False, default="")
+    location: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+    max_minutes: Mapped[int] = mapped_column(Integer, nullable=False)
+    zip_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    zip_size: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    excluded_nodes: Mapped[str] = mapped_column(String(2000), nullable=False, default="")  # space-separated
+    next_attempt_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    pending_reason: Mapped[str] = mapped_column(String(300), nullable=False, default="")
+    message: Mapped[str] = mapped_column(String(500), nullable=False, default="")  # why it ended as it did
+    reported_outcome: Mapped[str] = mapped_column(String(8), nullable=False, default="")  # success|failure
+    output_lines: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    output_truncated: Mapped[bool] = mapped_column(default=False)
+    result_sha256: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+    result_size: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    result_pruned: Mapped[bool] = mapped_column(default=False)
+    price_per_minute: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    accrued_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class TaskEvent(Base):
+    """One state transition of a task: history that survives restarts."""
+
+    __tablename__ = "task_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_pk: Mapped[int] = mapped_column(ForeignKey("tasks.id"), nullable=False, index=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    from_status: Mapped[str] = mapped_column(String(12), nullable=False)
+    to_status: Mapped[str] = mapped_column(String(12), nullable=False)
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False)
+    node_id: Mapped[str] = mapped_column(String(80), nullable=False, default="")
+    reason: Mapped[str] = mapped_column(String(300), nullable=False, default="")
+
+
+class TaskOutput(Base):
+    __tablename__ = "task_output"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_pk: Mapped[int] = mapped_column(ForeignKey("tasks.id"), nullable=False, index=True)
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False)
+    line: Mapped[str] = mapped_column(String(4000), nullable=False)
+
+
+class TaskLog(Base):
+    __tablename__ = "task_logs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_pk: Mapped[int] = mapped_column(ForeignKey("tasks.id"), nullable=False, index=True)
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False)
+    ts: Mapped[float] = mapped_column(nullable=False)
+    level: Mapped[str] = mapped_column(String(16), nullable=False)
+    message: Mapped[str] = mapped_column(String(4000), nullable=False)
+
+
+class CreditEvent(Base):
+    """Every change of a user's credit score, with why and by whom."""
+
+    __tablename__ = "credit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), nullable=False, index=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    change: Mapped[int] = mapped_column(Integer, nullable=False)
+    credit_after: Mapped[int] = mapped_column(Integer, nullable=False)
+    reason: Mapped[str] = mapped_column(String(300), nullable=False)

@@ -14,7 +14,12 @@ QUEUES = ("scheduling", "dispatch", "maintenance", "archival")
 # Job names are "pool.<queue>.<what>"; the queue is the second part.
 ROUTES = {f"pool.{queue}.*": {"queue": queue} for queue in QUEUES}
 
-JOB_MODULES = ("orchestration.jobs.maintenance",)
+JOB_MODULES = (
+    "orchestration.jobs.maintenance",
+    "orchestration.jobs.scheduling",
+    "orchestration.jobs.dispatch",
+    "orchestration.jobs.archival",
+)
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
@@ -23,6 +28,12 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
         "expire-heartbeats": {"task": "pool.maintenance.expire_heartbeats", "schedule": timedelta(seconds=5)},
         "reclaim-resources": {"task": "pool.maintenance.reclaim_resources", "schedule": timedelta(seconds=30)},
         "audit-ledger": {"task": "pool.maintenance.audit_ledger", "schedule": timedelta(minutes=10)},
+        "recover-tasks": {"task": "pool.maintenance.recover_tasks", "schedule": timedelta(seconds=10)},
+        "accrue-rewards": {
+            "task": "pool.maintenance.accrue_rewards",
+            "schedule": timedelta(seconds=settings.ACCRUAL_INTERVAL_SECONDS),
+        },
+        "prune-results": {"task": "pool.maintenance.prune_results", "schedule": timedelta(hours=1)},
     }
 
 

@@ -234,11 +234,12 @@ def expire_silent_nodes(
 
 
 def reclaim(db: Database) -> tuple[list[allocation.Released], list[str]]:
-    """Release allocations held on offline nodes, then repair any availability drift."""
+    """Release allocations held on offline nodes or by ended tasks, then repair availability drift."""
 
     def work(session: Session) -> tuple[list[allocation.Released], list[str]]:
         offline = session.scalars(select(Node.id).where(Node.status == "offline")).all()
         freed = [r for pk in offline for r in allocation.release_node(session, pk, "reclaimed: node offline")]
+        freed += allocation.release_finished(session)
         return freed, allocation.repair_drift(session)
 
     freed, repaired = db.transaction(work)

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import os
+import random
+from dataclasses import dataclass
 
 import redis
 from celery import Celery
 
 from models.db import Database
+from orchestration.dispatcher import Channels
+from orchestration.enqueue import JobQueue
 from orchestration.heartbeats import HeartbeatStore
+from orchestration.lifecycle import Lifecycle
+from orchestration.scheduler import NodeCatalog
+from orchestration.signing import PoolSigner
+from orchestration.storage import TaskStorage
 from pool.settings import Settings
-
-_databases: dict[tuple[int, str], Database] = {}
 
 
 def settings_of(app: Celery) -> Settings:
@@ -22,25 +28,48 @@ def settings_of(app: Celery) -> Settings:
     return settings
 
 
+@dataclass
+class Runtime:
+    settings: Settings
+    db: Database
+    redis: redis.Redis
+    heartbeats: HeartbeatStore
+    lifecycle: Lifecycle
+    catalog: NodeCatalog
+    signer: PoolSigner
+    channels: Channels
+    rng: random.Random
+
+
+_runtimes: dict[tuple[int, int], Runtime] = {}
+
+
+def runtime(app: Celery) -> Runtime:
+    """This process's runtime for ``app`` (created on first use after a fork)."""
+    key = (os.getpid(), id(app))
+    found = _runtimes.get(key)
+    if found is None:
+        settings = settings_of(app)
+        db = Database(settings.database_url, pool_size=4)
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+        storage = TaskStorage(settings.task_storage_path)
+        found = _runtimes[key] = Runtime(
+            settings=settings,
+            db=db,
+            redis=client,
+            heartbeats=HeartbeatStore(client, settings.REDIS_KEY_PREFIX),
+            lifecycle=Lifecycle(db, storage, settings, JobQueue(app), client),
+            catalog=NodeCatalog(),
+            signer=PoolSigner.load_or_create(settings.signing_key_path),
+            channels=Channels(settings.GRPC_MAX_MESSAGE_BYTES),
+            rng=random.Random(),
+        )
+    return found
+
+
 def database(app: Celery) -> Database:
-    """This process's Database for the app's settings."""
-    url = settings_of(app).database_url
-    key = (os.getpid(), url)
-    db = _databases.get(key)
-    if db is None:
-        db = _databases[key] = Database(url, pool_size=2)
-    return db
-
-
-_heartbeats: dict[tuple[int, str], HeartbeatStore] = {}
+    return runtime(app).db
 
 
 def heartbeats(app: Celery) -> HeartbeatStore:
-    """This process's heartbeat store for the app's settings."""
-    settings = settings_of(app)
-    key = (os.getpid(), settings.redis_url)
-    store = _heartbeats.get(key)
-    if store is None:
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
-        store = _heartbeats[key] = HeartbeatStore(client, settings.REDIS_KEY_PREFIX)
-    return store
+    return runtime(app).heartbeats

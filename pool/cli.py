@@ -71,5 +71,28 @@ def audit() -> None:
     typer.echo("ledger balances")
 
 
+@app.command()
+def credit(
+    username: str,
+    value: int,
+    reason: str = typer.Option(..., "--reason", help="Why (kept in the credit history)."),
+) -> None:
+    """Set a user's credit score (0–1000); their nodes' trust tiers follow at once."""
+    from models import schema
+    from models.db import Database
+    from models.errors import PoolError
+    from orchestration.credit import set_credit
+
+    settings = _settings()
+    db = Database(settings.database_url)
+    schema.upgrade(db.engine)
+    try:
+        old, new = set_credit(db, settings, username, value, reason)
+    except PoolError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
+    typer.echo(f"{username}: credit {old} → {new}")
+
+
 def main() -> None:
     sys.exit(app())

@@ -65,10 +65,35 @@ class Settings(BaseSettings):
     TRUST_NORMAL: int = 50  # credit for the normal tier (with Docker)
     LOW_TIER_MIN_SUBMITTER_CREDIT: int = 100  # a low-tier node runs only tasks of submitters this trusted
 
+    # --- tasks
+    MAX_TASK_ATTEMPTS: int = Field(default=3, ge=1)
+    MAX_TASK_MINUTES: int = Field(default=60, ge=1)  # longest run a task may ask for (and the default)
+    MAX_RESULT_SIZE: int = 50 * 1024 * 1024
+    MAX_ZIP_ENTRIES: int = 10_000
+    MAX_UNZIPPED_BYTES: int = 1 << 30
+    MAX_ZIP_RATIO: int = 200
+    OUTPUT_MAX_LINES: int = 10_000
+    LOG_MAX_RECORDS: int = 10_000
+    RESULT_RETENTION_DAYS: float = 7
+    DISPATCH_TIMEOUT: float = 20.0  # seconds for a node to accept ExecuteTask
+    DISPATCH_BACKOFF_SECONDS: float = 1.0  # first retry delay after a refused dispatch (doubles)
+    DISPATCH_BACKOFF_MAX: float = 60.0
+    STALE_ASSIGNED_SECONDS: float = 60.0  # an ASSIGNED task not RUNNING by then is dispatched again
+    MATCH_BATCH: int = 200  # pending tasks placed per matching job
+
     # --- economy
     INITIAL_BALANCE: int = Field(default=1000, ge=0)
     INITIAL_CREDIT_SCORE: int = Field(default=50, ge=0, le=1000)
     MAX_TRANSFER_AMOUNT: int = 10**12
+    # Price of a task per minute, in milli-CPT (1000 = 1 CPT): base + Σ coefficient × requested amount.
+    PRICE_BASE: int = 1000
+    PRICE_PER_CPU_SCORE: int = 1
+    PRICE_PER_MEMORY_GB: int = 250
+    PRICE_PER_GPU_SCORE: int = 2
+    PRICE_PER_GPU_MEMORY_GB: int = 500
+    ACCRUAL_INTERVAL_SECONDS: float = 10.0
+    CREDIT_FOR_COMPLETION: int = 1  # credit a node's owner gains per completed task
+    CREDIT_PENALTY: int = 5  # credit lost per failure the node causes
 
     # --- observability
     LOG_LEVEL: str = "INFO"

@@ -16,6 +16,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
+from models import schema
 from tests.harness import PoolHarness, celery_worker_process
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -42,7 +43,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
+def postgres_template() -> Iterator[tuple[sa.Engine, str]]:
+    """A migrated template database; each test gets a fresh copy of it (fast, and isolated)."""
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
@@ -52,13 +54,32 @@ def postgres_url() -> Iterator[str]:
         if IN_CI:
             pytest.fail(f"PostgreSQL is required in CI but unreachable: {error}")
         pytest.skip(f"PostgreSQL unreachable here: {type(error).__name__}")
-    name = f"hm_test_{uuid.uuid4().hex[:10]}"
+    name = f"hm_tmpl_{uuid.uuid4().hex[:10]}"
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    template = sa.create_engine(_pg_url(name))
+    schema.upgrade(template)
+    template.dispose()
+    yield admin, name
     with admin.connect() as conn:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+def _pg_url(name: str) -> str:
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture
+def postgres_url(postgres_template: tuple[sa.Engine, str]) -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for one test, dropped afterwards."""
+    admin, template = postgres_template
+    name = f"hm_test_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
+    yield _pg_url(name)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -1,4 +1,4 @@
-"""Maintenance jobs run by beat: heartbeat expiry, resource reclamation, the ledger audit.
+"""Maintenance jobs run by beat (queue ``maintenance``): sweeps, accrual, retention, the ledger audit.
 
 Each is idempotent and safe to run twice or to overlap with itself.
 """
@@ -6,13 +6,19 @@ Each is idempotent and safe to run twice or to overlap with itself.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from celery import Task, shared_task
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
-from models import ledger
-from orchestration import nodes
-from orchestration.runtime import database, heartbeats, settings_of
+from models import ledger, tasks
+from models.tables import Task as TaskRow
+from models.tables import utcnow
+from orchestration import economy, nodes
+from orchestration.runtime import runtime
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +26,7 @@ log = logging.getLogger(__name__)
 @shared_task(name="pool.maintenance.audit_ledger", bind=True)
 def audit_ledger(self: Task) -> dict[str, Any]:
     """Check that Σ balances + Σ escrow + Σ pending = Σ minted; log loudly when it does not."""
-    with database(self.app).reading() as session:
+    with runtime(self.app).db.reading() as session:
         report = ledger.audit(session)
     if report.ok:
         log.info(
@@ -44,16 +50,65 @@ def audit_ledger(self: Task) -> dict[str, Any]:
 
 @shared_task(name="pool.maintenance.expire_heartbeats", bind=True)
 def expire_heartbeats(self: Task) -> int:
-    """Nodes silent past NODE_HEARTBEAT_TIMEOUT go offline; returns how many allocations were freed."""
-    settings = settings_of(self.app)
-    released = nodes.expire_silent_nodes(
-        database(self.app), heartbeats(self.app), timeout=settings.NODE_HEARTBEAT_TIMEOUT
-    )
+    """Nodes silent past NODE_HEARTBEAT_TIMEOUT go offline; their tasks move to the next attempt.
+
+    Returns how many allocations were freed.
+    """
+    rt = runtime(self.app)
+    released = nodes.expire_silent_nodes(rt.db, rt.heartbeats, timeout=rt.settings.NODE_HEARTBEAT_TIMEOUT)
+    rt.lifecycle.ended_early([(r.task_id, r.attempt) for r in released], "node lost (no heartbeat)", node_caused=True)
     return len(released)
 
 
 @shared_task(name="pool.maintenance.reclaim_resources", bind=True)
 def reclaim_resources(self: Task) -> dict[str, int]:
-    """Release allocations of vanished nodes and repair availability drift."""
-    freed, repaired = nodes.reclaim(database(self.app))
+    """Release allocations of vanished nodes and ended tasks; repair availability drift."""
+    rt = runtime(self.app)
+    freed, repaired = nodes.reclaim(rt.db)
+    rt.lifecycle.ended_early([(r.task_id, r.attempt) for r in freed], "node gone", node_caused=True)
     return {"released": len(freed), "repaired": len(repaired)}
+
+
+@shared_task(name="pool.maintenance.recover_tasks", bind=True)
+def recover_tasks(self: Task) -> dict[str, int]:
+    """Re-drive tasks whose job was lost: re-match, re-dispatch, re-archive, re-stop, time out."""
+    return runtime(self.app).lifecycle.recover()
+
+
+@shared_task(name="pool.maintenance.accrue_rewards", bind=True)
+def accrue_rewards(self: Task) -> int:
+    """Meter every running task up to now: escrow → the node's pending reward. CPT moved."""
+    rt = runtime(self.app)
+    now = utcnow()
+    with rt.db.reading() as session:
+        running = [t.task_id for t in tasks.in_status(session, [tasks.RUNNING], limit=100_000)]
+    moved = 0
+    for task_id in running:
+
+        def work(session, task_id: str = task_id) -> int:  # type: ignore[no-untyped-def]
+            task = tasks.get(session, task_id)
+            return economy.accrue(session, task, now) if task and task.status == tasks.RUNNING else 0
+
+        moved += rt.db.transaction(work)
+    return moved
+
+
+def _mark_pruned(session: Session, *, task_id: str) -> None:
+    session.execute(update(TaskRow).where(TaskRow.task_id == task_id).values(result_pruned=True))
+
+
+@shared_task(name="pool.maintenance.prune_results", bind=True)
+def prune_results(self: Task) -> int:
+    """Delete archived results older than RESULT_RETENTION_DAYS; how many were pruned."""
+    rt = runtime(self.app)
+    cutoff = utcnow() - timedelta(days=rt.settings.RESULT_RETENTION_DAYS)
+    with rt.db.reading() as session:
+        old = session.scalars(
+            select(TaskRow.task_id).where(
+                TaskRow.finished_at < cutoff, TaskRow.result_pruned.is_(False), TaskRow.result_sha256 != ""
+            )
+        ).all()
+    for task_id in old:
+        rt.lifecycle.storage.prune_archive(task_id)
+        rt.db.transaction(partial(_mark_pruned, task_id=task_id))
+    return len(old)

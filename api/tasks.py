@@ -1,0 +1,189 @@
+"""MasterNodeService (tasks) and the pool's side of WorkerNodeService (ReportOutput, ReportRunningStatus)."""
+
+from __future__ import annotations
+
+import grpc
+
+from api.context import PoolContext
+from api.rpc import Call, rpc
+from models import tasks
+from models.errors import InvalidArgument
+from orchestration import reports, uploads
+from orchestration.lifecycle import Asker
+from protos import nodepool_pb2 as pb
+from protos import nodepool_pb2_grpc as pb_grpc
+
+
+def asker(call: Call) -> Asker:
+    user = call.user
+    return Asker(user_id=user.user_id, username=user.username, is_operator=user.is_operator)
+
+
+def reporter(call: Call, *, node_id: str = "", attempt: int = 0) -> reports.Reporter:
+    if attempt < 0:
+        raise InvalidArgument("attempt must not be negative")
+    return reports.Reporter(user_id=call.user.user_id, username=call.user.username, node_id=node_id, attempt=attempt)
+
+
+def describe(task: tasks.TaskView) -> str:
+    if task.status == tasks.PENDING:
+        return task.pending_reason or "waiting for a node"
+    if task.status in (tasks.ASSIGNED, tasks.RUNNING):
+        return f"{task.status.lower()} on {task.node_id} (attempt {task.attempt})"
+    return task.message or task.status.lower()
+
+
+class MasterNodeService(pb_grpc.MasterNodeServiceServicer):
+    def __init__(self, ctx: PoolContext) -> None:
+        self.ctx = ctx
+        self.lifecycle = ctx.lifecycle
+
+    @rpc(pb.UploadTaskResponse)
+    def UploadTask(self, request: pb.UploadTaskRequest, call: Call) -> pb.UploadTaskResponse:
+        upload = uploads.UploadRequest(
+            task_id=request.task_id,
+            task_zip=request.task_zip,
+            needs={
+                "cpu_score": request.cpu_score,
+                "memory_gb": request.memory_gb,
+                "gpu_score": request.gpu_score,
+                "gpu_memory_gb": request.gpu_memory_gb,
+            },
+            gpu_name=request.gpu_name,
+            location=request.location,
+            user_id=request.user_id,
+        )
+        task_id, created = self.lifecycle.upload(asker(call), upload)
+        message = f"task {task_id} uploaded" if created else f"task {task_id} was already uploaded"
+        return pb.UploadTaskResponse(success=True, message=message)
+
+    @rpc(pb.PollTaskStatusResponse)
+    def PollTaskStatus(self, request: pb.PollTaskStatusRequest, call: Call) -> pb.PollTaskStatusResponse:
+        task, output = self.lifecycle.poll(asker(call), request.task_id)
+        return pb.PollTaskStatusResponse(
+            task_id=task.task_id, status=task.status, output=output, message=describe(task)
+        )
+
+    @rpc(pb.GetTaskLogsResponse)
+    def GetTaskLogs(self, request: pb.GetTaskLogsRequest, call: Call) -> pb.GetTaskLogsResponse:
+        return pb.GetTaskLogsResponse(
+            success=True, message="ok", logs=self.lifecycle.logs(asker(call), request.task_id)
+        )
+
+    @rpc(pb.GetTaskResultResponse)
+    def GetTaskResult(self, request: pb.GetTaskResultRequest, call: Call) -> pb.GetTaskResultResponse:
+        data = self.lifecycle.result(asker(call), request.task_id)
+        return pb.GetTaskResultResponse(success=True, message=f"{len(data)} bytes", result_zip=data)
+
+    @rpc(pb.GetAllTasksResponse)
+    def GetAllTasks(self, request: pb.GetAllTasksRequest, call: Call) -> pb.GetAllTasksResponse:
+        found = self.lifecycle.list_tasks(asker(call))
+        return pb.GetAllTasksResponse(
+            success=True,
+            message=f"{len(found)} tasks",
+            tasks=[
+                pb.TaskStatus(
+                    task_id=t.task_id,
+                    status=t.status,
+                    created_at=t.created_at.isoformat(),
+                    updated_at=t.updated_at.isoformat(),
+                    assigned_node=t.node_id,
+                )
+                for t in found
+            ],
+        )
+
+    @rpc(pb.StopTaskResponse)
+    def StopTask(self, request: pb.StopTaskRequest, call: Call) -> pb.StopTaskResponse:
+        return pb.StopTaskResponse(success=True, message=self.lifecycle.stop(asker(call), request.task_id))
+
+    # --- node side
+
+    @rpc(pb.StatusResponse)
+    def StoreOutput(self, request: pb.StoreOutputRequest, call: Call) -> pb.StatusResponse:
+        kept = reports.store_output(
+            self.ctx.db,
+            reporter(call, attempt=request.attempt),
+            request.task_id,
+            request.output,
+            max_lines=self.ctx.settings.OUTPUT_MAX_LINES,
+        )
+        return pb.StatusResponse(success=True, message=f"{kept} line(s) stored")
+
+    @rpc(pb.StatusResponse)
+    def StoreLogs(self, request: pb.StoreLogsRequest, call: Call) -> pb.StatusResponse:
+        kept = reports.store_logs(
+            self.ctx.db,
+            reporter(call, node_id=request.node_id, attempt=request.attempt),
+            request.task_id,
+            request.logs,
+            request.timestamp,
+            max_records=self.ctx.settings.LOG_MAX_RECORDS,
+        )
+        return pb.StatusResponse(success=True, message=f"{kept} record(s) stored")
+
+    @rpc(pb.StatusResponse)
+    def StoreResult(self, request: pb.StoreResultRequest, call: Call) -> pb.StatusResponse:
+        self.lifecycle.store_result(reporter(call, attempt=request.attempt), request.task_id, request.result_zip)
+        return pb.StatusResponse(success=True, message="result stored")
+
+    @rpc(pb.ReturnTaskResultResponse)
+    def ReturnTaskResult(self, request: pb.ReturnTaskResultRequest, call: Call) -> pb.ReturnTaskResultResponse:
+        self.lifecycle.store_result(reporter(call, attempt=request.attempt), request.task_id, request.result_zip)
+        return pb.ReturnTaskResultResponse(success=True, message="result stored")
+
+    @rpc(pb.StatusResponse)
+    def TaskCompleted(self, request: pb.TaskCompletedRequest, call: Call) -> pb.StatusResponse:
+        said = self.lifecycle.complete(
+            reporter(call, node_id=request.node_id, attempt=request.attempt),
+            request.task_id,
+            request.success,
+            request.message,
+        )
+        return pb.StatusResponse(success=True, message=f"completion {said}")
+
+
+class WorkerReports(pb_grpc.WorkerNodeServiceServicer):
+    """The reporting half of WorkerNodeService, served by the pool; the rest is served by nodes."""
+
+    def __init__(self, ctx: PoolContext) -> None:
+        self.ctx = ctx
+
+    @rpc(pb.StatusResponse)
+    def ReportOutput(self, request: pb.ReportOutputRequest, call: Call) -> pb.StatusResponse:
+        kept = reports.store_output(
+            self.ctx.db,
+            reporter(call, node_id=request.node_id, attempt=request.attempt),
+            request.task_id,
+            request.output,
+            max_lines=self.ctx.settings.OUTPUT_MAX_LINES,
+        )
+        return pb.StatusResponse(success=True, message=f"{kept} line(s) stored")
+
+    @rpc(pb.RunningStatusResponse)
+    def ReportRunningStatus(self, request: pb.RunningStatusRequest, call: Call) -> pb.RunningStatusResponse:
+        usage = {
+            "cpu_usage": request.cpu_usage,
+            "memory_usage": request.memory_usage,
+            "gpu_usage": request.gpu_usage,
+            "gpu_memory_usage": request.gpu_memory_usage,
+        }
+        earned = reports.record_usage(
+            self.ctx.db,
+            self.ctx.redis,
+            self.ctx.settings.REDIS_KEY_PREFIX,
+            reporter(call, node_id=request.node_id, attempt=request.attempt),
+            request.task_id,
+            usage,
+        )
+        return pb.RunningStatusResponse(success=True, message="ok", cpt_reward=earned)
+
+    def ExecuteTask(self, request: pb.ExecuteTaskRequest, context: grpc.ServicerContext) -> pb.ExecuteTaskResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "ExecuteTask is served by worker nodes, not by the pool")
+        raise AssertionError
+
+    def StopTaskExecution(
+        self, request: pb.StopTaskExecutionRequest, context: grpc.ServicerContext
+    ) -> pb.StopTaskExecutionResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "StopTaskExecution is served by worker nodes, not by the pool")
+        raise AssertionError

@@ -1,0 +1,252 @@
+"""Tasks in the system of record: guarded state transitions with an event per change, output, logs.
+
+``PENDING → ASSIGNED → RUNNING → COMPLETED | FAILED``; ``STOPPING → STOPPED`` on a user stop;
+``ASSIGNED/RUNNING → PENDING`` for the next attempt when dispatch fails or the node is lost.
+Every transition is an UPDATE guarded on the current status (and attempt), so two workers racing
+on one task cannot both move it; the winner writes the event row in the same transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from models.tables import Node, Task, TaskEvent, TaskLog, TaskOutput, User, utcnow
+
+PENDING, ASSIGNED, RUNNING = "PENDING", "ASSIGNED", "RUNNING"
+COMPLETED, FAILED, STOPPING, STOPPED = "COMPLETED", "FAILED", "STOPPING", "STOPPED"
+TERMINAL = frozenset({COMPLETED, FAILED, STOPPED})
+ACTIVE = frozenset({ASSIGNED, RUNNING})  # on a node
+TRUNCATION_MARKER = "[output truncated: the pool keeps at most {limit} lines per task]"
+
+
+@dataclass(frozen=True)
+class TaskView:
+    pk: int
+    task_id: str
+    owner: str
+    owner_id: int
+    owner_credit: int
+    status: str
+    attempt: int
+    node_pk: int | None
+    node_id: str
+    node_owner_id: int | None
+    needs: dict[str, int]
+    gpu_name: str
+    location: str
+    max_minutes: int
+    zip_sha256: str
+    excluded_nodes: tuple[str, ...]
+    pending_reason: str
+    message: str
+    reported_outcome: str
+    result_sha256: str
+    result_size: int
+    result_pruned: bool
+    price_per_minute: int
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    accrued_until: datetime | None
+
+
+NEED_FIELDS = ("cpu_score", "memory_gb", "gpu_score", "gpu_memory_gb")
+
+
+def _select():  # type: ignore[no-untyped-def]
+    return select(Task, User, Node).join(User, User.id == Task.owner_id).outerjoin(Node, Node.id == Task.node_pk)
+
+
+def _view(task: Task, owner: User, node: Node | None) -> TaskView:
+    return TaskView(
+        pk=task.id,
+        task_id=task.task_id,
+        owner=owner.username,
+        owner_id=owner.id,
+        owner_credit=owner.credit_score,
+        status=task.status,
+        attempt=task.attempt,
+        node_pk=task.node_pk,
+        node_id=node.node_id if node else "",
+        node_owner_id=node.owner_id if node else None,
+        needs={f: getattr(task, f) for f in NEED_FIELDS},
+        gpu_name=task.gpu_name,
+        location=task.location,
+        max_minutes=task.max_minutes,
+        zip_sha256=task.zip_sha256,
+        excluded_nodes=tuple(task.excluded_nodes.split()),
+        pending_reason=task.pending_reason,
+        message=task.message,
+        reported_outcome=task.reported_outcome,
+        result_sha256=task.result_sha256,
+        result_size=task.result_size,
+        result_pruned=task.result_pruned,
+        price_per_minute=task.price_per_minute,
+        created_at=task.created_at,
+        updated_at=task.updated_at,
+        started_at=task.started_at,
+        accrued_until=task.accrued_until,
+    )
+
+
+def get(session: Session, task_id: str) -> TaskView | None:
+    row = session.execute(_select().where(Task.task_id == task_id)).first()
+    return _view(*row) if row else None
+
+
+def get_many(session: Session, task_ids: Iterable[str]) -> list[TaskView]:
+    ids = list(task_ids)
+    return [_view(*row) for row in session.execute(_select().where(Task.task_id.in_(ids))).all()] if ids else []
+
+
+def list_for(session: Session, owner_id: int | None, limit: int = 1000) -> list[TaskView]:
+    query = _select().order_by(Task.created_at.desc(), Task.id.desc()).limit(limit)
+    if owner_id is not None:
+        query = query.where(Task.owner_id == owner_id)
+    return [_view(*row) for row in session.execute(query).all()]
+
+
+def create(
+    session: Session,
+    *,
+    task_id: str,
+    owner_id: int,
+    needs: dict[str, int],
+    gpu_name: str,
+    location: str,
+    max_minutes: int,
+    zip_sha256: str,
+    zip_size: int,
+    price_per_minute: int,
+) -> int:
+    task = Task(
+        task_id=task_id,
+        owner_id=owner_id,
+        status=PENDING,
+        attempt=0,
+        gpu_name=gpu_name,
+        location=location,
+        max_minutes=max_minutes,
+        zip_sha256=zip_sha256,
+        zip_size=zip_size,
+        price_per_minute=price_per_minute,
+        excluded_nodes="",
+        pending_reason="waiting for a node",
+        message="",
+        reported_outcome="",
+        output_lines=0,
+        output_truncated=False,
+        result_sha256="",
+        result_size=0,
+        result_pruned=False,
+        **needs,
+    )
+    session.add(task)
+    session.flush()
+    session.add(TaskEvent(task_pk=task.id, from_status="", to_status=PENDING, attempt=0, reason="uploaded"))
+    return task.id
+
+
+def transition(
+    session: Session,
+    task: TaskView,
+    *,
+    to: str,
+    expected: Iterable[str],
+    reason: str,
+    at_attempt: int | None = None,
+    node_id: str = "",
+    **values: object,
+) -> bool:
+    """Move ``task`` to ``to`` if it is still in one of ``expected`` (and at ``at_attempt``, when given).
+
+    Returns False, writing nothing, when another actor moved it first. The row is locked for
+    the rest of the caller's transaction.
+    """
+    allowed = set(expected)
+    row = session.execute(select(Task.status, Task.attempt).where(Task.id == task.pk).with_for_update()).one_or_none()
+    if row is None or row.status not in allowed or (at_attempt is not None and row.attempt != at_attempt):
+        return False
+    now = utcnow()
+    result = session.execute(
+        update(Task)
+        .where(Task.id == task.pk, Task.status == row.status, Task.attempt == row.attempt)
+        .values(status=to, updated_at=now, **values)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    session.add(
+        TaskEvent(
+            task_pk=task.pk,
+            at=now,
+            from_status=row.status,
+            to_status=to,
+            attempt=int(values.get("attempt", row.attempt)),  # type: ignore[call-overload]
+            node_id=node_id or task.node_id,
+            reason=reason[:300],
+        )
+    )
+    return True
+
+
+def set_fields(session: Session, task_pk: int, **values: object) -> None:
+    session.execute(update(Task).where(Task.id == task_pk).values(**values))
+
+
+def events(session: Session, task_pk: int) -> list[TaskEvent]:
+    return list(session.scalars(select(TaskEvent).where(TaskEvent.task_pk == task_pk).order_by(TaskEvent.id)))
+
+
+def append_output(session: Session, task_pk: int, attempt: int, lines: list[str], *, max_lines: int) -> int:
+    """Append lines, keeping at most ``max_lines`` per task and marking the cut once. Lines kept."""
+    current, truncated = session.execute(
+        select(Task.output_lines, Task.output_truncated).where(Task.id == task_pk).with_for_update()
+    ).one()
+    room = max(0, max_lines - current)
+    kept = [line[:4000] for line in lines[:room]]
+    session.add_all(TaskOutput(task_pk=task_pk, attempt=attempt, line=line) for line in kept)
+    values: dict[str, object] = {"output_lines": current + len(kept)}
+    if len(kept) < len(lines) and not truncated:
+        session.add(TaskOutput(task_pk=task_pk, attempt=attempt, line=TRUNCATION_MARKER.format(limit=max_lines)))
+        values["output_truncated"] = True
+    session.execute(update(Task).where(Task.id == task_pk).values(**values))
+    return len(kept)
+
+
+def output(session: Session, task_pk: int) -> list[str]:
+    return list(session.scalars(select(TaskOutput.line).where(TaskOutput.task_pk == task_pk).order_by(TaskOutput.id)))
+
+
+def append_logs(
+    session: Session, task_pk: int, attempt: int, records: list[tuple[float, str, str]], *, max_records: int
+) -> int:
+    count = session.scalar(select(func.count()).select_from(TaskLog).where(TaskLog.task_pk == task_pk)) or 0
+    kept = records[: max(0, max_records - count)]
+    session.add_all(
+        TaskLog(task_pk=task_pk, attempt=attempt, ts=ts, level=level[:16], message=message[:4000])
+        for ts, level, message in kept
+    )
+    return len(kept)
+
+
+def logs(session: Session, task_pk: int) -> list[TaskLog]:
+    return list(session.scalars(select(TaskLog).where(TaskLog.task_pk == task_pk).order_by(TaskLog.id)))
+
+
+def due_pending(session: Session, now: datetime, limit: int) -> list[TaskView]:
+    query = _select().where(Task.status == PENDING, Task.next_attempt_at <= now).order_by(Task.id).limit(limit)
+    return [_view(*row) for row in session.execute(query).all()]
+
+
+def in_status(
+    session: Session, statuses: Iterable[str], *, updated_before: datetime | None = None, limit: int = 1000
+) -> list[TaskView]:
+    query = _select().where(Task.status.in_(list(statuses))).order_by(Task.id).limit(limit)
+    if updated_before is not None:
+        query = query.where(Task.updated_at < updated_before)
+    return [_view(*row) for row in session.execute(query).all()]

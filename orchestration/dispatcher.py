@@ -1,0 +1,113 @@
+"""Calls from the pool to worker nodes: ExecuteTask and StopTaskExecution, signed by the pool."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import grpc
+
+from models import nodes, tasks
+from models.db import Database
+from orchestration.nodes import _own_addresses, _resolve
+from orchestration.policies.addresses import check_target
+from orchestration.signing import PoolSigner
+from orchestration.storage import TaskStorage
+from pool.settings import Settings
+from protos import nodepool_pb2 as pb
+from protos import nodepool_pb2_grpc as pb_grpc
+
+log = logging.getLogger("orchestration.dispatcher")
+
+
+class Channels:
+    """One channel per node address per process, reused across jobs."""
+
+    def __init__(self, max_message_bytes: int) -> None:
+        self._options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        self._channels: dict[str, grpc.Channel] = {}
+        self._lock = threading.Lock()
+
+    def stub(self, host: str, port: int) -> pb_grpc.WorkerNodeServiceStub:
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        with self._lock:
+            channel = self._channels.get(target)
+            if channel is None:
+                channel = self._channels[target] = grpc.insecure_channel(target, options=self._options)
+        return pb_grpc.WorkerNodeServiceStub(channel)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    accepted: bool
+    reason: str
+    stale: bool = False  # the task moved on; nothing to do
+
+
+def execute(
+    db: Database,
+    storage: TaskStorage,
+    signer: PoolSigner,
+    channels: Channels,
+    settings: Settings,
+    task_id: str,
+    attempt: int,
+) -> Outcome:
+    """Send the task to the node of ``attempt``; whether the node accepted it, and why not."""
+    with db.reading() as session:
+        task = tasks.get(session, task_id)
+        node = nodes.get(session, task.node_id) if task and task.node_id else None
+    if task is None or task.status != tasks.ASSIGNED or task.attempt != attempt or node is None:
+        return Outcome(False, "stale", stale=True)
+    problem = check_target(node.hostname, settings.NODE_ADDRESS_POLICY, _resolve, _own_addresses())
+    if problem:
+        return Outcome(False, f"node address refused: {problem}")
+    try:
+        payload = storage.task_zip(task_id).read_bytes()
+    except OSError as error:
+        return Outcome(False, f"task zip missing from storage ({error})")
+    token = signer.sign(node_id=node.node_id, task_id=task_id, attempt=attempt, action="execute")
+    request = pb.ExecuteTaskRequest(
+        node_id=node.node_id,
+        task_id=task_id,
+        task_zip=payload,
+        cpu=task.needs["cpu_score"],
+        gpu=task.needs["gpu_score"],
+        memory_gb=task.needs["memory_gb"],
+        gpu_memory_gb=task.needs["gpu_memory_gb"],
+        attempt=attempt,
+        max_minutes=task.max_minutes,
+        allow_network=False,
+    )
+    try:
+        reply = channels.stub(node.hostname, node.port).ExecuteTask(
+            request, metadata=[("authorization", f"Bearer {token}")], timeout=settings.DISPATCH_TIMEOUT
+        )
+    except grpc.RpcError as error:
+        return Outcome(False, f"node unreachable ({error.code().name})")  # type: ignore[attr-defined]
+    if not reply.success:
+        return Outcome(False, f"node refused: {reply.message[:200]}")
+    return Outcome(True, reply.message[:200] or "accepted")
+
+
+def stop_execution(db: Database, signer: PoolSigner, channels: Channels, settings: Settings, task_id: str) -> str:
+    """Ask the task's node to stop it. A line saying what happened; never raises for node trouble."""
+    with db.reading() as session:
+        task = tasks.get(session, task_id)
+        node = nodes.get(session, task.node_id) if task and task.node_id else None
+    if task is None or node is None:
+        return "no node to tell"
+    token = signer.sign(node_id=node.node_id, task_id=task_id, attempt=task.attempt, action="stop")
+    try:
+        reply = channels.stub(node.hostname, node.port).StopTaskExecution(
+            pb.StopTaskExecutionRequest(task_id=task_id),
+            metadata=[("authorization", f"Bearer {token}")],
+            timeout=settings.DISPATCH_TIMEOUT,
+        )
+    except grpc.RpcError as error:
+        return f"node unreachable ({error.code().name})"  # type: ignore[attr-defined]
+    return reply.message or ("stopped" if reply.success else "node could not stop it")

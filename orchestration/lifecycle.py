@@ -1,0 +1,223 @@
+"""Task use cases for the API and the jobs: what users and nodes ask, and what the jobs carry out.
+
+Work that must survive a crash is written to the database first; jobs are enqueued only after
+the commit and carry ids, never payloads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+import redis
+from sqlalchemy.orm import Session
+
+from models import tasks
+from models.db import Database
+from models.errors import NotFound, PermissionDenied, Refused
+from models.tables import utcnow
+from orchestration import outcomes, reports, uploads
+from orchestration.enqueue import JobQueue
+from orchestration.storage import TaskStorage, sha256, validate_task_id
+from pool.settings import Settings
+
+log = logging.getLogger("orchestration.lifecycle")
+
+MATCH = "pool.scheduling.match"
+DISPATCH = "pool.dispatch.execute"
+STOP = "pool.dispatch.stop"
+ARCHIVE = "pool.archival.archive"
+
+
+@dataclass(frozen=True)
+class Asker:
+    """A user asking about tasks (identity from the token)."""
+
+    user_id: int
+    username: str
+    is_operator: bool = False
+
+
+class Lifecycle:
+    def __init__(
+        self, db: Database, storage: TaskStorage, settings: Settings, jobs: JobQueue, client: redis.Redis
+    ) -> None:
+        self.db, self.storage, self.settings, self.jobs, self.redis = db, storage, settings, jobs, client
+        self._match_flag = f"{settings.REDIS_KEY_PREFIX}:match-requested"
+
+    # ------------------------------------------------------------------ enqueueing
+
+    def request_matching(self, countdown: float | None = None) -> None:
+        """Enqueue one matching job unless one is already waiting (many uploads, one job)."""
+        try:
+            if countdown is None and not self.redis.set(self._match_flag, "1", nx=True, ex=5):
+                return
+        except redis.RedisError:
+            pass  # better a duplicate job than none
+        self.jobs.send(MATCH, countdown=countdown)
+
+    def matching_started(self) -> None:
+        with contextlib.suppress(redis.RedisError):
+            self.redis.delete(self._match_flag)
+
+    # ------------------------------------------------------------------ users
+
+    def upload(self, caller: Asker, request: uploads.UploadRequest) -> tuple[str, bool]:
+        """Store and record a task, escrow its price, then ask for matching. (task_id, newly created)."""
+        request = uploads.validate(request, caller.username, self.settings)
+        with self.db.reading() as session:
+            existing = tasks.get(session, request.task_id)
+        if existing is not None and existing.owner_id != caller.user_id:
+            raise PermissionDenied(f"task id {request.task_id!r} is taken by another user")
+        path = self.storage.task_zip(request.task_id)
+        if existing is None:
+            self.storage.write(path, request.task_zip)
+        try:
+            created = self.db.transaction(lambda s: uploads.insert(s, request, caller.username, self.settings))
+        except Exception:
+            if existing is None:
+                with self.db.reading() as session:
+                    if tasks.get(session, request.task_id) is None:
+                        path.unlink(missing_ok=True)
+            raise
+        if created:
+            self.request_matching()
+        return request.task_id, created
+
+    def owned(self, session: Session, caller: Asker, task_id: str) -> tasks.TaskView:
+        task = tasks.get(session, validate_task_id(task_id))
+        if task is None:
+            raise NotFound(f"no task {task_id!r}")
+        if task.owner_id != caller.user_id and not caller.is_operator:
+            raise PermissionDenied(f"task {task_id} belongs to another user")
+        return task
+
+    def poll(self, caller: Asker, task_id: str) -> tuple[tasks.TaskView, list[str]]:
+        with self.db.reading() as session:
+            task = self.owned(session, caller, task_id)
+            return task, tasks.output(session, task.pk)
+
+    def logs(self, caller: Asker, task_id: str) -> str:
+        with self.db.reading() as session:
+            task = self.owned(session, caller, task_id)
+            records = [
+                {"ts": r.ts, "level": r.level, "message": r.message, "attempt": r.attempt}
+                for r in tasks.logs(session, task.pk)
+            ]
+        return json.dumps(records)
+
+    def result(self, caller: Asker, task_id: str) -> bytes:
+        with self.db.reading() as session:
+            task = self.owned(session, caller, task_id)
+        if task.status not in tasks.TERMINAL or not task.result_sha256:
+            raise Refused(f"task {task_id} has no result yet (status {task.status})")
+        if task.result_pruned:
+            raise Refused(f"the result of task {task_id} was removed after {self.settings.RESULT_RETENTION_DAYS} days")
+        data = self.storage.archived_result(task_id).read_bytes()
+        if sha256(data) != task.result_sha256:
+            log.error("archived result of %s does not match its sha256", task_id)
+            raise Refused("the stored result is damaged; the operator has been told")
+        return data
+
+    def list_tasks(self, caller: Asker) -> list[tasks.TaskView]:
+        with self.db.reading() as session:
+            return tasks.list_for(session, None if caller.is_operator else caller.user_id)
+
+    def stop(self, caller: Asker, task_id: str) -> str:
+        """Record the stop (it survives restarts); a job tells the node. What the user is told."""
+
+        def work(session: Session) -> str:
+            task = self.owned(session, caller, task_id)
+            if task.status == tasks.PENDING and outcomes.stop_in(session, task, f"stopped by {caller.username}"):
+                return "stopped"
+            if task.status in tasks.ACTIVE and tasks.transition(
+                session, task, to=tasks.STOPPING, expected=tasks.ACTIVE, reason=f"stop requested by {caller.username}"
+            ):
+                return "stopping"
+            if task.status == tasks.STOPPING:
+                return "stopping"
+            raise Refused(f"task {task_id} is already {task.status}")
+
+        state = self.db.transaction(work)
+        if state == "stopping":
+            self.jobs.send(STOP, task_id)
+            return f"stopping task {task_id}"
+        return f"task {task_id} stopped"
+
+    # ------------------------------------------------------------------ nodes
+
+    def store_result(self, reporter: reports.Reporter, task_id: str, data: bytes) -> None:
+        uploads.check_zip(data, limit=self.settings.MAX_RESULT_SIZE, settings=self.settings, what="result_zip")
+        reports.check_result_owner(self.db, reporter, task_id)
+        self.storage.write(self.storage.result_zip(task_id), data)
+
+    def complete(self, reporter: reports.Reporter, task_id: str, success: bool, message: str) -> str:
+        attempt, recorded = reports.record_completion(self.db, reporter, task_id, success, message)
+        self.jobs.send(ARCHIVE, task_id, attempt)
+        return "recorded" if recorded else "already recorded"
+
+    # ------------------------------------------------------------------ jobs
+
+    def archive(self, task_id: str, attempt: int) -> str:
+        with self.db.reading() as session:
+            task = tasks.get(session, task_id)
+        if task is None or task.attempt != attempt or task.status not in tasks.ACTIVE or not task.reported_outcome:
+            return task.status if task else "unknown"
+        archived = self.storage.archive_result(task_id)
+        status = outcomes.finish(self.db, self.settings, task_id, attempt, archived)
+        if status in tasks.TERMINAL:
+            self.storage.discard_task(task_id)
+            self.request_matching()  # capacity came back
+        return status
+
+    def ended_early(self, released: list[tuple[str, int]], reason: str, *, node_caused: bool) -> int:
+        """Attempts whose node is gone: each to its next attempt (or FAILED). How many will retry."""
+        retrying = sum(
+            outcomes.requeue(self.db, self.settings, task_id, attempt, reason, node_caused=node_caused)
+            for task_id, attempt in released
+        )
+        if released:
+            self.request_matching()
+        return retrying
+
+    def recover(self) -> dict[str, int]:
+        """Beat: re-drive work whose job was lost (crash, broker restart). Safe to run any time."""
+        now = utcnow()
+        stale = now - timedelta(seconds=self.settings.STALE_ASSIGNED_SECONDS)
+        with self.db.reading() as session:
+            due = tasks.due_pending(session, now, 1)
+            assigned = tasks.in_status(session, [tasks.ASSIGNED], updated_before=stale)
+            finishing = [t for t in tasks.in_status(session, tasks.ACTIVE) if t.reported_outcome]
+            stopping = tasks.in_status(session, [tasks.STOPPING], updated_before=stale)
+            overdue = [
+                t
+                for t in tasks.in_status(session, [tasks.RUNNING])
+                if t.started_at and now - t.started_at > timedelta(minutes=t.max_minutes + 2)
+            ]
+        if due:
+            self.request_matching()
+        for task in assigned:
+            self.jobs.send(DISPATCH, task.task_id, task.attempt)
+        for task in finishing:
+            self.jobs.send(ARCHIVE, task.task_id, task.attempt)
+        for task in stopping:
+            self.jobs.send(STOP, task.task_id)
+        for task in overdue:
+            outcomes.requeue(
+                self.db,
+                self.settings,
+                task.task_id,
+                task.attempt,
+                f"timed out after {task.max_minutes} min",
+                node_caused=True,
+            )
+        return {
+            "assigned": len(assigned),
+            "finishing": len(finishing),
+            "stopping": len(stopping),
+            "overdue": len(overdue),
+            "pending": len(due),
+        }

@@ -1,0 +1,89 @@
+"""Zip safety checks for task and result archives, done before anything is stored.
+
+The archive must be a real zip whose every entry is a regular file or folder with a relative
+path that stays inside the archive; the entry count, the total uncompressed size and the
+compression ratio are bounded (zip bombs). Sizes are verified by streaming each entry, so a
+header that lies about its size is caught too.
+"""
+
+from __future__ import annotations
+
+import io
+import stat
+import zipfile
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+
+class UnsafeZip(ValueError):
+    """The archive is not a zip, or is one the pool will not accept (the message says why)."""
+
+
+@dataclass(frozen=True)
+class ZipLimits:
+    max_entries: int = 10_000
+    max_total_bytes: int = 1 << 30
+    max_ratio: int = 200
+
+
+@dataclass(frozen=True)
+class ZipSummary:
+    entries: int
+    total_bytes: int
+    names: tuple[str, ...]
+
+
+def safe_member_name(name: str) -> str:
+    """The entry name if it is a safe relative path, else UnsafeZip."""
+    if "\x00" in name:
+        raise UnsafeZip(f"entry {name!r} has a NUL byte in its name")
+    normalized = name.replace("\\", "/")
+    if normalized.startswith("/") or (len(normalized) > 1 and normalized[1] == ":"):
+        raise UnsafeZip(f"entry {name!r} has an absolute path")
+    if ".." in PurePosixPath(normalized).parts:
+        raise UnsafeZip(f"entry {name!r} climbs out of the archive with '..'")
+    return normalized
+
+
+def inspect_zip(data: bytes, limits: ZipLimits = ZipLimits()) -> ZipSummary:
+    """Check ``data`` as described above; UnsafeZip with a person-readable reason otherwise."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as error:
+        raise UnsafeZip(f"not a valid zip archive ({error})") from error
+    with archive:
+        infos = archive.infolist()
+        if len(infos) > limits.max_entries:
+            raise UnsafeZip(f"too many entries ({len(infos)} > {limits.max_entries})")
+        total = 0
+        names = []
+        for info in infos:
+            name = safe_member_name(info.filename)
+            mode = info.external_attr >> 16
+            if mode and stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
+                kind = "a symlink" if stat.S_ISLNK(mode) else "a special file"
+                raise UnsafeZip(f"entry {name!r} is {kind}; only files and folders are allowed")
+            if info.flag_bits & 0x1:
+                raise UnsafeZip(f"entry {name!r} is encrypted")
+            if info.file_size > limits.max_ratio * max(info.compress_size, 1) and info.file_size > 1 << 20:
+                raise UnsafeZip(f"entry {name!r} expands {info.file_size // max(info.compress_size, 1)}× (zip bomb?)")
+            total += _measured_size(archive, info, limits.max_total_bytes - total)
+            names.append(name)
+        return ZipSummary(entries=len(infos), total_bytes=total, names=tuple(names))
+
+
+def _measured_size(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: int) -> int:
+    if info.is_dir():
+        return 0
+    if info.file_size > budget:
+        raise UnsafeZip("the archive expands past the size limit (zip bomb?)")
+    size = 0
+    try:
+        with archive.open(info) as member:
+            while chunk := member.read(1 << 20):
+                size += len(chunk)
+                if size > budget or size > info.file_size:
+                    raise UnsafeZip("the archive expands past the size it declares (zip bomb?)")
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as error:
+        raise UnsafeZip(f"entry {info.filename!r} cannot be read ({error})") from error
+    return size

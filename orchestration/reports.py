@@ -1,0 +1,144 @@
+"""What nodes report about a running task: output, logs, usage, results and completion.
+
+Every report is accepted only from the owner of the node that the task's current attempt is
+assigned to, and only while that attempt is live; a report naming an older attempt is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import redis
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from models import tasks
+from models.db import Database
+from models.errors import InvalidArgument, NotFound, PermissionDenied, Refused
+from models.tables import Task
+from orchestration import economy
+from orchestration.storage import validate_task_id
+
+REPORTABLE = frozenset({tasks.ASSIGNED, tasks.RUNNING, tasks.STOPPING})
+MAX_LOG_PAYLOAD = 1 << 20
+MAX_OUTPUT_PAYLOAD = 1 << 20
+
+
+@dataclass(frozen=True)
+class Reporter:
+    """Who reports: the caller's identity from the token, and what the message says."""
+
+    user_id: int
+    username: str
+    node_id: str = ""  # when the message names a node
+    attempt: int = 0  # when the message names an attempt
+
+
+def authorize(session: Session, reporter: Reporter, task_id: str) -> tasks.TaskView:
+    """The task, if ``reporter`` may report on its current attempt; the right error otherwise."""
+    task = tasks.get(session, validate_task_id(task_id))
+    if task is None:
+        raise NotFound(f"no task {task_id!r}")
+    if task.node_owner_id is None or task.node_owner_id != reporter.user_id:
+        raise PermissionDenied(f"task {task_id} is not assigned to a node of yours")
+    if reporter.node_id and reporter.node_id.lower() != task.node_id.lower():
+        raise PermissionDenied(f"task {task_id} is not assigned to node {reporter.node_id}")
+    if reporter.attempt and reporter.attempt != task.attempt:
+        raise Refused(f"report for attempt {reporter.attempt} refused: the current attempt is {task.attempt}")
+    if task.status not in REPORTABLE:
+        raise Refused(f"task {task_id} is {task.status}; it takes no more reports")
+    return task
+
+
+def store_output(db: Database, reporter: Reporter, task_id: str, output: str, *, max_lines: int) -> int:
+    if len(output) > MAX_OUTPUT_PAYLOAD:
+        raise InvalidArgument(f"output is over {MAX_OUTPUT_PAYLOAD} characters; send it in smaller pieces")
+    lines = output.splitlines() or [""]
+
+    def work(session: Session) -> int:
+        task = authorize(session, reporter, task_id)
+        return tasks.append_output(session, task.pk, task.attempt, lines, max_lines=max_lines)
+
+    return db.transaction(work)
+
+
+def parse_logs(raw: str, timestamp: int) -> list[tuple[float, str, str]]:
+    """Log records from a StoreLogs payload: a JSON object, a list of them, or a JSON string."""
+    if len(raw) > MAX_LOG_PAYLOAD:
+        raise InvalidArgument(f"logs are over {MAX_LOG_PAYLOAD} characters")
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise InvalidArgument(f"logs must be JSON ({error.__class__.__name__})") from error
+    items = value if isinstance(value, list) else [value]
+    default_ts = float(timestamp) if timestamp > 0 else time.time()
+    records = []
+    for item in items:
+        if isinstance(item, str):
+            records.append((default_ts, "info", item))
+        elif isinstance(item, dict):
+            ts = item.get("ts", item.get("timestamp", default_ts))
+            ts = float(ts) if isinstance(ts, (int, float)) and math.isfinite(ts) else default_ts
+            level = item.get("level", "info")
+            message = item.get("message", item.get("msg", ""))
+            records.append((ts, str(level)[:16], message if isinstance(message, str) else json.dumps(message)))
+        else:
+            raise InvalidArgument("each log record must be a JSON object or string")
+    return records
+
+
+def store_logs(db: Database, reporter: Reporter, task_id: str, raw: str, timestamp: int, *, max_records: int) -> int:
+    records = parse_logs(raw, timestamp)
+
+    def work(session: Session) -> int:
+        task = authorize(session, reporter, task_id)
+        return tasks.append_logs(session, task.pk, task.attempt, records, max_records=max_records)
+
+    return db.transaction(work)
+
+
+def check_result_owner(db: Database, reporter: Reporter, task_id: str) -> tasks.TaskView:
+    with db.reading() as session:
+        return authorize(session, reporter, task_id)
+
+
+def record_completion(db: Database, reporter: Reporter, task_id: str, success: bool, message: str) -> tuple[int, bool]:
+    """Remember the node's verdict (first one wins); (attempt, whether this call recorded it)."""
+
+    def work(session: Session) -> tuple[int, bool]:
+        task = authorize(session, reporter, task_id)
+        if task.status == tasks.STOPPING:
+            return task.attempt, False
+        result = session.execute(
+            update(Task)
+            .where(Task.id == task.pk, Task.attempt == task.attempt, Task.reported_outcome == "")
+            .values(reported_outcome="success" if success else "failure", message=message[:500])
+        )
+        return task.attempt, result.rowcount == 1  # type: ignore[attr-defined]
+
+    return db.transaction(work)
+
+
+def record_usage(
+    db: Database, client: redis.Redis, prefix: str, reporter: Reporter, task_id: str, usage: dict[str, int]
+) -> int:
+    """Keep a usage sample (for operators) and answer the CPT the pool itself metered so far."""
+    for name, value in usage.items():
+        if not 0 <= value <= 100:
+            raise InvalidArgument(f"{name} must be a percentage between 0 and 100")
+    with db.reading() as session:
+        task = authorize(session, reporter, task_id)
+        earned = economy.accrued(session, task.pk, task.attempt)
+    key = f"{prefix}:usage:{task_id}"
+    try:
+        pipe = client.pipeline(transaction=False)
+        pipe.lpush(key, json.dumps({"ts": time.time(), "attempt": task.attempt, **usage}))
+        pipe.ltrim(key, 0, 99)
+        pipe.expire(key, 86400)
+        pipe.execute()
+    except redis.RedisError:
+        pass  # samples are informational; losing one loses nothing
+    return earned

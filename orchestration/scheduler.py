@@ -1,0 +1,185 @@
+"""Matching: place due PENDING tasks on nodes, in batches, through an in-memory candidate index.
+
+Each worker process keeps a :class:`NodeCatalog` (a CandidateIndex refreshed from the nodes
+changed since its last look), so a decision does not scan every node. The index is advisory:
+the database's conditional allocation decides, and a stale view only costs a retry with the
+next candidate.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from functools import partial
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import allocation, tasks
+from models.db import Database
+from models.tables import RESOURCE_DIMENSIONS, Node, utcnow
+from orchestration.nodes import thresholds
+from orchestration.policies.index import CandidateIndex
+from orchestration.policies.matching import NodeView, Resources, TaskNeeds, explain_pending
+from orchestration.policies.trust import Tier, TrustThresholds
+from pool.settings import Settings
+
+log = logging.getLogger("orchestration.scheduler")
+
+CANDIDATES_PER_TASK = 6
+EXPLANATIONS_PER_BATCH = 20
+
+
+def _resources(node: Node, prefix: str) -> Resources:
+    return Resources(*(getattr(node, f"{prefix}_{d}") for d in RESOURCE_DIMENSIONS))
+
+
+@dataclass
+class NodeCatalog:
+    index: CandidateIndex = field(default_factory=CandidateIndex)
+    pks: dict[str, int] = field(default_factory=dict)
+    since: datetime | None = None
+
+    def refresh(self, session: Session) -> int:
+        """Load nodes changed since the last refresh (all of them the first time); how many."""
+        query = select(Node)
+        if self.since is not None:
+            query = query.where(Node.changed_at >= self.since - timedelta(seconds=2))
+        count = 0
+        for node in session.scalars(query):
+            self.pks[node.node_id] = node.id
+            self.index.upsert(
+                NodeView(
+                    node_id=node.node_id,
+                    tier=Tier[node.tier.upper()],
+                    online=node.status == "online",
+                    capacity=_resources(node, "cap"),
+                    available=_resources(node, "avail"),
+                    gpu_name=node.gpu_name,
+                    location=node.location,
+                    running_tasks=node.running_tasks,
+                    max_tasks=node.max_tasks,
+                )
+            )
+            self.since = max(self.since or node.changed_at, node.changed_at)
+            count += 1
+        return count
+
+    def took(self, view: NodeView, need: Resources) -> None:
+        """Reflect our own allocation at once, without waiting for the next refresh."""
+        self.index.upsert(
+            NodeView(
+                node_id=view.node_id,
+                tier=view.tier,
+                online=view.online,
+                capacity=view.capacity,
+                available=view.available - need,
+                gpu_name=view.gpu_name,
+                location=view.location,
+                running_tasks=view.running_tasks + 1,
+                max_tasks=view.max_tasks,
+            )
+        )
+
+
+def needs_of(task: tasks.TaskView) -> TaskNeeds:
+    resources = Resources(*(task.needs[d] for d in RESOURCE_DIMENSIONS))
+    return TaskNeeds(resources, gpu_name=task.gpu_name, location=task.location, submitter_credit=task.owner_credit)
+
+
+def candidates(catalog: NodeCatalog, task: tasks.TaskView, t: TrustThresholds, rng: random.Random) -> list[NodeView]:
+    """The best node first (fair among equals), then a few runners-up; nodes that failed this task last."""
+    needs = needs_of(task)
+    best = catalog.index.choose(needs, t, rng=rng)
+    if best is None:
+        return []
+    others = catalog.index.candidates(needs, t, CANDIDATES_PER_TASK + len(task.excluded_nodes))
+    ordered = [best] + [n for n in others if n.node_id != best.node_id]
+    fresh = [n for n in ordered if n.node_id not in task.excluded_nodes]
+    return fresh[:CANDIDATES_PER_TASK] or ordered[:1]
+
+
+class _Lost(Exception):
+    """Another scheduler moved the task first: roll our allocation back."""
+
+
+def assign(db: Database, task: tasks.TaskView, node: NodeView, node_pk: int) -> bool:
+    """Allocate on ``node`` and move the task PENDING → ASSIGNED (next attempt), atomically."""
+    attempt = task.attempt + 1
+    need = allocation.Need(**task.needs)
+
+    def work(session: Session) -> bool:
+        if allocation.allocate(session, node_pk=node_pk, task_id=task.task_id, attempt=attempt, need=need) is None:
+            return False
+        moved = tasks.transition(
+            session,
+            task,
+            to=tasks.ASSIGNED,
+            expected={tasks.PENDING},
+            at_attempt=task.attempt,
+            reason=f"matched to {node.node_id} ({node.tier.label} tier)",
+            node_id=node.node_id,
+            attempt=attempt,
+            node_pk=node_pk,
+            pending_reason="",
+            started_at=None,
+            accrued_until=None,
+        )
+        if not moved:
+            raise _Lost
+        return True
+
+    try:
+        placed = db.transaction(work)
+    except _Lost:
+        return False
+    if placed:
+        log.info(
+            "Task %s assigned to node %s, trust level: %s",
+            task.task_id,
+            node.node_id,
+            node.tier.label,
+            extra={"event": "task_assigned", "task_id": task.task_id, "node_id": node.node_id, "attempt": attempt},
+        )
+        log.info(
+            "Node %s resource allocation: CPU-%d, Memory-%dGB",
+            node.node_id,
+            need.cpu_score,
+            need.memory_gb,
+            extra={"event": "resources_allocated", "node_id": node.node_id, "task_id": task.task_id, **need.as_dict()},
+        )
+    return placed
+
+
+def match_pending(
+    db: Database, catalog: NodeCatalog, settings: Settings, *, rng: random.Random, now: datetime | None = None
+) -> list[tuple[str, int]]:
+    """Place up to MATCH_BATCH due PENDING tasks; the (task_id, attempt) pairs to dispatch."""
+    now = now or utcnow()
+    t = thresholds(settings)
+    with db.reading() as session:
+        catalog.refresh(session)
+        due = tasks.due_pending(session, now, settings.MATCH_BATCH)
+    placed: list[tuple[str, int]] = []
+    unexplained: list[tasks.TaskView] = []
+    for task in due:
+        for node in candidates(catalog, task, t, rng):
+            if assign(db, task, node, catalog.pks[node.node_id]):
+                catalog.took(node, needs_of(task).resources)
+                placed.append((task.task_id, task.attempt + 1))
+                break
+            with db.reading() as session:  # our view of that node was stale
+                catalog.refresh(session)
+        else:
+            unexplained.append(task)
+    for task in unexplained[:EXPLANATIONS_PER_BATCH]:
+        reason = explain_pending(catalog.index.views(), needs_of(task), t) or "waiting for capacity"
+        if reason != task.pending_reason:
+            db.transaction(partial(_explain, pk=task.pk, reason=reason))
+    return placed
+
+
+def _explain(session: Session, *, pk: int, reason: str) -> None:
+    tasks.set_fields(session, pk, pending_reason=reason[:300])

@@ -1,0 +1,78 @@
+"""Where task and result zips live on disk. Every path is derived from a validated task id."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+from models.errors import InvalidArgument
+
+TASK_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def validate_task_id(task_id: str) -> str:
+    if not TASK_ID_RE.fullmatch(task_id) or task_id in {".", ".."}:
+        raise InvalidArgument("task_id must be 1–64 characters of letters, digits, '_', '.' or '-'")
+    return task_id
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class TaskStorage:
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def _dir(self, area: str, task_id: str) -> Path:
+        path = (self.root / area / validate_task_id(task_id)).resolve()
+        if path.parent != (self.root / area).resolve():
+            raise InvalidArgument("task_id does not name a storage folder")
+        return path
+
+    def task_zip(self, task_id: str) -> Path:
+        return self._dir("tasks", task_id) / "task.zip"
+
+    def result_zip(self, task_id: str) -> Path:
+        return self._dir("tasks", task_id) / "result.zip"
+
+    def archived_result(self, task_id: str) -> Path:
+        return self._dir("archive", task_id) / "result.zip"
+
+    @staticmethod
+    def write(path: Path, data: bytes) -> None:
+        """Write atomically: a reader sees the old file or the whole new one."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+
+    def archive_result(self, task_id: str) -> tuple[str, int] | None:
+        """Move the stored result into the archive; (sha256, size) of the archived file, or None.
+
+        Idempotent: when the result was archived already, that file's digest is returned.
+        """
+        source, target = self.result_zip(task_id), self.archived_result(task_id)
+        if source.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+            shutil.copyfile(source, temporary)
+            os.replace(temporary, target)
+            source.unlink(missing_ok=True)
+        if not target.exists():
+            return None
+        data = target.read_bytes()
+        return sha256(data), len(data)
+
+    def discard_task(self, task_id: str) -> None:
+        shutil.rmtree(self._dir("tasks", task_id), ignore_errors=True)
+
+    def prune_archive(self, task_id: str) -> None:
+        shutil.rmtree(self._dir("archive", task_id), ignore_errors=True)

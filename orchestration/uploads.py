@@ -1,0 +1,141 @@
+"""UploadTask: validate, store the zip, escrow the price, insert the task; then matching is enqueued."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from models import tasks
+from models.accounts import find_user
+from models.errors import InvalidArgument, NotFound, PermissionDenied, Refused, TooLarge
+from orchestration import economy
+from orchestration.policies.pricing import PriceList, price_per_minute
+from orchestration.policies.zips import UnsafeZip, ZipLimits, inspect_zip
+from orchestration.storage import validate_task_id
+from pool.settings import Settings
+
+log = logging.getLogger("orchestration.uploads")
+
+NEED_BOUNDS = {"cpu_score": 10_000_000, "memory_gb": 65536, "gpu_score": 10_000_000, "gpu_memory_gb": 16384}
+
+
+@dataclass(frozen=True)
+class UploadRequest:
+    task_id: str
+    task_zip: bytes
+    needs: dict[str, int]
+    gpu_name: str
+    location: str
+    user_id: str
+    max_minutes: int = 0
+
+
+def prices(settings: Settings) -> PriceList:
+    return PriceList(
+        settings.PRICE_BASE,
+        settings.PRICE_PER_CPU_SCORE,
+        settings.PRICE_PER_MEMORY_GB,
+        settings.PRICE_PER_GPU_SCORE,
+        settings.PRICE_PER_GPU_MEMORY_GB,
+    )
+
+
+def zip_limits(settings: Settings) -> ZipLimits:
+    return ZipLimits(settings.MAX_ZIP_ENTRIES, settings.MAX_UNZIPPED_BYTES, settings.MAX_ZIP_RATIO)
+
+
+def check_zip(data: bytes, *, limit: int, settings: Settings, what: str) -> None:
+    """TooLarge past ``limit`` bytes; InvalidArgument for anything the zip checks refuse."""
+    if not data:
+        raise InvalidArgument(f"{what} is empty")
+    if len(data) > limit:
+        raise TooLarge(f"{what} is {len(data)} bytes; the limit is {limit}")
+    try:
+        inspect_zip(data, zip_limits(settings))
+    except UnsafeZip as error:
+        raise InvalidArgument(f"{what} refused: {error}") from error
+
+
+def _clean(value: str, field: str) -> str:
+    value = value.strip()
+    if len(value) > 64 or not value.isprintable():
+        raise InvalidArgument(f"{field} must be at most 64 printable characters")
+    return "" if value.lower() == "any" else value
+
+
+def validate(request: UploadRequest, caller: str, settings: Settings) -> UploadRequest:
+    """The request with a task id and defaults filled in; the errors of SPEC §2 otherwise."""
+    if request.user_id and request.user_id.lower() != caller.lower():
+        raise PermissionDenied("user_id names another user; tasks are always billed to the caller")
+    task_id = validate_task_id(request.task_id) if request.task_id else uuid.uuid4().hex
+    for field, high in NEED_BOUNDS.items():
+        value = request.needs.get(field, 0)
+        if not 0 <= value <= high:
+            raise InvalidArgument(f"{field} must be between 0 and {high} (got {value})")
+    minutes = request.max_minutes or settings.MAX_TASK_MINUTES
+    if not 1 <= minutes <= settings.MAX_TASK_MINUTES:
+        raise InvalidArgument(f"max_minutes must be between 1 and {settings.MAX_TASK_MINUTES}")
+    check_zip(request.task_zip, limit=settings.MAX_FILE_SIZE, settings=settings, what="task_zip")
+    return UploadRequest(
+        task_id=task_id,
+        task_zip=request.task_zip,
+        needs=dict(request.needs),
+        gpu_name=_clean(request.gpu_name, "gpu_name"),
+        location=_clean(request.location, "location"),
+        user_id=caller,
+        max_minutes=minutes,
+    )
+
+
+def insert(session: Session, request: UploadRequest, caller: str, settings: Settings) -> bool:
+    """Insert the task and escrow its maximum price. False when this exact upload exists already.
+
+    PermissionDenied when the id belongs to someone else; Refused when it is yours but for a
+    different upload; InsufficientBalance when the balance does not cover the escrow.
+    """
+    owner = find_user(session, caller)
+    if owner is None:
+        raise NotFound("your account no longer exists")
+    digest = hashlib.sha256(request.task_zip).hexdigest()
+    existing = tasks.get(session, request.task_id)
+    if existing is not None:
+        if existing.owner_id != owner.id:
+            raise PermissionDenied(f"task id {request.task_id!r} is taken by another user")
+        same = (
+            existing.zip_sha256 == digest
+            and existing.needs == request.needs
+            and existing.gpu_name == request.gpu_name
+            and existing.location == request.location
+        )
+        if not same:
+            raise Refused(f"you already uploaded a different task as {request.task_id!r}; choose another task_id")
+        return False
+    per_minute = price_per_minute(request.needs, prices(settings))
+    pk = tasks.create(
+        session,
+        task_id=request.task_id,
+        owner_id=owner.id,
+        needs=request.needs,
+        gpu_name=request.gpu_name,
+        location=request.location,
+        max_minutes=request.max_minutes,
+        zip_sha256=digest,
+        zip_size=len(request.task_zip),
+        price_per_minute=per_minute,
+    )
+    economy.escrow(
+        session, task_pk=pk, task_id=request.task_id, owner_id=owner.id, amount=per_minute * request.max_minutes
+    )
+    log.info(
+        "task %s uploaded by %s (%d CPT/min, %d bytes)",
+        request.task_id,
+        caller,
+        per_minute,
+        len(request.task_zip),
+        extra={"event": "task_uploaded", "task_id": request.task_id},
+    )
+    return True
