@@ -62,6 +62,7 @@ class ScriptedWorker(pb_grpc.WorkerNodeServiceServicer):
         self.running: dict[str, threading.Event] = {}
         self.refused_tokens = 0
         self.errors: list[str] = []
+        self.incoming: list[tuple[str, int]] = []  # every ExecuteTask call, as it arrives
         self.silent = threading.Event()
         self._closed = threading.Event()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
@@ -124,6 +125,7 @@ class ScriptedWorker(pb_grpc.WorkerNodeServiceServicer):
     def ExecuteTask(self, request: pb.ExecuteTaskRequest, context: grpc.ServicerContext) -> pb.ExecuteTaskResponse:
         attempt = self._verify(context, request.task_id, "execute")
         assert attempt == request.attempt
+        self.incoming.append((request.task_id, request.attempt))
         if self.script.accept_delay:
             time.sleep(self.script.accept_delay)
         key = (request.task_id, request.attempt)

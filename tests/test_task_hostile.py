@@ -1,0 +1,185 @@
+"""Hostile and malformed task input: refused with the right code, nothing written, nothing billed."""
+
+from __future__ import annotations
+
+import io
+import stat
+import zipfile
+from pathlib import Path
+
+import grpc
+import pytest
+
+from protos import nodepool_pb2 as pb
+from tests.harness import PoolHarness, bearer
+from tests.scripted_worker import Script, ScriptedWorker
+from tests.tasks_support import FAST, code_of, task_zip, upload, wait_status
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+
+
+def zip_with(entries: list[tuple[zipfile.ZipInfo | str, bytes]], compression: int = zipfile.ZIP_STORED) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
+        for info, data in entries:
+            archive.writestr(info, data)
+    return buffer.getvalue()
+
+
+def symlink_entry() -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo("link")
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info
+
+
+HOSTILE_ZIPS = {
+    "zip-slip": zip_with([("../../evil.py", b"print('owned')")]),
+    "absolute path": zip_with([("/etc/cron.d/evil", b"* * * * * root sh")]),
+    "windows absolute": zip_with([("C:\\evil.bat", b"del *")]),
+    "symlink": zip_with([(symlink_entry(), b"/etc/passwd")]),
+    "zip bomb": zip_with([("bomb.txt", b"\0" * (64 << 20))], zipfile.ZIP_DEFLATED),
+    "not a zip": b"#!/bin/sh\nrm -rf /\n",
+    "truncated zip": task_zip()[:40],
+    "empty": b"",
+}
+
+
+def files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_ZIPS))
+def test_hostile_zips_are_refused_and_nothing_is_written(sqlite_pool: PoolHarness, kind: str, tmp_path: Path) -> None:
+    pool = sqlite_pool
+    _, token = pool.new_user()
+    before = files_under(tmp_path.parent)
+    request = pb.UploadTaskRequest(task_id="hostile-1", task_zip=HOSTILE_ZIPS[kind], cpu_score=1, memory_gb=1)
+    with pytest.raises(grpc.RpcError) as info:
+        pool.master.UploadTask(request, metadata=bearer(token))
+    assert info.value.code() == INVALID, info.value.details()
+    assert "refused" in info.value.details() or "empty" in info.value.details()
+    created = {p for p in files_under(tmp_path.parent) - before if p.suffix not in {".db", ".db-wal", ".db-shm"}
+               and not p.name.endswith(("-wal", "-shm", ".log"))}
+    assert created == set(), created
+    assert pool.balance(token) == 1000
+    assert code_of(pool.master.PollTaskStatus, pb.PollTaskStatusRequest(task_id="hostile-1"),
+                   metadata=bearer(token)) == grpc.StatusCode.NOT_FOUND
+
+
+def test_oversized_uploads_are_resource_exhausted(make_pool, sqlite_url: str) -> None:
+    pool = make_pool(database_url=sqlite_url, MAX_FILE_SIZE=50_000, GRPC_MAX_MESSAGE_BYTES=1_000_000)
+    _, token = pool.new_user()
+    big = zip_with([("data.bin", bytes(range(256)) * 400)])  # ~100 kB: over MAX_FILE_SIZE
+    request = pb.UploadTaskRequest(task_id="big", task_zip=big, cpu_score=1)
+    assert code_of(pool.master.UploadTask, request, metadata=bearer(token)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    huge = pb.UploadTaskRequest(task_id="huge", task_zip=b"x" * 2_000_000)  # over the gRPC message limit
+    assert code_of(pool.master.UploadTask, huge, metadata=bearer(token)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert pool.balance(token) == 1000
+
+
+@pytest.mark.parametrize("task_id", ["../etc", "a/b", "..", ".", "x" * 65, "tâche", "a b", "a\x00b", "~root"])
+def test_bad_task_ids_are_invalid(sqlite_pool: PoolHarness, task_id: str) -> None:
+    _, token = sqlite_pool.new_user()
+    request = pb.UploadTaskRequest(task_id=task_id, task_zip=task_zip(), cpu_score=1)
+    assert code_of(sqlite_pool.master.UploadTask, request, metadata=bearer(token)) == INVALID
+    poll = pb.PollTaskStatusRequest(task_id=task_id)
+    assert code_of(sqlite_pool.master.PollTaskStatus, poll, metadata=bearer(token)) == INVALID
+
+
+@pytest.mark.parametrize("field", ["memory_gb", "cpu_score", "gpu_score", "gpu_memory_gb"])
+def test_negative_or_absurd_needs_are_invalid(sqlite_pool: PoolHarness, field: str) -> None:
+    _, token = sqlite_pool.new_user()
+    for value in (-1, 2**31 - 1):
+        request = pb.UploadTaskRequest(task_id="needs", task_zip=task_zip(), **{field: value})
+        assert code_of(sqlite_pool.master.UploadTask, request, metadata=bearer(token)) == INVALID
+
+
+def test_ids_and_billing_belong_to_the_caller(pool: PoolHarness) -> None:
+    (alice, alice_token), (bob, bob_token) = pool.new_user(), pool.new_user()
+    task_id = upload(pool, alice_token)
+    # Bob cannot reuse Alice's id, bill Alice, or read, stop or fetch her task.
+    taken = pb.UploadTaskRequest(task_id=task_id, task_zip=task_zip(), cpu_score=1)
+    assert code_of(pool.master.UploadTask, taken, metadata=bearer(bob_token)) == DENIED
+    billed = pb.UploadTaskRequest(task_id="on-alice", task_zip=task_zip(), cpu_score=1, user_id=alice)
+    assert code_of(pool.master.UploadTask, billed, metadata=bearer(bob_token)) == DENIED
+    for call, request in [
+        (pool.master.PollTaskStatus, pb.PollTaskStatusRequest(task_id=task_id)),
+        (pool.master.GetTaskLogs, pb.GetTaskLogsRequest(task_id=task_id)),
+        (pool.master.GetTaskResult, pb.GetTaskResultRequest(task_id=task_id)),
+        (pool.master.StopTask, pb.StopTaskRequest(task_id=task_id)),
+    ]:
+        assert code_of(call, request, metadata=bearer(bob_token)) == DENIED
+    assert pool.balance(bob_token) == 1000
+    # user_id naming oneself is fine, and a re-sent upload is idempotent (billed once).
+    own = pb.UploadTaskRequest(task_id="mine", task_zip=task_zip(), cpu_score=100, memory_gb=1, user_id=bob)
+    first = pool.master.UploadTask(own, metadata=bearer(bob_token))
+    after_first = pool.balance(bob_token)
+    again = pool.master.UploadTask(own, metadata=bearer(bob_token))
+    assert first.success and again.success and "already" in again.message
+    assert pool.balance(bob_token) == after_first < 1000
+    changed = pb.UploadTaskRequest(task_id="mine", task_zip=task_zip({"run.sh": "echo other"}), cpu_score=100)
+    reply = pool.master.UploadTask(changed, metadata=bearer(bob_token))
+    assert not reply.success and "different task" in reply.message
+
+
+def test_upload_beyond_balance_says_how_much_is_needed(sqlite_pool: PoolHarness) -> None:
+    _, token = sqlite_pool.new_user()
+    request = pb.UploadTaskRequest(task_id="pricey", task_zip=task_zip(), cpu_score=100_000, gpu_score=50_000)
+    reply = sqlite_pool.master.UploadTask(request, metadata=bearer(token))
+    assert not reply.success and "insufficient balance" in reply.message and "1000 CPT" in reply.message
+    assert sqlite_pool.balance(token) == 1000
+    assert code_of(sqlite_pool.master.PollTaskStatus, pb.PollTaskStatusRequest(task_id="pricey"),
+                   metadata=bearer(token)) == grpc.StatusCode.NOT_FOUND
+
+
+def test_reports_only_from_the_current_attempts_node(make_pool, sqlite_url: str, celery_worker_for) -> None:
+    pool = make_pool(database_url=sqlite_url, **FAST)
+    celery_worker_for(pool)
+    worker = ScriptedWorker(pool, script=Script(mode="hold"))
+    (_, owner_token), (_, stranger) = pool.new_user(), pool.new_user()
+    try:
+        task_id = upload(pool, owner_token)
+        wait_status(pool, owner_token, task_id, "RUNNING")
+        # A stranger (and the task's own submitter) cannot report for the node or mark it done.
+        for token in (stranger, owner_token):
+            for call, request in [
+                (pool.master.TaskCompleted, pb.TaskCompletedRequest(task_id=task_id, success=True)),
+                (pool.master.StoreOutput, pb.StoreOutputRequest(task_id=task_id, output="fake")),
+                (pool.master.StoreResult, pb.StoreResultRequest(task_id=task_id, result_zip=task_zip())),
+                (pool.master.StoreLogs, pb.StoreLogsRequest(task_id=task_id, logs="[]")),
+                (pool.worker_side.ReportRunningStatus, pb.RunningStatusRequest(task_id=task_id)),
+                (pool.worker_side.ReportOutput, pb.ReportOutputRequest(task_id=task_id, output="fake")),
+            ]:
+                assert code_of(call, request, metadata=bearer(token)) == DENIED
+        # The right node, but a stale attempt number, is refused in-band.
+        stale = pool.master.TaskCompleted(pb.TaskCompletedRequest(task_id=task_id, node_id=worker.node_id,
+                                                                  success=True, attempt=7),
+                                          metadata=bearer(worker.token))
+        assert not stale.success and "attempt" in stale.message
+        # The right node naming another node id is refused.
+        other = pb.TaskCompletedRequest(task_id=task_id, node_id=f"{worker.owner}/other", success=True)
+        assert code_of(pool.master.TaskCompleted, other, metadata=bearer(worker.token)) == DENIED
+        # Malformed reports from the right node are invalid, not errors.
+        bad_logs = pb.StoreLogsRequest(task_id=task_id, node_id=worker.node_id, logs="{not json")
+        assert code_of(pool.master.StoreLogs, bad_logs, metadata=bearer(worker.token)) == INVALID
+        bad_usage = pb.RunningStatusRequest(task_id=task_id, node_id=worker.node_id, cpu_usage=-5)
+        assert code_of(pool.worker_side.ReportRunningStatus, bad_usage, metadata=bearer(worker.token)) == INVALID
+        bad_zip = pb.StoreResultRequest(task_id=task_id, result_zip=HOSTILE_ZIPS["zip-slip"])
+        assert code_of(pool.master.StoreResult, bad_zip, metadata=bearer(worker.token)) == INVALID
+        assert wait_status(pool, owner_token, task_id, "RUNNING").output == list(Script().lines)
+        worker.release(task_id)
+        wait_status(pool, owner_token, task_id, "COMPLETED")
+        closed = pool.master.StoreOutput(pb.StoreOutputRequest(task_id=task_id, output="after the end"),
+                                         metadata=bearer(worker.token))
+        assert not closed.success and "COMPLETED" in closed.message
+    finally:
+        worker.close()
+
+
+def test_execute_is_not_served_by_the_pool(sqlite_pool: PoolHarness) -> None:
+    _, token = sqlite_pool.new_user()
+    request = pb.ExecuteTaskRequest(task_id="x")
+    assert code_of(sqlite_pool.worker_side.ExecuteTask, request, metadata=bearer(token)) == (
+        grpc.StatusCode.UNIMPLEMENTED
+    )
