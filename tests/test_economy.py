@@ -15,7 +15,7 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from models import ledger, nodes, tasks
+from models import ledger, nodes
 from models.tables import Task, utcnow
 from orchestration.credit import set_credit
 from protos import nodepool_pb2 as pb
