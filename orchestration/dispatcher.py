@@ -10,7 +10,7 @@ import grpc
 
 from models import nodes, tasks
 from models.db import Database
-from orchestration.nodes import _own_addresses, _resolve
+from orchestration.nodes import own_addresses, resolve_host
 from orchestration.policies.addresses import check_target
 from orchestration.signing import PoolSigner
 from orchestration.storage import TaskStorage
@@ -63,7 +63,7 @@ def execute(
         node = nodes.get(session, task.node_id) if task and task.node_id else None
     if task is None or task.status != tasks.ASSIGNED or task.attempt != attempt or node is None:
         return Outcome(False, "stale", stale=True)
-    problem = check_target(node.hostname, settings.NODE_ADDRESS_POLICY, _resolve, _own_addresses())
+    problem = check_target(node.hostname, settings.NODE_ADDRESS_POLICY, resolve_host, own_addresses())
     if problem:
         return Outcome(False, f"node address refused: {problem}")
     try:

@@ -92,7 +92,7 @@ def validate(request: NodeRequest, caller: str, settings: Settings, resolve=None
         docker = normalize_docker_status(request.docker_status)
     except ValueError as error:
         raise InvalidArgument(str(error)) from error
-    problem = check_target(request.hostname, settings.NODE_ADDRESS_POLICY, resolve or _resolve, _own_addresses())
+    problem = check_target(request.hostname, settings.NODE_ADDRESS_POLICY, resolve or resolve_host, own_addresses())
     if problem:
         raise InvalidArgument(problem)
     return nodes.NodeSpec(
@@ -110,13 +110,13 @@ def validate(request: NodeRequest, caller: str, settings: Settings, resolve=None
     )
 
 
-def _resolve(host: str) -> list[str]:
+def resolve_host(host: str) -> list[str]:
     return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, None)})
 
 
-def _own_addresses() -> frozenset[str]:
+def own_addresses() -> frozenset[str]:
     try:
-        return frozenset(_resolve(socket.gethostname()))
+        return frozenset(resolve_host(socket.gethostname()))
     except OSError:
         return frozenset()
 
