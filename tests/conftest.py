@@ -145,3 +145,22 @@ def unused_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def fast_pool(make_pool: Callable[..., PoolHarness], database_url: str, celery_worker_for) -> PoolHarness:
+    """A pool with short timeouts and a real Celery worker, on SQLite and on PostgreSQL."""
+    from tests.tasks_support import FAST
+
+    pool = make_pool(database_url=database_url, **FAST)
+    celery_worker_for(pool)
+    return pool
+
+
+@pytest.fixture
+def workers() -> Iterator[list]:
+    """Scripted worker nodes a test starts; closed afterwards."""
+    started: list = []
+    yield started
+    for worker in started:
+        worker.close()

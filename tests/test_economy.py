@@ -12,7 +12,6 @@ import threading
 import time
 from datetime import timedelta
 
-import pytest
 import sqlalchemy as sa
 
 from models import ledger, nodes
@@ -26,21 +25,6 @@ from tests.tasks_support import FAST, sweep, upload, wait_status
 PER_MINUTE = 2  # cpu_score 100 + memory 1 GB → 1000 + 100 + 250 milli-CPT → 2 CPT/min
 MAX_MINUTES = FAST["MAX_TASK_MINUTES"]
 ESCROW = PER_MINUTE * MAX_MINUTES
-
-
-@pytest.fixture
-def econ_pool(make_pool, database_url: str, celery_worker_for) -> PoolHarness:
-    pool = make_pool(database_url=database_url, **FAST)
-    celery_worker_for(pool)
-    return pool
-
-
-@pytest.fixture
-def workers():
-    started: list[ScriptedWorker] = []
-    yield started
-    for worker in started:
-        worker.close()
 
 
 def started_minutes_ago(pool: PoolHarness, task_id: str, minutes: int) -> None:
@@ -68,15 +52,15 @@ def credit_of(pool: PoolHarness, username: str) -> int:
         )
 
 
-def test_upload_escrows_the_maximum_price(econ_pool: PoolHarness) -> None:
-    _, token = econ_pool.new_user()
-    upload(econ_pool, token)
-    assert econ_pool.balance(token) == 1000 - ESCROW
-    audit_ok(econ_pool)
+def test_upload_escrows_the_maximum_price(fast_pool: PoolHarness) -> None:
+    _, token = fast_pool.new_user()
+    upload(fast_pool, token)
+    assert fast_pool.balance(token) == 1000 - ESCROW
+    audit_ok(fast_pool)
 
 
-def test_completed_task_pays_metered_time_and_refunds_the_rest(econ_pool: PoolHarness, workers: list) -> None:
-    pool = econ_pool
+def test_completed_task_pays_metered_time_and_refunds_the_rest(fast_pool: PoolHarness, workers: list) -> None:
+    pool = fast_pool
     worker = ScriptedWorker(pool, script=Script(mode="hold"))
     workers.append(worker)
     _, token = pool.new_user()
@@ -97,8 +81,8 @@ def test_completed_task_pays_metered_time_and_refunds_the_rest(econ_pool: PoolHa
     audit_ok(pool)
 
 
-def test_usage_reports_do_not_change_earnings(econ_pool: PoolHarness, workers: list) -> None:
-    pool = econ_pool
+def test_usage_reports_do_not_change_earnings(fast_pool: PoolHarness, workers: list) -> None:
+    pool = fast_pool
     busy = ScriptedWorker(pool, label="busy", script=Script(mode="hold"))
     idle = ScriptedWorker(pool, label="idle", script=Script(mode="hold"))
     bystander = ScriptedWorker(pool, label="bystander", script=Script(mode="hold"), memory_gb=0)
@@ -136,8 +120,8 @@ def test_usage_reports_do_not_change_earnings(econ_pool: PoolHarness, workers: l
     audit_ok(pool)
 
 
-def test_node_reported_failure_refunds_the_submitter(econ_pool: PoolHarness, workers: list) -> None:
-    pool = econ_pool
+def test_node_reported_failure_refunds_the_submitter(fast_pool: PoolHarness, workers: list) -> None:
+    pool = fast_pool
     worker = ScriptedWorker(pool, script=Script(mode="hold", succeed=False))
     workers.append(worker)
     _, token = pool.new_user()
@@ -152,8 +136,8 @@ def test_node_reported_failure_refunds_the_submitter(econ_pool: PoolHarness, wor
     audit_ok(pool)
 
 
-def test_lost_node_is_refunded_and_the_rescuer_paid(econ_pool: PoolHarness, workers: list) -> None:
-    pool = econ_pool
+def test_lost_node_is_refunded_and_the_rescuer_paid(fast_pool: PoolHarness, workers: list) -> None:
+    pool = fast_pool
     doomed = ScriptedWorker(pool, label="doomed", script=Script(mode="hold"), cpu_score=9000)
     workers.append(doomed)
     _, token = pool.new_user()
@@ -180,8 +164,8 @@ def test_lost_node_is_refunded_and_the_rescuer_paid(econ_pool: PoolHarness, work
     audit_ok(pool)
 
 
-def test_user_stop_pays_for_work_done(econ_pool: PoolHarness, workers: list) -> None:
-    pool = econ_pool
+def test_user_stop_pays_for_work_done(fast_pool: PoolHarness, workers: list) -> None:
+    pool = fast_pool
     worker = ScriptedWorker(pool, script=Script(mode="hold"))
     workers.append(worker)
     _, token = pool.new_user()
@@ -195,8 +179,8 @@ def test_user_stop_pays_for_work_done(econ_pool: PoolHarness, workers: list) -> 
     audit_ok(pool)
 
 
-def test_dispatch_refused_costs_nothing_and_costs_the_node_credit(econ_pool: PoolHarness, workers: list) -> None:
-    pool = econ_pool
+def test_dispatch_refused_costs_nothing_and_costs_the_node_credit(fast_pool: PoolHarness, workers: list) -> None:
+    pool = fast_pool
     refuser = ScriptedWorker(pool, label="refuser", script=Script(mode="refuse"), cpu_score=9000)
     workers.append(refuser)
     set_credit(pool.ctx.db, pool.settings, refuser.owner, 100, "vouched for")
@@ -208,8 +192,8 @@ def test_dispatch_refused_costs_nothing_and_costs_the_node_credit(econ_pool: Poo
     audit_ok(pool)
 
 
-def test_accrual_twice_or_concurrently_pays_once(econ_pool: PoolHarness, workers: list, celery_worker_for) -> None:
-    pool = econ_pool
+def test_accrual_twice_or_concurrently_pays_once(fast_pool: PoolHarness, workers: list, celery_worker_for) -> None:
+    pool = fast_pool
     celery_worker_for(pool)  # a second worker process
     worker = ScriptedWorker(pool, script=Script(mode="hold"))
     workers.append(worker)
@@ -232,8 +216,8 @@ def test_accrual_twice_or_concurrently_pays_once(econ_pool: PoolHarness, workers
     audit_ok(pool)
 
 
-def test_node_crosses_tiers_and_matching_follows(econ_pool: PoolHarness, workers: list) -> None:
-    pool = econ_pool
+def test_node_crosses_tiers_and_matching_follows(fast_pool: PoolHarness, workers: list) -> None:
+    pool = fast_pool
     worker = ScriptedWorker(pool)
     workers.append(worker)
     _, token = pool.new_user()
@@ -266,8 +250,8 @@ def test_node_crosses_tiers_and_matching_follows(econ_pool: PoolHarness, workers
     assert "operator" in history[0][2]
 
 
-def test_audit_command_names_a_discrepancy(econ_pool: PoolHarness) -> None:
-    pool = econ_pool
+def test_audit_command_names_a_discrepancy(fast_pool: PoolHarness) -> None:
+    pool = fast_pool
     pool.new_user()
     env = {**pool.env, "PATH": "/usr/bin:/bin"}
     run = subprocess.run([sys.executable, "-m", "pool", "audit"], cwd=REPO, env=env, capture_output=True, text=True)

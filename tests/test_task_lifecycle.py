@@ -14,22 +14,7 @@ from orchestration.credit import set_credit
 from protos import nodepool_pb2 as pb
 from tests.harness import PoolHarness, bearer
 from tests.scripted_worker import Script, ScriptedWorker
-from tests.tasks_support import FAST, code_of, poll, sweep, upload, wait_status
-
-
-@pytest.fixture
-def fast_pool(make_pool, database_url: str, celery_worker_for) -> PoolHarness:
-    pool = make_pool(database_url=database_url, **FAST)
-    celery_worker_for(pool)
-    return pool
-
-
-@pytest.fixture
-def workers():
-    started: list[ScriptedWorker] = []
-    yield started
-    for worker in started:
-        worker.close()
+from tests.tasks_support import code_of, poll, sweep, upload, wait_status
 
 
 def no_active_allocations(pool: PoolHarness, task_id: str) -> bool:
