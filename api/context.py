@@ -10,7 +10,8 @@ from api.ratelimit import LoginPolicy, RateLimiter
 from api.tokens import TokenCodec
 from models.db import Database
 from orchestration.enqueue import JobQueue
-from orchestration.heartbeats import HeartbeatStore
+from orchestration import nodes as node_cases
+from orchestration.heartbeats import HeartbeatBatcher, HeartbeatStore
 from orchestration.lifecycle import Lifecycle
 from orchestration.signing import PoolSigner
 from orchestration.storage import TaskStorage
@@ -27,6 +28,7 @@ class PoolContext:
     limiter: RateLimiter
     jobs: JobQueue
     heartbeats: HeartbeatStore
+    batcher: HeartbeatBatcher
     signer: PoolSigner
     lifecycle: Lifecycle
 
@@ -34,6 +36,7 @@ class PoolContext:
         return username.lower() in {name.lower() for name in self.settings.OPERATORS}
 
     def close(self) -> None:
+        self.batcher.close()
         self.db.dispose()
         self.redis.close()
 
@@ -49,6 +52,7 @@ def build_context(settings: Settings) -> PoolContext:
         window_seconds=settings.LOGIN_FAILURE_WINDOW_SECONDS,
     )
     db = Database(settings.database_url, pool_size=settings.GRPC_MAX_WORKERS)
+    store = HeartbeatStore(client, settings.REDIS_KEY_PREFIX)
     jobs = JobQueue.from_settings(settings)
     return PoolContext(
         settings=settings,
@@ -62,7 +66,9 @@ def build_context(settings: Settings) -> PoolContext:
             prefix=f"{settings.REDIS_KEY_PREFIX}:rl",
         ),
         jobs=jobs,
-        heartbeats=HeartbeatStore(client, settings.REDIS_KEY_PREFIX),
+        heartbeats=store,
+        batcher=HeartbeatBatcher(store, lambda node, message: node_cases.revive(db, store, node, message),
+                                 interval=settings.HEARTBEAT_FLUSH_SECONDS),
         signer=PoolSigner.load_or_create(settings.signing_key_path),
         lifecycle=Lifecycle(db, TaskStorage(settings.task_storage_path), settings, jobs, client),
     )

@@ -69,6 +69,7 @@ class NodeManagerService(pb_grpc.NodeManagerServiceServicer):
             caller=call.user.username,
             node_id=request.node_id,
             message=request.status_message,
+            batcher=self.ctx.batcher,
         )
         return pb.StatusResponse(success=True, message="ok")
 

@@ -8,10 +8,14 @@ the cache was emptied.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import redis
+
+log = logging.getLogger(__name__)
 
 
 def _str(value: object) -> str:
@@ -35,6 +39,16 @@ class HeartbeatStore:
         pipe.hget(self._status, node_id)
         status = pipe.execute()[2]
         return _str(status) if status else None
+
+    def beat_many(self, batch: dict[str, tuple[float, str]]) -> dict[str, str | None]:
+        """Record many heartbeats in one round trip; the mirrored status of each node."""
+        ids = list(batch)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zadd(self._seen, {node: seen for node, (seen, _) in batch.items()})
+        pipe.hset(self._message, mapping={node: message[:200] for node, (_, message) in batch.items()})
+        pipe.hmget(self._status, ids)
+        statuses = pipe.execute()[2]
+        return {node: _str(raw) if raw else None for node, raw in zip(ids, statuses, strict=True)}
 
     def mark(self, node_id: str, status: str, *, now: float | None = None) -> None:
         """Mirror a DB status; an online node also gets a fresh heartbeat."""
@@ -78,3 +92,66 @@ class HeartbeatStore:
         pipe.set(self._epoch, str(now))
         pipe.execute()
         return True
+
+
+class HeartbeatBatcher:
+    """Heartbeats of nodes known to be online, written to Redis in one pipeline per interval.
+
+    A heartbeat then costs the gRPC handler a set look-up and a dict insert. Each flush also reads
+    the status mirror of the nodes it wrote: a node found offline (expired by the sweep meanwhile)
+    or unknown (Redis lost) is handed to ``revive``, which runs the slow path, and is no longer
+    batched until that succeeds. Unknown nodes are never batched: their first heartbeat takes the
+    slow path, so an unregistered node gets its answer at once.
+    """
+
+    def __init__(self, store: HeartbeatStore, revive: Callable[[str, str], None], *, interval: float = 0.05) -> None:
+        self._store = store
+        self._revive = revive
+        self._interval = interval
+        self._online: set[str] = set()
+        self._pending: dict[str, tuple[float, str]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="heartbeats", daemon=True)
+        self._thread.start()
+
+    def offer(self, node_id: str, message: str) -> bool:
+        """Queue a heartbeat of a node known to be online; False when the caller must take the slow path."""
+        if node_id not in self._online:
+            return False
+        with self._lock:
+            self._pending[node_id] = (time.time(), message)
+        return True
+
+    def known_online(self, node_id: str) -> None:
+        self._online.add(node_id)
+
+    def flush(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, {}
+        if not batch:
+            return
+        try:
+            statuses = self._store.beat_many(batch)
+        except redis.RedisError as error:
+            log.warning("could not write %d heartbeats: %s", len(batch), error)
+            with self._lock:  # keep them for the next flush, newer ones win
+                self._pending = {**batch, **self._pending}
+            return
+        for node_id, status in statuses.items():
+            if status != "online":
+                self._online.discard(node_id)
+                try:
+                    self._revive(node_id, batch[node_id][1])
+                    self._online.add(node_id)
+                except Exception:  # the node may be gone; its next heartbeat takes the slow path
+                    log.info("heartbeat of %s not applied", node_id, exc_info=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.flush()

@@ -16,7 +16,7 @@ from models.accounts import find_user
 from models.db import Database
 from models.errors import InvalidArgument, NotFound, PermissionDenied, Refused
 from models.tables import Node
-from orchestration.heartbeats import HeartbeatStore
+from orchestration.heartbeats import HeartbeatBatcher, HeartbeatStore
 from orchestration.policies.addresses import check_target
 from orchestration.policies.trust import TrustThresholds, node_tier, normalize_docker_status
 from pool.settings import Settings
@@ -159,11 +159,26 @@ def register_node(
     return registration
 
 
-def heartbeat(db: Database, store: HeartbeatStore, *, caller: str, node_id: str, message: str) -> str:
-    """Record a heartbeat from ``caller``'s node; brings an offline node back online."""
+def heartbeat(db: Database, store: HeartbeatStore, *, caller: str, node_id: str, message: str,
+              batcher: HeartbeatBatcher | None = None) -> str:
+    """Record a heartbeat from ``caller``'s node; brings an offline node back online.
+
+    Nodes known to be online are batched (see HeartbeatBatcher); others take the slow path here,
+    which answers NotFound for a node that was never registered.
+    """
     node_id = canonical_node_id(node_id, caller)
-    if store.beat(node_id, _text(message, "status_message", 200)) == "online":
+    message = _text(message, "status_message", 200)
+    if batcher is not None and batcher.offer(node_id, message):
         return "online"
+    if store.beat(node_id, message) != "online":
+        revive(db, store, node_id, message)
+    if batcher is not None:
+        batcher.known_online(node_id)
+    return "online"
+
+
+def revive(db: Database, store: HeartbeatStore, node_id: str, message: str = "") -> None:
+    """The slow path of a heartbeat: make sure the node exists and is online in the DB and in Redis."""
     with db.reading() as session:
         record = nodes.get(session, node_id)
     if record is None:
@@ -173,7 +188,6 @@ def heartbeat(db: Database, store: HeartbeatStore, *, caller: str, node_id: str,
     ):
         log.info("Node %s is back online", node_id, extra={"event": "node_online", "node_id": node_id})
     store.mark(node_id, "online")
-    return "online"
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ class Settings(BaseSettings):
 
     # --- nodes and trust
     NODE_HEARTBEAT_TIMEOUT: float = Field(default=30.0, gt=0)  # seconds of silence before a node is offline
+    HEARTBEAT_FLUSH_SECONDS: float = Field(default=0.05, gt=0)  # heartbeats are written to Redis in batches
     NODE_ADDRESS_POLICY: Literal["any", "public"] = "any"  # "public" refuses private/loopback targets
     MAX_NODES_PER_OWNER: int = Field(default=64, ge=1)
     TRUST_HIGH: int = 100  # credit for the high tier (with Docker)
@@ -98,6 +99,8 @@ class Settings(BaseSettings):
     # --- observability
     LOG_LEVEL: str = "INFO"
     LOG_FORMAT: str = "text"  # or "json"
+    METRICS_PORT: int = Field(default=9108, ge=0, le=65535)  # Prometheus endpoint of the gRPC server; 0 = off
+    FLOWER_BASIC_AUTH: str | None = None  # user:password[,user2:password2] for Flower (run by `up --flower`)
 
     @field_validator("OPERATORS", mode="before")
     @classmethod

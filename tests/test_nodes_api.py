@@ -251,6 +251,9 @@ def test_silent_node_goes_offline_after_timeout_and_sweep(make_pool, database_ur
     # Running the sweep again changes nothing.
     assert sweep.send_task("pool.maintenance.expire_heartbeats").get(timeout=30) == 0
 
-    # A heartbeat brings it back.
+    # A heartbeat brings it back (heartbeats are written in batches, within HEARTBEAT_FLUSH_SECONDS).
     pool.nodes.ReportStatus(pb.ReportStatusRequest(node_id=owner, status_message="Idle"), metadata=bearer(token))
+    deadline = time.monotonic() + 5
+    while listed(pool, token)[owner].status != "idle" and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert listed(pool, token)[owner].status == "idle"
