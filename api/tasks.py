@@ -8,7 +8,7 @@ from api.context import PoolContext
 from api.rpc import Call, rpc
 from models import tasks
 from models.errors import InvalidArgument
-from orchestration import reports, uploads
+from orchestration import explain, reports, uploads
 from orchestration.lifecycle import Asker
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
@@ -91,6 +91,17 @@ class MasterNodeService(pb_grpc.MasterNodeServiceServicer):
                 )
                 for t in found
             ],
+        )
+
+    @rpc(pb.ExplainPendingResponse)
+    def ExplainPending(self, request: pb.ExplainPendingRequest, call: Call) -> pb.ExplainPendingResponse:
+        found = explain.explain_task(self.lifecycle, asker(call), request.task_id)
+        return pb.ExplainPendingResponse(
+            success=True,
+            message=found.reason or f"task {found.task_id} is {found.status}",
+            status=found.status,
+            reason=found.reason,
+            filters=[pb.FilterCount(filter=name, nodes=count) for name, count in found.filters],
         )
 
     @rpc(pb.StopTaskResponse)

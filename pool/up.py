@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from pathlib import Path
 
 from models import schema
 from models.db import Database
@@ -17,6 +18,8 @@ from orchestration.app import QUEUES
 from pool.embedded_redis import EmbeddedRedis
 from pool.settings import Settings
 from pool.supervisor import Child, Supervisor
+
+FLOWER_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "flowerconfig.py"
 
 
 def children(settings: Settings, *, flower: bool, flower_port: int, concurrency: int) -> list[Child]:
@@ -60,13 +63,12 @@ def children(settings: Settings, *, flower: bool, flower_port: int, concurrency:
         ),
     ]
     if flower:
-        found.append(
-            Child(
-                "flower",
-                [py, "-m", "celery", "-A", "orchestration", "flower", f"--port={flower_port}"],
-                r"Visit me at|Tornado listening|Registered",
-            ),
-        )
+        argv = [py, "-m", "celery", "-A", "orchestration", "flower", f"--port={flower_port}"]
+        if not settings.FLOWER_BASIC_AUTH:  # unauthenticated Flower can revoke jobs: keep it on this machine
+            argv.append("--address=127.0.0.1")
+        if FLOWER_CONFIG.is_file():  # a checkout: jobs shown with named arguments
+            argv.append(f"--conf={FLOWER_CONFIG}")
+        found.append(Child("flower", argv, r"Visit me at|Tornado listening|Registered"))
     return found
 
 
@@ -74,6 +76,8 @@ def run(settings: Settings, *, flower: bool = False, flower_port: int = 5555, co
     """Run the pool until a signal; returns the exit code for the command."""
     settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
+    if settings.FLOWER_BASIC_AUTH:  # Flower reads it from its environment (never from argv, where ps shows it)
+        env["FLOWER_BASIC_AUTH"] = settings.FLOWER_BASIC_AUTH
     with contextlib.ExitStack() as stack:
         if settings.redis_configured:
             redis_note = settings.redis_url
@@ -93,8 +97,11 @@ def run(settings: Settings, *, flower: bool = False, flower_port: int = 5555, co
             f"database {db.engine.url.render_as_string(hide_password=True)}",
             f"redis {redis_note}",
         ]
+        if settings.METRICS_PORT:
+            notes.append(f"metrics on http://127.0.0.1:{settings.METRICS_PORT}/metrics")
         if flower:
-            notes.append(f"Flower on http://127.0.0.1:{flower_port}")
+            auth = " (basic auth)" if settings.FLOWER_BASIC_AUTH else ""
+            notes.append(f"Flower on http://127.0.0.1:{flower_port}{auth}")
         supervisor.start(ready_message="; ".join(notes))
         return supervisor.run_until_signal()
     return 1

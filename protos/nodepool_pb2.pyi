@@ -384,6 +384,36 @@ class ReturnTaskResultResponse(_message.Message):
     message: str
     def __init__(self, success: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
+class ExplainPendingRequest(_message.Message):
+    __slots__ = ("task_id", "token")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    token: str
+    def __init__(self, task_id: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+
+class FilterCount(_message.Message):
+    __slots__ = ("filter", "nodes")
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    filter: str
+    nodes: int
+    def __init__(self, filter: _Optional[str] = ..., nodes: _Optional[int] = ...) -> None: ...
+
+class ExplainPendingResponse(_message.Message):
+    __slots__ = ("success", "message", "status", "reason", "filters")
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    message: str
+    status: str
+    reason: str
+    filters: _containers.RepeatedCompositeFieldContainer[FilterCount]
+    def __init__(self, success: _Optional[bool] = ..., message: _Optional[str] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., filters: _Optional[_Iterable[_Union[FilterCount, _Mapping]]] = ...) -> None: ...
+
 class ExecuteTaskRequest(_message.Message):
     __slots__ = ("node_id", "task_id", "task_zip", "cpu", "gpu", "memory_gb", "gpu_memory_gb", "attempt", "max_minutes", "allow_network")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]

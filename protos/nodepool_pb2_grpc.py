@@ -549,6 +549,11 @@ class MasterNodeServiceStub:
                 request_serializer=protos_dot_nodepool__pb2.ReturnTaskResultRequest.SerializeToString,
                 response_deserializer=protos_dot_nodepool__pb2.ReturnTaskResultResponse.FromString,
                 _registered_method=True)
+        self.ExplainPending = channel.unary_unary(
+                '/nodepool.MasterNodeService/ExplainPending',
+                request_serializer=protos_dot_nodepool__pb2.ExplainPendingRequest.SerializeToString,
+                response_deserializer=protos_dot_nodepool__pb2.ExplainPendingResponse.FromString,
+                _registered_method=True)
 
 
 class MasterNodeServiceServicer:
@@ -622,6 +627,13 @@ class MasterNodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainPending(self, request, context):
+        """Added: why a PENDING task has no node yet (owner or operator only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MasterNodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -679,6 +691,11 @@ def add_MasterNodeServiceServicer_to_server(servicer, server):
                     servicer.ReturnTaskResult,
                     request_deserializer=protos_dot_nodepool__pb2.ReturnTaskResultRequest.FromString,
                     response_serializer=protos_dot_nodepool__pb2.ReturnTaskResultResponse.SerializeToString,
+            ),
+            'ExplainPending': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainPending,
+                    request_deserializer=protos_dot_nodepool__pb2.ExplainPendingRequest.FromString,
+                    response_serializer=protos_dot_nodepool__pb2.ExplainPendingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -980,6 +997,33 @@ class MasterNodeService:
             '/nodepool.MasterNodeService/ReturnTaskResult',
             protos_dot_nodepool__pb2.ReturnTaskResultRequest.SerializeToString,
             protos_dot_nodepool__pb2.ReturnTaskResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainPending(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodepool.MasterNodeService/ExplainPending',
+            protos_dot_nodepool__pb2.ExplainPendingRequest.SerializeToString,
+            protos_dot_nodepool__pb2.ExplainPendingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,255 @@
+"""A simulated fleet: many virtual worker nodes served by one process, for load tests and demos.
+
+Every virtual node has its own pool account (``<prefix>00000``, ``<prefix>00001``, …; created
+when absent) and registers as a node of that account. All of them are served by ONE gRPC
+server on one port: an ExecuteTask is routed by the node its pool token is for. Per node the
+fleet keeps a few fields (id, token, state, running tasks), so 10,000 nodes fit easily.
+
+Logins and registrations run on a small thread pool as the fleet starts (nodes come online as
+they finish); heartbeats go out on a few threads over one shared channel as asynchronous
+calls, each thread sweeping its share of the nodes once per interval. A node whose heartbeat
+is refused registers again; one whose token is refused logs in again.
+
+Its tasks are simulated (:mod:`agent.simtasks`): they run nothing and report success after
+``task_seconds``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from agent.session import CALL_TIMEOUT, RETRYABLE, bearer, compute_backoff
+from agent.simtasks import SimulatedTasks
+from agent.verify import PoolClaims
+from protos import nodepool_pb2 as pb
+from protos import nodepool_pb2_grpc as pb_grpc
+
+log = logging.getLogger("agent.fleet")
+
+NEW, ONLINE, FAILED = 0, 1, 2
+MAX_IN_FLIGHT = 256  # heartbeats awaiting an answer, per heartbeat thread
+MAX_BEATS_PER_SECOND = 500  # what one pool server process answers comfortably on 2 cores
+
+
+class VirtualNode:
+    __slots__ = ("node_id", "running", "state", "token")
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.token = ""
+        self.state = NEW
+        self.running = 0
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    """What every virtual node claims to be, and how the fleet behaves."""
+
+    prefix: str = "sim"
+    count: int = 10
+    password: str = "simulated-node-password"
+    host: str = "127.0.0.1"  # where the pool dials the fleet's server
+    port: int = 0
+    task_seconds: float = 0.0
+    heartbeat_seconds: float = 0.0  # 0: every 5 s, slower for big fleets (see heartbeat_interval)
+    heartbeat_threads: int = 4
+    login_workers: int = 8
+    create_accounts: bool = True
+    cpu_cores: int = 4
+    memory_gb: int = 8
+    cpu_score: int = 500
+    docker_status: str = "enabled"  # simulated nodes run nothing; they claim Docker so they get tasks
+
+
+def heartbeat_interval(spec: FleetSpec) -> float:
+    """Seconds between two heartbeats of one virtual node: ``spec.heartbeat_seconds`` if set,
+    else HiveMind's 5 s, stretched so the whole fleet sends at most MAX_BEATS_PER_SECOND
+    (10,000 nodes: every 20 s, inside the pool's default 30 s heartbeat timeout)."""
+    if spec.heartbeat_seconds > 0:
+        return spec.heartbeat_seconds
+    return max(5.0, spec.count / MAX_BEATS_PER_SECOND)
+
+
+class Fleet:
+    """The virtual nodes and their conversation with the pool (see the module doc)."""
+
+    def __init__(self, channel: grpc.Channel, spec: FleetSpec) -> None:
+        self.spec = spec
+        self.users = pb_grpc.UserServiceStub(channel)
+        self.nodes_stub = pb_grpc.NodeManagerServiceStub(channel)
+        self.nodes = {f"{spec.prefix}{i:05d}": VirtualNode(f"{spec.prefix}{i:05d}") for i in range(spec.count)}
+        self.tasks = SimulatedTasks(pb_grpc.MasterNodeServiceStub(channel), self.nodes, spec.task_seconds)
+        self._logins = ThreadPoolExecutor(spec.login_workers, thread_name_prefix="fleet-login")
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.port = spec.port
+
+    # ------------------------------------------------------------------ bringing nodes online
+
+    def start(self, port: int) -> None:
+        """Begin logging in and registering every node (served on ``port``), heartbeating, and
+        finishing tasks."""
+        self.port = port
+        for node in self.nodes.values():
+            self._logins.submit(self._bring_online, node, create=self.spec.create_accounts and not node.token)
+        for index in range(max(1, self.spec.heartbeat_threads)):
+            self._spawn(self._heartbeats, index)
+        self.tasks.start()
+
+    def _spawn(self, target: Any, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True, name=f"fleet-{target.__name__}")
+        thread.start()
+        self._threads.append(thread)
+
+    def remember(self, tokens: dict[str, str]) -> None:
+        """Tokens from an earlier run: those nodes skip the login (call before ``start``)."""
+        for node_id, token in tokens.items():
+            if node_id in self.nodes:
+                self.nodes[node_id].token = token
+
+    def tokens(self) -> dict[str, str]:
+        """Every node's current token, to be remembered for the next run."""
+        return {node.node_id: node.token for node in self.nodes.values() if node.token}
+
+    @property
+    def completed(self) -> int:
+        return self.tasks.completed
+
+    def online(self) -> int:
+        return sum(1 for node in self.nodes.values() if node.state == ONLINE)
+
+    def failed(self) -> int:
+        return sum(1 for node in self.nodes.values() if node.state == FAILED)
+
+    def _bring_online(self, node: VirtualNode, *, create: bool = False) -> None:
+        """Register ``node`` with its token, logging in first when it has none or the pool refuses
+        it; ``create`` registers the account before the first login."""
+        for attempt in range(8):
+            if self._stopping.is_set():
+                return
+            try:
+                if node.token:
+                    try:
+                        node.state = ONLINE if self._register(node) else FAILED
+                        return
+                    except grpc.RpcError as error:
+                        if error.code() != grpc.StatusCode.UNAUTHENTICATED:
+                            raise
+                        node.token = ""  # expired, or another pool: log in again
+                node.token = self._log_in(node, create=create)
+                node.state = ONLINE if node.token and self._register(node) else FAILED
+                return
+            except grpc.RpcError as error:
+                if self._stopping.is_set():
+                    return
+                if error.code() not in RETRYABLE:
+                    log.warning("virtual node %s: %s %s", node.node_id, error.code().name, error.details())
+                    node.state = FAILED
+                    return
+                time.sleep(compute_backoff(attempt, jitter=0.5))
+        node.state = FAILED
+
+    def _log_in(self, node: VirtualNode, *, create: bool) -> str:
+        """A token for ``node`` ("" when refused). The account is created first when ``create``,
+        or when a login fails and the fleet may create accounts (the pool lost it)."""
+        spec = self.spec
+        credentials = {"username": node.node_id, "password": spec.password}
+        if create:
+            self.users.Register(pb.RegisterRequest(**credentials), timeout=CALL_TIMEOUT)
+        reply = self.users.Login(pb.LoginRequest(**credentials), timeout=CALL_TIMEOUT)
+        if not reply.success and spec.create_accounts and not create:
+            self.users.Register(pb.RegisterRequest(**credentials), timeout=CALL_TIMEOUT)
+            reply = self.users.Login(pb.LoginRequest(**credentials), timeout=CALL_TIMEOUT)
+        if not reply.success:
+            log.warning("virtual node %s cannot log in: %s", node.node_id, reply.message)
+            return ""
+        return str(reply.token)
+
+    def _register(self, node: VirtualNode) -> bool:
+        spec = self.spec
+        request = pb.RegisterWorkerNodeRequest(
+            node_id=node.node_id,
+            hostname=spec.host,
+            port=self.port,
+            cpu_cores=spec.cpu_cores,
+            memory_gb=spec.memory_gb,
+            cpu_score=spec.cpu_score,
+            location="Any",
+            docker_status=spec.docker_status,
+        )
+        reply = self.nodes_stub.RegisterWorkerNode(request, metadata=bearer(node.token), timeout=CALL_TIMEOUT)
+        if not reply.success:
+            log.warning("virtual node %s cannot register: %s", node.node_id, reply.message)
+        return bool(reply.success)
+
+    # ------------------------------------------------------------------ heartbeats
+
+    def _heartbeats(self, index: int) -> None:
+        mine = [node for i, node in enumerate(self.nodes.values()) if i % max(1, self.spec.heartbeat_threads) == index]
+        in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+        while not self._stopping.is_set():
+            sweep_start = time.monotonic()
+            interval = heartbeat_interval(self.spec)
+            gap = interval / max(1, len(mine))
+            for position, node in enumerate(mine):
+                if self._stopping.is_set():
+                    return
+                if node.state != ONLINE:
+                    continue
+                in_flight.acquire()
+                message = "Idle" if node.running == 0 else f"Running {node.running} tasks"
+                future = self.nodes_stub.ReportStatus.future(
+                    pb.ReportStatusRequest(node_id=node.node_id, status_message=message),
+                    metadata=bearer(node.token),
+                    timeout=CALL_TIMEOUT,
+                )
+                future.add_done_callback(lambda done, node=node: self._heartbeat_done(done, node, in_flight))
+                ahead = sweep_start + gap * (position + 1) - time.monotonic()
+                if ahead > 0.005:
+                    self._stopping.wait(ahead)
+            rest = sweep_start + interval - time.monotonic()
+            if rest > 0:
+                self._stopping.wait(rest)
+
+    def _heartbeat_done(self, future: Any, node: VirtualNode, in_flight: threading.BoundedSemaphore) -> None:
+        in_flight.release()
+        try:
+            reply = future.result()
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED and node.state == ONLINE:
+                node.state, node.token = NEW, ""
+                self._logins.submit(self._bring_online, node)
+            return
+        except Exception:  # cancelled at shutdown
+            return
+        if not reply.success and node.state == ONLINE:  # the pool forgot the node: register it again
+            node.state = NEW
+            self._logins.submit(self._bring_online, node)
+
+    # ------------------------------------------------------------------ tasks (TaskHost)
+
+    def serves(self, node_id: str) -> bool:
+        return node_id in self.nodes
+
+    def execute(self, claims: PoolClaims, request: pb.ExecuteTaskRequest) -> tuple[bool, str]:
+        return self.tasks.execute(claims)
+
+    def stop(self, claims: PoolClaims) -> tuple[bool, str]:
+        return self.tasks.stop(claims)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def close(self) -> None:
+        """Stop heartbeats and logins; report the simulated tasks still running as failed."""
+        self._stopping.set()
+        self._logins.shutdown(wait=False, cancel_futures=True)
+        self.tasks.close()
+        for thread in self._threads:
+            thread.join(timeout=2)

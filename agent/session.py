@@ -1,0 +1,212 @@
+"""A node's session with the pool: log in, register, and make calls that survive pool trouble.
+
+:class:`PoolSession` logs in, registers the node and makes every call with the user's token
+(``authorization: Bearer``), retrying with backoff while the pool is unavailable, logging in
+again when the pool says UNAUTHENTICATED and registering again when it no longer knows the
+node. No pool error escapes :meth:`PoolSession.call` as an exception: the agent keeps running.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from protos import nodepool_pb2 as pb
+from protos import nodepool_pb2_grpc as pb_grpc
+
+log = logging.getLogger("agent.session")
+
+RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
+CALL_TIMEOUT = 15.0
+T = TypeVar("T")
+
+
+class LoginFailed(Exception):
+    """The pool refused the credentials (wrong password, locked out); ``str`` is its message."""
+
+
+def compute_backoff(attempt: int, *, factor: float = 0.5, jitter: float, max_backoff: float = 30.0) -> float:
+    """Seconds to wait before retry number ``attempt`` (0-based): ``factor·2^attempt``, capped at
+    ``max_backoff``, scaled by ``0.5 + jitter/2`` (``jitter`` in [0, 1), e.g. ``random.random()``)."""
+    return min(max_backoff, factor * 2**attempt) * (0.5 + jitter / 2)
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+class PoolSession:
+    """One node's authenticated session with the pool (see the module doc).
+
+    ``registration`` is the RegisterWorkerNodeRequest sent at every (re-)registration.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        *,
+        username: str,
+        password: str,
+        registration: pb.RegisterWorkerNodeRequest,
+        create_account: bool = False,
+        sleep: Callable[[float], Any] = time.sleep,
+        rng: Callable[[], float] = random.random,
+        tries: int = 6,
+    ) -> None:
+        self.users = pb_grpc.UserServiceStub(channel)
+        self.nodes = pb_grpc.NodeManagerServiceStub(channel)
+        self.master = pb_grpc.MasterNodeServiceStub(channel)
+        self.worker = pb_grpc.WorkerNodeServiceStub(channel)
+        self.username = username
+        self._password = password
+        self.registration = registration
+        self.create_account = create_account
+        self._sleep = sleep
+        self._rng = rng
+        self.tries = tries
+        self._token = ""
+        self._lock = threading.Lock()
+
+    @property
+    def node_id(self) -> str:
+        return self.registration.node_id
+
+    # ------------------------------------------------------------------ identity
+
+    def login(self) -> None:
+        """Log in (creating the account first when asked to); LoginFailed, or grpc.RpcError."""
+        if self.create_account:
+            reply = self.users.Register(
+                pb.RegisterRequest(username=self.username, password=self._password), timeout=CALL_TIMEOUT
+            )
+            if reply.success:
+                log.info("created the pool account %s", self.username)
+            self.create_account = False  # "already exists" is fine; the login below decides
+        reply = self.users.Login(pb.LoginRequest(username=self.username, password=self._password), timeout=CALL_TIMEOUT)
+        if not reply.success:
+            raise LoginFailed(reply.message or "login refused")
+        with self._lock:
+            self._token = reply.token
+
+    def register(self) -> None:
+        """Register the node (again); LoginFailed, RuntimeError (refused) or grpc.RpcError."""
+        if not self._token:
+            self.login()
+        reply = self.nodes.RegisterWorkerNode(self.registration, metadata=bearer(self._token), timeout=CALL_TIMEOUT)
+        if not reply.success:
+            raise RuntimeError(f"the pool refused to register {self.node_id}: {reply.message}")
+        log.info("%s", reply.message)
+
+    def start(self, *, patience: float = 60.0) -> None:
+        """Log in and register, waiting up to ``patience`` seconds for an unavailable pool.
+
+        Raises LoginFailed / RuntimeError when the pool refuses, grpc.RpcError when it stays away.
+        """
+
+        def begin() -> None:
+            self.login()
+            self.register()
+
+        self.patiently(begin, patience=patience)
+
+    def patiently(self, action: Callable[[], T], *, patience: float = 60.0) -> T:
+        """``action()``, retried with backoff for up to ``patience`` seconds while the pool is
+        unavailable; its other errors are raised at once."""
+        deadline = time.monotonic() + patience
+        attempt = 0
+        while True:
+            try:
+                return action()
+            except grpc.RpcError as error:
+                if error.code() not in RETRYABLE or time.monotonic() > deadline:
+                    raise
+                self._sleep(compute_backoff(attempt, jitter=self._rng()))
+                attempt += 1
+
+    def public_key(self) -> str:
+        """The pool's Ed25519 public key (PEM); grpc.RpcError when unreachable."""
+        return str(self.nodes.GetPoolPublicKey(pb.PoolPublicKeyRequest(), timeout=CALL_TIMEOUT).public_key_pem)
+
+    # ------------------------------------------------------------------ calls
+
+    def call(
+        self, method: Callable[..., Any], request: Any, *, name: str, timeout: float = CALL_TIMEOUT, tries: int = 0
+    ) -> Any:
+        """``method(request)`` with the token; the response, or None when it finally failed (logged).
+
+        Retries UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED with backoff; logs in again
+        on UNAUTHENTICATED and registers again on NOT_FOUND, once each.
+        """
+        renewed = reregistered = False
+        attempt = 0
+        tries = tries or self.tries
+        while True:
+            try:
+                return method(request, metadata=bearer(self._token), timeout=timeout)
+            except grpc.RpcError as error:
+                code = error.code()
+                if code in RETRYABLE and attempt + 1 < tries:
+                    self._sleep(compute_backoff(attempt, jitter=self._rng()))
+                    attempt += 1
+                elif code == grpc.StatusCode.UNAUTHENTICATED and not renewed:
+                    renewed = self._quietly(self.login, "log in again")
+                    if not renewed:
+                        return None
+                elif code == grpc.StatusCode.NOT_FOUND and not reregistered:
+                    reregistered = self._quietly(self.register, "register again")
+                    if not reregistered:
+                        return None
+                else:
+                    log.warning("%s for %s failed: %s %s", name, self.node_id, code.name, error.details())
+                    return None
+            except Exception:
+                log.exception("%s for %s failed", name, self.node_id)
+                return None
+
+    def _quietly(self, action: Callable[[], None], what: str) -> bool:
+        try:
+            action()
+            return True
+        except (grpc.RpcError, LoginFailed, RuntimeError) as error:
+            log.warning("could not %s as %s: %s", what, self.node_id, _describe(error))
+            return False
+
+    def heartbeat(self, status_message: str) -> bool | None:
+        """One ReportStatus: True when the pool took it, False when it answered but refused
+        (it forgot the node), None when it could not be reached."""
+        request = pb.ReportStatusRequest(node_id=self.node_id, status_message=status_message)
+        reply = self.call(self.nodes.ReportStatus, request, name="ReportStatus")
+        if reply is None:
+            return None
+        if not reply.success:
+            log.info("the pool refused a heartbeat of %s: %s", self.node_id, reply.message)
+        return bool(reply.success)
+
+    def ensure_registered(self) -> bool:
+        """Register again (after a pool restart, or when it forgot the node), logging in again
+        first when the token is no longer accepted; True when done."""
+        try:
+            self.register()
+            return True
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAUTHENTICATED:
+                log.warning("could not register %s again: %s", self.node_id, _describe(error))
+                return False
+        except (LoginFailed, RuntimeError) as error:
+            log.warning("could not register %s again: %s", self.node_id, error)
+            return False
+        return self._quietly(self.login, "log in again") and self._quietly(self.register, "register again")
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, grpc.RpcError):
+        return f"{error.code().name} {error.details()}"
+    return str(error)

@@ -1,0 +1,205 @@
+"""The node's conversation with the pool: login, registration, heartbeats, retries, reports.
+
+Most tests talk to the recording pool (it can be told to fail calls); the first one talks to
+the real pool's UserService and NodeManagerService, which are built.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import grpc
+import pytest
+
+from agent.outcome import Outcome
+from agent.reporter import Heartbeat, TaskReporter
+from agent.session import LoginFailed, PoolSession, compute_backoff
+from protos import nodepool_pb2 as pb
+from tests.agent_fixtures import RecordingPool, pool_signer, recording_pool
+from tests.harness import PoolHarness, bearer, unique_name
+
+__all__ = ["pool_signer", "recording_pool"]  # fixtures, used by name
+
+pytestmark = pytest.mark.timeout(60)
+Unavailable, Unauthenticated, NotFound = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.NOT_FOUND,
+)
+
+
+def session_for(address: str, *, username: str = "alice", password: str = "correct-horse-battery", **kw: object):  # type: ignore[no-untyped-def]
+    channel = grpc.insecure_channel(address)
+    registration = pb.RegisterWorkerNodeRequest(
+        node_id=username, hostname="127.0.0.1", port=50053, cpu_cores=2, memory_gb=4, cpu_score=200,
+        docker_status="disabled", location="Any",
+    )  # fmt: skip
+    options: dict[str, object] = {"sleep": lambda _: None}
+    options.update(kw)
+    return PoolSession(channel, username=username, password=password, registration=registration, **options)  # type: ignore[arg-type]
+
+
+def test_the_session_works_against_the_real_pool(sqlite_pool: PoolHarness) -> None:
+    name = unique_name("node")
+    session = session_for(sqlite_pool.address, username=name, create_account=True)
+
+    session.start()
+
+    assert session.heartbeat("Idle") is True
+    assert session.public_key() == sqlite_pool.ctx.signer.public_key_pem
+    token = sqlite_pool.login(name, "correct-horse-battery")
+    nodes = sqlite_pool.nodes.GetNodeList(pb.GetNodeListRequest(), metadata=bearer(token)).nodes
+    mine = [n for n in nodes if n.node_id == name]
+    assert [(n.status, n.hostname, n.port, n.cpu_cores) for n in mine] == [("idle", "127.0.0.1", 50053, 2)]
+
+
+def test_a_wrong_password_is_a_login_failure_with_the_pools_words(recording_pool: RecordingPool) -> None:
+    recording_pool.passwords["alice"] = "something-else"
+
+    with pytest.raises(LoginFailed, match="wrong username or password"):
+        session_for(recording_pool.address).start()
+
+
+@pytest.mark.parametrize(
+    ("attempt", "jitter", "expected"),
+    [(0, 0.0, 0.25), (0, 1.0, 0.5), (1, 1.0, 1.0), (3, 0.5, 3.0), (10, 1.0, 30.0), (10, 0.0, 15.0)],
+)
+def test_backoff_grows_exponentially_with_jitter_and_a_cap(attempt: int, jitter: float, expected: float) -> None:
+    assert compute_backoff(attempt, factor=0.5, jitter=jitter, max_backoff=30.0) == pytest.approx(expected)
+
+
+def test_an_unavailable_pool_is_retried_with_backoff(recording_pool: RecordingPool) -> None:
+    waits: list[float] = []
+    session = session_for(recording_pool.address, sleep=waits.append, rng=lambda: 1.0)
+    session.start()
+    recording_pool.failures["StoreOutput"] = [Unavailable, Unavailable, Unavailable]
+
+    reply = session.call(session.master.StoreOutput, pb.StoreOutputRequest(task_id="t", output="x"), name="StoreOutput")
+
+    assert reply is not None and reply.success
+    assert recording_pool.count("StoreOutput") == 4
+    assert waits == [0.5, 1.0, 2.0]
+
+
+def test_an_expired_token_means_logging_in_again(recording_pool: RecordingPool) -> None:
+    session = session_for(recording_pool.address)
+    session.start()
+    recording_pool.failures["TaskCompleted"] = [Unauthenticated]
+
+    reply = session.call(session.master.TaskCompleted, pb.TaskCompletedRequest(task_id="t"), name="TaskCompleted")
+
+    assert reply is not None and reply.success
+    calls = [(c.name, c.token) for c in recording_pool.calls if c.name in ("Login", "TaskCompleted")]
+    assert calls == [
+        ("Login", ""),
+        ("TaskCompleted", "token-alice-1"),
+        ("Login", ""),
+        ("TaskCompleted", "token-alice-2"),
+    ]
+
+
+def test_a_pool_that_forgot_the_node_gets_it_registered_again(recording_pool: RecordingPool) -> None:
+    session = session_for(recording_pool.address)
+    session.start()
+    recording_pool.failures["StoreLogs"] = [NotFound]
+
+    assert session.call(session.master.StoreLogs, pb.StoreLogsRequest(task_id="t"), name="StoreLogs") is not None
+
+    assert recording_pool.names()[-3:] == ["StoreLogs", "RegisterWorkerNode", "StoreLogs"]
+
+
+def test_errors_the_node_cannot_fix_are_given_up_without_raising(recording_pool: RecordingPool) -> None:
+    session = session_for(recording_pool.address)
+    session.start()
+    recording_pool.failures["StoreOutput"] = [grpc.StatusCode.FAILED_PRECONDITION]
+    recording_pool.failures["TaskCompleted"] = [Unavailable] * 20
+
+    assert session.call(session.master.StoreOutput, pb.StoreOutputRequest(task_id="t"), name="StoreOutput") is None
+    assert session.call(session.master.TaskCompleted, pb.TaskCompletedRequest(task_id="t"), name="x") is None
+    assert recording_pool.count("TaskCompleted") == session.tries
+
+
+def test_a_pool_that_is_not_there_never_crashes_a_report(unused_port: int) -> None:
+    session = session_for(f"127.0.0.1:{unused_port}")
+
+    assert session.call(session.master.StoreOutput, pb.StoreOutputRequest(task_id="t"), name="StoreOutput") is None
+    assert session.heartbeat("Idle") is None
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_heartbeats_report_what_the_node_is_doing(recording_pool: RecordingPool) -> None:
+    session = session_for(recording_pool.address)
+    session.start()
+    running = [0]
+    beat = Heartbeat(session, lambda: "Idle" if not running[0] else f"Running {running[0]} tasks", interval=0.05)
+
+    beat.start()
+    assert wait_until(lambda: recording_pool.count("ReportStatus") >= 3)
+    running[0] = 2
+    assert wait_until(lambda: recording_pool.of("ReportStatus")[-1].status_message == "Running 2 tasks")
+    beat.stop()
+
+    statuses = recording_pool.of("ReportStatus")
+    assert statuses[0].status_message == "Idle" and statuses[0].node_id == "alice"
+    assert {c.token for c in recording_pool.calls if c.name == "ReportStatus"} == {"token-alice-1"}
+
+
+def test_a_refused_heartbeat_or_a_pool_restart_makes_the_node_register_again(recording_pool: RecordingPool) -> None:
+    session = session_for(recording_pool.address)
+    session.start()
+    beat = Heartbeat(session, lambda: "Idle", interval=0.05)
+    recording_pool.refuse_heartbeats = 1
+
+    beat.start()
+    assert wait_until(lambda: recording_pool.count("RegisterWorkerNode") == 2)
+    recording_pool.failures["ReportStatus"] = [Unavailable] * session.tries  # the pool is away for a while
+    assert wait_until(lambda: recording_pool.count("RegisterWorkerNode") == 3)
+    beat.stop()
+
+
+def test_a_task_report_batches_output_and_ends_with_result_then_completion(recording_pool: RecordingPool) -> None:
+    session = session_for(recording_pool.address)
+    session.start()
+    reporter = TaskReporter(session, "t9", 3, usage=lambda: (150.0, 2**30), cores=2, total_memory=4 * 2**30,
+                            batch_lines=10, usage_seconds=0.0, flush_seconds=0.05)  # fmt: skip
+    reporter.start()
+    for i in range(25):
+        reporter.output(f"line {i}")
+    reporter.log("info", "started")
+    assert wait_until(lambda: recording_pool.count("ReportRunningStatus") >= 1)
+
+    reporter.finish(Outcome(False, "exit code 3", b"PK\x05\x06" + b"\0" * 18, 3))
+
+    names = [n for n in recording_pool.names(task_id="t9") if n != "ReportRunningStatus"]
+    assert names[:3] == ["StoreOutput"] * 3 and names[-2:] == ["ReturnTaskResult", "TaskCompleted"]
+    outputs = recording_pool.of("StoreOutput")
+    assert [len(r.output.split("\n")) for r in outputs] == [10, 10, 5]
+    assert {r.attempt for r in outputs} == {3}
+    usage = recording_pool.of("ReportRunningStatus")[0]
+    assert (usage.cpu_usage, usage.memory_usage, usage.attempt, usage.node_id) == (75, 25, 3, "alice")
+    done = recording_pool.of("TaskCompleted")[0]
+    assert (done.success, done.message, done.attempt, done.node_id) == (False, "exit code 3", 3, "alice")
+
+
+def test_output_beyond_the_backlog_is_dropped_and_the_drop_is_said(recording_pool: RecordingPool) -> None:
+    session = session_for(recording_pool.address)
+    session.start()
+    reporter = TaskReporter(session, "flood", 1, max_pending=100, batch_lines=1000)
+
+    for i in range(250):
+        reporter.output(f"line {i}")
+    reporter.finish(Outcome(True, "completed"))
+
+    text = "\n".join(r.output for r in recording_pool.of("StoreOutput")).split("\n")
+    assert text[:100] == [f"line {i}" for i in range(100)]
+    assert text[100:] == ["[hivemind-agent: 150 output lines dropped; the task printed faster than sent]"]
+    assert [n for n in recording_pool.names(task_id="flood")] == ["StoreOutput", "TaskCompleted"]
