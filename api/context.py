@@ -9,8 +9,8 @@ import redis
 from api.ratelimit import LoginPolicy, RateLimiter
 from api.tokens import TokenCodec
 from models.db import Database
-from orchestration.enqueue import JobQueue
 from orchestration import nodes as node_cases
+from orchestration.enqueue import JobQueue
 from orchestration.heartbeats import HeartbeatBatcher, HeartbeatStore
 from orchestration.lifecycle import Lifecycle
 from orchestration.signing import PoolSigner
