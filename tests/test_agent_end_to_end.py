@@ -52,10 +52,10 @@ def zipped(files: dict[str, str]) -> bytes:
 
 
 @pytest.fixture
-def agent_pool(make_pool, sqlite_url: str, celery_worker_for, unused_port: int, tmp_path: Path, work_dir: Path):
+def agent_pool(make_pool, sqlite_url: str, celery_worker_for, unused_port: int, tmp_path: Path, work_dir: Path):  # noqa: F811
     pool: PoolHarness = make_pool(database_url=sqlite_url, **{**FAST, "DISPATCH_TIMEOUT": 20.0})
     celery_worker_for(pool)
-    owner, token = pool.new_user()
+    owner, _ = pool.new_user()
     env = {**os.environ, "HIVEMIND_PASSWORD": "correct-horse-battery", "PYTHONUNBUFFERED": "1"}
     log_path = tmp_path / "agent.log"
     argv = [sys.executable, "-m", "agent", "run", "--pool", pool.address, "--username", owner,
