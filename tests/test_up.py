@@ -32,7 +32,13 @@ CONFIG_VARS = (
 
 def test_up_runs_the_pool_on_embedded_defaults_and_stops_cleanly(tmp_path: Path, unused_port: int) -> None:
     env = {key: value for key, value in os.environ.items() if key not in CONFIG_VARS}
-    env.update(GRPC_SERVER_PORT=str(unused_port), GRPC_SERVER_HOST="127.0.0.1", BCRYPT_ROUNDS="4", METRICS_PORT="0", PYTHONUNBUFFERED="1")
+    env.update(
+        GRPC_SERVER_PORT=str(unused_port),
+        GRPC_SERVER_HOST="127.0.0.1",
+        BCRYPT_ROUNDS="4",
+        METRICS_PORT="0",
+        PYTHONUNBUFFERED="1",
+    )
     log_path = tmp_path / "up.log"
     with log_path.open("wb") as log:
         up = subprocess.Popen(
