@@ -57,6 +57,9 @@ class NodeManagerService(pb_grpc.NodeManagerServiceServicer):
         registration = node_cases.register_node(
             self.ctx.db, self.ctx.heartbeats, self.ctx.settings, caller=call.user.username, spec=spec
         )
+        if registration.released:  # the node restarted: what it was running moves to the next attempt
+            ended = [(r.task_id, r.attempt) for r in registration.released]
+            self.ctx.lifecycle.ended_early(ended, "node restarted (re-registered)", node_caused=True)
         record = registration.record
         verb = "registered" if registration.created else "re-registered"
         return pb.StatusResponse(success=True, message=f"node {record.node_id} {verb} ({record.tier} trust tier)")

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import grpc
+import kombu.exceptions
+import redis
 from google.protobuf.message import Message
 
+from api.metrics import timed
 from api.tokens import Caller
 from models.errors import (
     InvalidArgument,
@@ -40,6 +43,10 @@ STATUS: dict[type[PoolError], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     Refused: grpc.StatusCode.FAILED_PRECONDITION,
 }
+
+
+# Redis or the broker cannot be reached: retry later. Not the client's fault, and not a bug.
+BACKING_SERVICE_ERRORS = (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError)
 
 
 def status_for(error: PoolError) -> grpc.StatusCode:
@@ -124,6 +131,8 @@ def rpc(
                 failure: PoolError = error
             except PoolError as error:
                 failure = error
+            except BACKING_SERVICE_ERRORS as error:
+                failure = Unavailable(f"a backing service is unreachable ({type(error).__name__}); try again shortly")
             except Exception:
                 log.exception("%s failed unexpectedly", name)
                 context.abort(grpc.StatusCode.INTERNAL, "internal error; the operator has been told")
@@ -134,6 +143,6 @@ def rpc(
             context.abort(code, str(failure))
             raise AssertionError("context.abort always raises")
 
-        return handler
+        return functools.wraps(method)(timed(name, in_band, handler))
 
     return decorate

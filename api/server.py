@@ -12,6 +12,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from api.context import PoolContext, build_context
+from api.malformed import MalformedRequests
+from api.metrics import start_metrics
 from api.nodes import NodeManagerService
 from api.tasks import MasterNodeService, WorkerReports
 from api.users import UserService
@@ -45,6 +47,7 @@ def create_server(ctx: PoolContext, address: str) -> tuple[grpc.Server, int]:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.GRPC_MAX_WORKERS, thread_name_prefix="rpc"),
         options=server_options(settings),
+        interceptors=[MalformedRequests()],
     )
     pb_grpc.add_UserServiceServicer_to_server(UserService(ctx), server)
     pb_grpc.add_NodeManagerServiceServicer_to_server(NodeManagerService(ctx), server)
@@ -76,6 +79,13 @@ def serve(settings: Settings) -> None:
     server, port = create_server(ctx, settings.grpc_address)
     server.start()
     log.info("gRPC server listening on %s:%d", settings.GRPC_SERVER_HOST, port)
+    metrics = None
+    if settings.METRICS_PORT:
+        try:  # the pool serves without metrics rather than not at all
+            metrics = start_metrics(ctx, host=settings.GRPC_SERVER_HOST, port=settings.METRICS_PORT)
+            log.info("Prometheus metrics on http://%s:%d/metrics", settings.GRPC_SERVER_HOST, metrics.port)
+        except OSError as error:
+            log.error("cannot serve metrics on port %d (%s); set METRICS_PORT", settings.METRICS_PORT, error)
     stopping = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:
@@ -86,4 +96,6 @@ def serve(settings: Settings) -> None:
     stopping.wait()
     log.info("gRPC server stopping")
     server.stop(grace=5).wait()
+    if metrics is not None:
+        metrics.stop()
     ctx.close()

@@ -53,6 +53,8 @@ def hash_password(password: str, rounds: int) -> str:
 
 
 def find_user(session: Session, username: str) -> User | None:
+    if not USERNAME_RE.fullmatch(username):
+        return None  # no user can have this name (and PostgreSQL refuses some strings, e.g. with NUL, outright)
     return session.scalar(select(User).where(func.lower(User.username) == username.lower()))
 
 

@@ -58,6 +58,11 @@ class TaskView:
 NEED_FIELDS = ("cpu_score", "memory_gb", "gpu_score", "gpu_memory_gb")
 
 
+def storable(text: str) -> str:
+    """``text`` as the database can keep it: PostgreSQL text holds no NUL, so NUL becomes U+FFFD."""
+    return text.replace("\x00", "\ufffd")
+
+
 def _select():  # type: ignore[no-untyped-def]
     return select(Task, User, Node).join(User, User.id == Task.owner_id).outerjoin(Node, Node.id == Task.node_pk)
 
@@ -208,7 +213,7 @@ def append_output(session: Session, task_pk: int, attempt: int, lines: list[str]
         select(Task.output_lines, Task.output_truncated).where(Task.id == task_pk).with_for_update()
     ).one()
     room = max(0, max_lines - current)
-    kept = [line[:4000] for line in lines[:room]]
+    kept = [storable(line[:4000]) for line in lines[:room]]
     session.add_all(TaskOutput(task_pk=task_pk, attempt=attempt, line=line) for line in kept)
     values: dict[str, object] = {"output_lines": current + len(kept)}
     if len(kept) < len(lines) and not truncated:
@@ -228,7 +233,7 @@ def append_logs(
     count = session.scalar(select(func.count()).select_from(TaskLog).where(TaskLog.task_pk == task_pk)) or 0
     kept = records[: max(0, max_records - count)]
     session.add_all(
-        TaskLog(task_pk=task_pk, attempt=attempt, ts=ts, level=level[:16], message=message[:4000])
+        TaskLog(task_pk=task_pk, attempt=attempt, ts=ts, level=storable(level[:16]), message=storable(message[:4000]))
         for ts, level, message in kept
     )
     return len(kept)

@@ -41,6 +41,11 @@ class Channels:
         return pb_grpc.WorkerNodeServiceStub(channel)
 
 
+def said(message: str) -> str:
+    """What a node answered, as the pool keeps it: 200 characters at most, NUL made storable."""
+    return tasks.storable(message[:200])
+
+
 @dataclass(frozen=True)
 class Outcome:
     accepted: bool
@@ -90,8 +95,8 @@ def execute(
     except grpc.RpcError as error:
         return Outcome(False, f"node unreachable ({error.code().name})")  # type: ignore[attr-defined]
     if not reply.success:
-        return Outcome(False, f"node refused: {reply.message[:200]}")
-    return Outcome(True, reply.message[:200] or "accepted")
+        return Outcome(False, f"node refused: {said(reply.message)}")
+    return Outcome(True, said(reply.message) or "accepted")
 
 
 def stop_execution(db: Database, signer: PoolSigner, channels: Channels, settings: Settings, task_id: str) -> str:
@@ -110,4 +115,4 @@ def stop_execution(db: Database, signer: PoolSigner, channels: Channels, setting
         )
     except grpc.RpcError as error:
         return f"node unreachable ({error.code().name})"  # type: ignore[attr-defined]
-    return reply.message or ("stopped" if reply.success else "node could not stop it")
+    return said(reply.message) or ("stopped" if reply.success else "node could not stop it")

@@ -19,6 +19,10 @@ class JobQueue:
         return cls(create_celery(settings))
 
     def send(self, name: str, *args: Any, job_id: str | None = None, countdown: float | None = None) -> str:
-        """Enqueue job ``name`` (routed to its queue by the app's routes); returns the job id."""
-        result = self.app.send_task(name, args=args, task_id=job_id, countdown=countdown)
+        """Enqueue job ``name`` (routed to its queue by the app's routes); returns the job id.
+
+        Nobody waits for these jobs' results, so none is kept: sending touches only the broker.
+        Raises kombu's OperationalError when the broker cannot be reached.
+        """
+        result = self.app.send_task(name, args=args, task_id=job_id, countdown=countdown, ignore_result=True)
         return str(result.id)

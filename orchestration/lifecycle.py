@@ -131,6 +131,8 @@ class Lifecycle:
 
         def work(session: Session) -> str:
             task = self.owned(session, caller, task_id)
+            if task.owner_id != caller.user_id:  # operators may look, but only the owner stops (SPEC §6)
+                raise PermissionDenied(f"only the owner of task {task_id} may stop it")
             if task.status == tasks.PENDING and outcomes.stop_in(session, task, f"stopped by {caller.username}"):
                 return "stopped"
             if task.status in tasks.ACTIVE and tasks.transition(

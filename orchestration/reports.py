@@ -65,13 +65,24 @@ def store_output(db: Database, reporter: Reporter, task_id: str, output: str, *,
     return db.transaction(work)
 
 
+def _seconds(value: object, default: float) -> float:
+    """A record's timestamp, when it is a finite number a float can hold; ``default`` otherwise."""
+    if not isinstance(value, (int, float)):
+        return default
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer beyond any float
+        return default
+    return seconds if math.isfinite(seconds) else default
+
+
 def parse_logs(raw: str, timestamp: int) -> list[tuple[float, str, str]]:
     """Log records from a StoreLogs payload: a JSON object, a list of them, or a JSON string."""
     if len(raw) > MAX_LOG_PAYLOAD:
         raise InvalidArgument(f"logs are over {MAX_LOG_PAYLOAD} characters")
     try:
         value = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:  # ValueError: bad JSON, or an integer too long to read
         raise InvalidArgument(f"logs must be JSON ({error.__class__.__name__})") from error
     items = value if isinstance(value, list) else [value]
     default_ts = float(timestamp) if timestamp > 0 else time.time()
@@ -80,8 +91,7 @@ def parse_logs(raw: str, timestamp: int) -> list[tuple[float, str, str]]:
         if isinstance(item, str):
             records.append((default_ts, "info", item))
         elif isinstance(item, dict):
-            ts = item.get("ts", item.get("timestamp", default_ts))
-            ts = float(ts) if isinstance(ts, (int, float)) and math.isfinite(ts) else default_ts
+            ts = _seconds(item.get("ts", item.get("timestamp")), default_ts)
             level = item.get("level", "info")
             message = item.get("message", item.get("msg", ""))
             records.append((ts, str(level)[:16], message if isinstance(message, str) else json.dumps(message)))
@@ -115,7 +125,7 @@ def record_completion(db: Database, reporter: Reporter, task_id: str, success: b
         result = session.execute(
             update(Task)
             .where(Task.id == task.pk, Task.attempt == task.attempt, Task.reported_outcome == "")
-            .values(reported_outcome="success" if success else "failure", message=message[:500])
+            .values(reported_outcome="success" if success else "failure", message=tasks.storable(message[:500]))
         )
         return task.attempt, result.rowcount == 1  # type: ignore[attr-defined]
 

@@ -30,9 +30,9 @@ def valid_hostname(host: str) -> bool:
 
 def forbidden_reason(address: str, own: frozenset[str]) -> str | None:
     """Why the pool must not dial ``address`` under the ``public`` policy, or None."""
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address):
+        ip = ip.ipv4_mapped or ip.sixtofour or ip  # judged by the IPv4 address it carries, if any
     checks = [
         (ip.is_loopback, "a loopback address"),
         (ip.is_private, "a private address"),
@@ -41,6 +41,7 @@ def forbidden_reason(address: str, own: frozenset[str]) -> str | None:
         (ip.is_unspecified, "an unspecified address"),
         (ip.is_reserved, "a reserved address"),
         (str(ip) in own, "one of the pool's own addresses"),
+        (not ip.is_global, "not a globally routable address"),  # e.g. 100.64.0.0/10, shared (CGNAT, VPN meshes)
     ]
     return next((why for bad, why in checks if bad), None)
 
