@@ -59,7 +59,8 @@ class NodeManagerService(pb_grpc.NodeManagerServiceServicer):
         )
         if registration.released:  # the node restarted: what it was running moves to the next attempt
             ended = [(r.task_id, r.attempt) for r in registration.released]
-            self.ctx.lifecycle.ended_early(ended, "node restarted (re-registered)", node_caused=True)
+            # No credit penalty: a node also re-registers after the pool itself was unreachable.
+            self.ctx.lifecycle.ended_early(ended, "node restarted (re-registered)", node_caused=False)
         record = registration.record
         verb = "registered" if registration.created else "re-registered"
         return pb.StatusResponse(success=True, message=f"node {record.node_id} {verb} ({record.tier} trust tier)")

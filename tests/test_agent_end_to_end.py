@@ -53,17 +53,35 @@ def zipped(files: dict[str, str]) -> bytes:
 
 @pytest.fixture
 def agent_pool(make_pool, sqlite_url: str, celery_worker_for, unused_port: int, tmp_path: Path, work_dir: Path):  # noqa: F811
-    pool: PoolHarness = make_pool(database_url=sqlite_url, **{**FAST, "DISPATCH_TIMEOUT": 20.0})
+    pool: PoolHarness = make_pool(
+        database_url=sqlite_url, **{**FAST, "DISPATCH_TIMEOUT": 20.0, "NODE_HEARTBEAT_TIMEOUT": 60.0}
+    )
     celery_worker_for(pool)
     owner, _ = pool.new_user()
     env = {**os.environ, "HIVEMIND_PASSWORD": "correct-horse-battery", "PYTHONUNBUFFERED": "1"}
     log_path = tmp_path / "agent.log"
-    argv = [sys.executable, "-m", "agent", "run", "--pool", pool.address, "--username", owner,
-            "--port", str(unused_port), "--bind", "127.0.0.1", "--docker", "never", "--work-dir", str(work_dir),
-            "--task-memory-mb", "256"]
+    argv = [
+        sys.executable,
+        "-m",
+        "agent",
+        "run",
+        "--pool",
+        pool.address,
+        "--username",
+        owner,
+        "--port",
+        str(unused_port),
+        "--bind",
+        "127.0.0.1",
+        "--docker",
+        "never",
+        "--work-dir",
+        str(work_dir),
+        "--task-memory-mb",
+        "256",
+    ]
     with log_path.open("wb") as log:
-        agent = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        agent = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 60
     while "serving on port" not in log_path.read_text() and time.monotonic() < deadline:
         assert agent.poll() is None, log_path.read_text()
@@ -116,6 +134,6 @@ def test_stop_kills_the_task_and_its_children(agent_pool) -> None:
 def test_memory_hog_fails_with_a_reason_and_the_agent_stays_up(agent_pool) -> None:
     pool, token, agent, _ = agent_pool
     task_id = upload(pool, token, task_zip=zipped({"main.py": HOG}))
-    failed = wait_status(pool, token, task_id, {"FAILED", "COMPLETED"}, timeout=90, kick=True)
+    failed = wait_status(pool, token, task_id, {"FAILED", "COMPLETED"}, timeout=90)
     assert failed.status == "FAILED" and "memory" in failed.message, failed.message
     assert agent.poll() is None
