@@ -116,17 +116,22 @@ def test_task_runs_on_the_agent_and_its_output_comes_back(agent_pool) -> None:
 
 def test_stop_kills_the_task_and_its_children(agent_pool) -> None:
     pool, token, agent, _ = agent_pool
+    since = time.time()
     task_id = upload(pool, token, task_zip=zipped({"main.py": SPAWNER}))
     deadline = time.monotonic() + 60
     while "children started" not in wait_status(pool, token, task_id, "RUNNING", timeout=60).output:
         assert time.monotonic() < deadline
         time.sleep(0.3)
-    sleepers = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "300"]]
+    sleepers = [p for p in psutil.process_iter(["cmdline", "create_time"])  # this task's, not other tests'
+                if p.info["cmdline"] == ["sleep", "300"] and p.info["create_time"] >= since - 1]
     assert len(sleepers) >= 3
     assert pool.master.StopTask(pb.StopTaskRequest(task_id=task_id), metadata=bearer(token)).success
     wait_status(pool, token, task_id, "STOPPED", timeout=30)
-    time.sleep(3)
-    alive = [p for p in sleepers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    deadline = time.monotonic() + 15
+    alive = sleepers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.5)
+        alive = [p for p in sleepers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert alive == []
     assert agent.poll() is None
 
