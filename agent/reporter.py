@@ -28,8 +28,9 @@ FINAL_TRIES = 10  # the end of a task matters more than a line of output: wait l
 class Heartbeat:
     """Sends ReportStatus every ``interval`` seconds on a daemon thread.
 
-    After the pool was unreachable, or when it refuses a heartbeat, the node registers again
-    (a restarted pool may have lost it, or lost its live state).
+    The node registers again only when the pool refuses a heartbeat because it no longer knows
+    the node. After the pool was merely unreachable (restarted, network trouble) it just goes on
+    heartbeating: registering again would make the pool requeue the tasks the node is running.
     """
 
     def __init__(self, session: PoolSession, status: Callable[[], str], *, interval: float = 5.0) -> None:
@@ -57,8 +58,11 @@ class Heartbeat:
                     pool_was_away = True
                     continue
                 self.sent += 1
-                if (pool_was_away or not answered) and self.session.ensure_registered():
+                if pool_was_away:
+                    log.info("the pool answers again; %s goes on as before", self.session.node_id)
                     pool_was_away = False
+                if not answered:  # the pool forgot the node (not merely away): register it again
+                    self.session.ensure_registered()
             except Exception:  # never let the heartbeat thread die
                 log.exception("heartbeat failed")
 

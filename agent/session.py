@@ -1,9 +1,14 @@
 """A node's session with the pool: log in, register, and make calls that survive pool trouble.
 
 :class:`PoolSession` logs in, registers the node and makes every call with the user's token
-(``authorization: Bearer``), retrying with backoff while the pool is unavailable, logging in
-again when the pool says UNAUTHENTICATED and registering again when it no longer knows the
-node. No pool error escapes :meth:`PoolSession.call` as an exception: the agent keeps running.
+(``authorization: Bearer``), retrying with backoff while the pool is unavailable and logging in
+again when the pool says UNAUTHENTICATED. No pool error escapes :meth:`PoolSession.call` as an
+exception: the agent keeps running.
+
+Registering again is not a way to recover from an outage: the pool takes a registration of a
+known node as a restart of that node and moves its running tasks to their next attempt. Only a
+heartbeat the pool refuses because it no longer knows the node (``success=false``, or NOT_FOUND)
+makes the node register again (:meth:`PoolSession.heartbeat`, :class:`agent.reporter.Heartbeat`).
 """
 
 from __future__ import annotations
@@ -142,10 +147,25 @@ class PoolSession:
     ) -> Any:
         """``method(request)`` with the token; the response, or None when it finally failed (logged).
 
-        Retries UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED with backoff; logs in again
-        on UNAUTHENTICATED and registers again on NOT_FOUND, once each.
+        Retries UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED with backoff and logs in
+        again (once) on UNAUTHENTICATED; see :meth:`send`.
         """
-        renewed = reregistered = False
+        try:
+            return self.send(method, request, timeout=timeout, tries=tries)
+        except grpc.RpcError as error:
+            log.warning("%s for %s failed: %s", name, self.node_id, _describe(error))
+        except Exception:
+            log.exception("%s for %s failed", name, self.node_id)
+        return None
+
+    def send(self, method: Callable[..., Any], request: Any, *, timeout: float = CALL_TIMEOUT, tries: int = 0) -> Any:
+        """``method(request)`` with the token, retried with backoff up to ``tries`` times while the
+        pool is unavailable, busy or slow, and once more after logging in again on UNAUTHENTICATED.
+
+        Raises the last grpc.RpcError when that does not help. It never registers the node again:
+        an error about a task (NOT_FOUND, FAILED_PRECONDITION…) says nothing of the node.
+        """
+        renewed = False
         attempt = 0
         tries = tries or self.tries
         while True:
@@ -157,19 +177,11 @@ class PoolSession:
                     self._sleep(compute_backoff(attempt, jitter=self._rng()))
                     attempt += 1
                 elif code == grpc.StatusCode.UNAUTHENTICATED and not renewed:
-                    renewed = self._quietly(self.login, "log in again")
-                    if not renewed:
-                        return None
-                elif code == grpc.StatusCode.NOT_FOUND and not reregistered:
-                    reregistered = self._quietly(self.register, "register again")
-                    if not reregistered:
-                        return None
+                    renewed = True
+                    if not self._quietly(self.login, "log in again"):
+                        raise
                 else:
-                    log.warning("%s for %s failed: %s %s", name, self.node_id, code.name, error.details())
-                    return None
-            except Exception:
-                log.exception("%s for %s failed", name, self.node_id)
-                return None
+                    raise
 
     def _quietly(self, action: Callable[[], None], what: str) -> bool:
         try:
@@ -180,19 +192,29 @@ class PoolSession:
             return False
 
     def heartbeat(self, status_message: str) -> bool | None:
-        """One ReportStatus: True when the pool took it, False when it answered but refused
-        (it forgot the node), None when it could not be reached."""
+        """One ReportStatus: True when the pool took it; False when the pool no longer knows the
+        node (it refused the heartbeat: ``success=false``, or NOT_FOUND), so it must register
+        again; None when the pool could not be reached or failed otherwise (it still knows the
+        node: keep heartbeating)."""
         request = pb.ReportStatusRequest(node_id=self.node_id, status_message=status_message)
-        reply = self.call(self.nodes.ReportStatus, request, name="ReportStatus")
-        if reply is None:
+        try:
+            reply = self.send(self.nodes.ReportStatus, request)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                log.info("the pool no longer knows %s: %s", self.node_id, error.details())
+                return False
+            log.warning("ReportStatus for %s failed: %s", self.node_id, _describe(error))
+            return None
+        except Exception:
+            log.exception("ReportStatus for %s failed", self.node_id)
             return None
         if not reply.success:
             log.info("the pool refused a heartbeat of %s: %s", self.node_id, reply.message)
         return bool(reply.success)
 
     def ensure_registered(self) -> bool:
-        """Register again (after a pool restart, or when it forgot the node), logging in again
-        first when the token is no longer accepted; True when done."""
+        """Register again, when the pool no longer knows the node (never merely because it was
+        unreachable), logging in again first when the token is no longer accepted; True when done."""
         try:
             self.register()
             return True

@@ -33,6 +33,12 @@ def describe(task: tasks.TaskView) -> str:
     return task.message or task.status.lower()
 
 
+def store_output(ctx: PoolContext, who: reports.Reporter, task_id: str, output: str) -> pb.StatusResponse:
+    """Append a node's output lines to its task: StoreOutput and ReportOutput alike."""
+    kept = reports.store_output(ctx.db, who, task_id, output, max_lines=ctx.settings.OUTPUT_MAX_LINES)
+    return pb.StatusResponse(success=True, message=f"{kept} line(s) stored")
+
+
 class MasterNodeService(pb_grpc.MasterNodeServiceServicer):
     def __init__(self, ctx: PoolContext) -> None:
         self.ctx = ctx
@@ -112,14 +118,8 @@ class MasterNodeService(pb_grpc.MasterNodeServiceServicer):
 
     @rpc(pb.StatusResponse)
     def StoreOutput(self, request: pb.StoreOutputRequest, call: Call) -> pb.StatusResponse:
-        kept = reports.store_output(
-            self.ctx.db,
-            reporter(call, attempt=request.attempt),
-            request.task_id,
-            request.output,
-            max_lines=self.ctx.settings.OUTPUT_MAX_LINES,
-        )
-        return pb.StatusResponse(success=True, message=f"{kept} line(s) stored")
+        who = reporter(call, attempt=request.attempt)
+        return store_output(self.ctx, who, request.task_id, request.output)
 
     @rpc(pb.StatusResponse)
     def StoreLogs(self, request: pb.StoreLogsRequest, call: Call) -> pb.StatusResponse:
@@ -162,14 +162,8 @@ class WorkerReports(pb_grpc.WorkerNodeServiceServicer):
 
     @rpc(pb.StatusResponse)
     def ReportOutput(self, request: pb.ReportOutputRequest, call: Call) -> pb.StatusResponse:
-        kept = reports.store_output(
-            self.ctx.db,
-            reporter(call, node_id=request.node_id, attempt=request.attempt),
-            request.task_id,
-            request.output,
-            max_lines=self.ctx.settings.OUTPUT_MAX_LINES,
-        )
-        return pb.StatusResponse(success=True, message=f"{kept} line(s) stored")
+        who = reporter(call, node_id=request.node_id, attempt=request.attempt)
+        return store_output(self.ctx, who, request.task_id, request.output)
 
     @rpc(pb.RunningStatusResponse)
     def ReportRunningStatus(self, request: pb.RunningStatusRequest, call: Call) -> pb.RunningStatusResponse:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import logging
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
@@ -15,12 +16,33 @@ from models.errors import InvalidArgument, NotFound, PermissionDenied, Refused, 
 from orchestration import economy
 from orchestration.policies.pricing import PriceList, price_per_minute
 from orchestration.policies.zips import UnsafeZip, ZipLimits, inspect_zip
-from orchestration.storage import validate_task_id
+from orchestration.storage import sha256, validate_task_id
 from pool.settings import Settings
 
 log = logging.getLogger("orchestration.uploads")
 
 NEED_BOUNDS = {"cpu_score": 10_000_000, "memory_gb": 65536, "gpu_score": 10_000_000, "gpu_memory_gb": 16384}
+BACKGROUND_HASH_BYTES = 1 << 20  # smaller zips are hashed at once: a thread hand-off would cost more
+
+
+@functools.cache
+def _hashing() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="upload-sha256")
+
+
+class ZipDigest:
+    """The sha256 of a task zip, computed on a background thread when the zip is large.
+
+    hashlib releases the GIL while it hashes, so a large zip is hashed on another core while it
+    is written to storage, instead of in a pass of its own afterwards. ``hexdigest`` waits for it.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._digest: Future[str] | str
+        self._digest = _hashing().submit(sha256, data) if len(data) >= BACKGROUND_HASH_BYTES else sha256(data)
+
+    def hexdigest(self) -> str:
+        return self._digest if isinstance(self._digest, str) else self._digest.result()
 
 
 @dataclass(frozen=True)
@@ -32,6 +54,7 @@ class UploadRequest:
     location: str
     user_id: str
     max_minutes: int = 0
+    zip_sha256: ZipDigest | None = None  # set by validate
 
 
 def prices(settings: Settings) -> PriceList:
@@ -88,6 +111,7 @@ def validate(request: UploadRequest, caller: str, settings: Settings) -> UploadR
         location=_clean(request.location, "location"),
         user_id=caller,
         max_minutes=minutes,
+        zip_sha256=ZipDigest(request.task_zip),
     )
 
 
@@ -100,7 +124,7 @@ def insert(session: Session, request: UploadRequest, caller: str, settings: Sett
     owner = find_user(session, caller)
     if owner is None:
         raise NotFound("your account no longer exists")
-    digest = hashlib.sha256(request.task_zip).hexdigest()
+    digest = request.zip_sha256.hexdigest() if request.zip_sha256 else sha256(request.task_zip)
     existing = tasks.get(session, request.task_id)
     if existing is not None:
         if existing.owner_id != owner.id:
