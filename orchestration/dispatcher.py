@@ -63,40 +63,66 @@ def execute(
     attempt: int,
 ) -> Outcome:
     """Send the task to the node of ``attempt``; whether the node accepted it, and why not."""
+    return execute_many(db, storage, signer, channels, settings, [(task_id, attempt)])[(task_id, attempt)]
+
+
+def execute_many(
+    db: Database,
+    storage: TaskStorage,
+    signer: PoolSigner,
+    channels: Channels,
+    settings: Settings,
+    attempts: list[tuple[str, int]],
+) -> dict[tuple[str, int], Outcome]:
+    """Send each (task, attempt) to its node, all calls in flight at once; each one's outcome."""
+    outcomes: dict[tuple[str, int], Outcome] = {}
+    calls: dict[tuple[str, int], grpc.Future] = {}
     with db.reading() as session:
-        task = tasks.get(session, task_id)
-        node = nodes.get(session, task.node_id) if task and task.node_id else None
-    if task is None or task.status != tasks.ASSIGNED or task.attempt != attempt or node is None:
-        return Outcome(False, "stale", stale=True)
-    problem = check_target(node.hostname, settings.NODE_ADDRESS_POLICY, resolve_host, own_addresses())
-    if problem:
-        return Outcome(False, f"node address refused: {problem}")
-    try:
-        payload = storage.task_zip(task_id).read_bytes()
-    except OSError as error:
-        return Outcome(False, f"task zip missing from storage ({error})")
-    token = signer.sign(node_id=node.node_id, task_id=task_id, attempt=attempt, action="execute")
-    request = pb.ExecuteTaskRequest(
-        node_id=node.node_id,
-        task_id=task_id,
-        task_zip=payload,
-        cpu=task.needs["cpu_score"],
-        gpu=task.needs["gpu_score"],
-        memory_gb=task.needs["memory_gb"],
-        gpu_memory_gb=task.needs["gpu_memory_gb"],
-        attempt=attempt,
-        max_minutes=task.max_minutes,
-        allow_network=False,
-    )
-    try:
-        reply = channels.stub(node.hostname, node.port).ExecuteTask(
+        found = [(key, tasks.get(session, key[0])) for key in attempts]
+        found_nodes = {t.node_id: nodes.get(session, t.node_id) for _, t in found if t and t.node_id}
+    own = own_addresses()
+    for key, task in found:
+        task_id, attempt = key
+        node = found_nodes.get(task.node_id) if task and task.node_id else None
+        if task is None or task.status != tasks.ASSIGNED or task.attempt != attempt or node is None:
+            outcomes[key] = Outcome(False, "stale", stale=True)
+            continue
+        problem = check_target(node.hostname, settings.NODE_ADDRESS_POLICY, resolve_host, own)
+        if problem:
+            outcomes[key] = Outcome(False, f"node address refused: {problem}")
+            continue
+        try:
+            payload = storage.task_zip(task_id).read_bytes()
+        except OSError as error:
+            outcomes[key] = Outcome(False, f"task zip missing from storage ({error})")
+            continue
+        token = signer.sign(node_id=node.node_id, task_id=task_id, attempt=attempt, action="execute")
+        request = pb.ExecuteTaskRequest(
+            node_id=node.node_id,
+            task_id=task_id,
+            task_zip=payload,
+            cpu=task.needs["cpu_score"],
+            gpu=task.needs["gpu_score"],
+            memory_gb=task.needs["memory_gb"],
+            gpu_memory_gb=task.needs["gpu_memory_gb"],
+            attempt=attempt,
+            max_minutes=task.max_minutes,
+            allow_network=False,
+        )
+        calls[key] = channels.stub(node.hostname, node.port).ExecuteTask.future(
             request, metadata=[("authorization", f"Bearer {token}")], timeout=settings.DISPATCH_TIMEOUT
         )
-    except grpc.RpcError as error:
-        return Outcome(False, f"node unreachable ({error.code().name})")  # type: ignore[attr-defined]
-    if not reply.success:
-        return Outcome(False, f"node refused: {said(reply.message)}")
-    return Outcome(True, said(reply.message) or "accepted")
+    for key, call in calls.items():
+        try:
+            reply = call.result()
+        except grpc.RpcError as error:
+            outcomes[key] = Outcome(False, f"node unreachable ({error.code().name})")  # type: ignore[attr-defined]
+            continue
+        if not reply.success:
+            outcomes[key] = Outcome(False, f"node refused: {said(reply.message)}")
+        else:
+            outcomes[key] = Outcome(True, said(reply.message) or "accepted")
+    return outcomes
 
 
 def stop_execution(db: Database, signer: PoolSigner, channels: Channels, settings: Settings, task_id: str) -> str:

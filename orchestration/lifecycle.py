@@ -28,8 +28,11 @@ log = logging.getLogger("orchestration.lifecycle")
 
 MATCH = "pool.scheduling.match"
 DISPATCH = "pool.dispatch.execute"
+DISPATCH_MANY = "pool.dispatch.execute_many"
 STOP = "pool.dispatch.stop"
 ARCHIVE = "pool.archival.archive"
+ARCHIVE_MANY = "pool.archival.archive_many"
+ARCHIVE_BATCH = 100
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class Lifecycle:
     ) -> None:
         self.db, self.storage, self.settings, self.jobs, self.redis = db, storage, settings, jobs, client
         self._match_flag = f"{settings.REDIS_KEY_PREFIX}:match-requested"
+        self._archive_flag = f"{settings.REDIS_KEY_PREFIX}:archive-requested"
+        self._to_archive = f"{settings.REDIS_KEY_PREFIX}:to-archive"
 
     # ------------------------------------------------------------------ enqueueing
 
@@ -62,6 +67,41 @@ class Lifecycle:
     def matching_started(self) -> None:
         with contextlib.suppress(redis.RedisError):
             self.redis.delete(self._match_flag)
+
+    def request_archival(self, task_id: str, attempt: int) -> None:
+        """Queue a reported outcome for the next archival batch (one job for many completions).
+
+        Should Redis lose the entry, the recovery sweep finds the task by its reported outcome."""
+        try:
+            self.redis.rpush(self._to_archive, f"{attempt}:{task_id}")
+            if not self.redis.set(self._archive_flag, "1", nx=True, ex=5):
+                return
+        except redis.RedisError:
+            self.jobs.send(ARCHIVE, task_id, attempt)  # the broker may still be there
+            return
+        self.jobs.send(ARCHIVE_MANY)
+
+    def archival_batch(self) -> list[tuple[str, int]]:
+        """Take up to ARCHIVE_BATCH queued outcomes; a job starting clears the flag so later ones
+        ask for another job."""
+        with contextlib.suppress(redis.RedisError):
+            self.redis.delete(self._archive_flag)
+        try:
+            taken = self.redis.lpop(self._to_archive, ARCHIVE_BATCH) or []
+        except redis.RedisError:
+            return []
+        batch: dict[tuple[str, int], None] = {}
+        for item in taken:
+            attempt, _, task_id = (item.decode() if isinstance(item, bytes) else str(item)).partition(":")
+            if attempt.isdigit() and task_id:
+                batch[(task_id, int(attempt))] = None
+        return list(batch)
+
+    def archival_pending(self) -> bool:
+        try:
+            return bool(self.redis.llen(self._to_archive))
+        except redis.RedisError:
+            return False
 
     # ------------------------------------------------------------------ users
 
@@ -158,22 +198,35 @@ class Lifecycle:
 
     def complete(self, reporter: reports.Reporter, task_id: str, success: bool, message: str) -> str:
         attempt, recorded = reports.record_completion(self.db, reporter, task_id, success, message)
-        self.jobs.send(ARCHIVE, task_id, attempt)
+        self.request_archival(task_id, attempt)
         return "recorded" if recorded else "already recorded"
 
     # ------------------------------------------------------------------ jobs
 
     def archive(self, task_id: str, attempt: int) -> str:
+        """Finish one attempt whose node reported its outcome; the task's status afterwards."""
+        return self.archive_many([(task_id, attempt)]).get((task_id, attempt), "unknown")
+
+    def archive_many(self, attempts: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+        """Archive the results of attempts whose node reported their outcome and settle them all
+        in one transaction; each one's status afterwards."""
         with self.db.reading() as session:
-            task = tasks.get(session, task_id)
-        if task is None or task.attempt != attempt or task.status not in tasks.ACTIVE or not task.reported_outcome:
-            return task.status if task else "unknown"
-        archived = self.storage.archive_result(task_id)
-        status = outcomes.finish(self.db, self.settings, task_id, attempt, archived)
-        if status in tasks.TERMINAL:
+            found = {key: tasks.get(session, key[0]) for key in attempts}
+        statuses: dict[tuple[str, int], str] = {}
+        archived: dict[tuple[str, int], tuple[str, int] | None] = {}
+        for (task_id, attempt), task in found.items():
+            if task is None or task.attempt != attempt or task.status not in tasks.ACTIVE or not task.reported_outcome:
+                statuses[(task_id, attempt)] = task.status if task else "unknown"
+            else:
+                archived[(task_id, attempt)] = self.storage.archive_result(task_id)
+        finished = outcomes.finish_many(self.db, self.settings, archived) if archived else {}
+        statuses.update(finished)
+        ended = [task_id for (task_id, _), status in finished.items() if status in tasks.TERMINAL]
+        for task_id in ended:
             self.storage.discard_task(task_id)
+        if ended:
             self.request_matching()  # capacity came back
-        return status
+        return statuses
 
     def ended_early(self, released: list[tuple[str, int]], reason: str, *, node_caused: bool) -> int:
         """Attempts whose node is gone: each to its next attempt (or FAILED). How many will retry."""
@@ -192,7 +245,8 @@ class Lifecycle:
         with self.db.reading() as session:
             due = tasks.due_pending(session, now, 1)
             assigned = tasks.in_status(session, [tasks.ASSIGNED], updated_before=stale)
-            finishing = [t for t in tasks.in_status(session, tasks.ACTIVE) if t.reported_outcome]
+            # outcomes reported a while ago and still not settled (their archival job was lost)
+            finishing = [t for t in tasks.in_status(session, tasks.ACTIVE, updated_before=stale) if t.reported_outcome]
             stopping = tasks.in_status(session, [tasks.STOPPING], updated_before=stale)
             overdue = [
                 t
@@ -204,7 +258,7 @@ class Lifecycle:
         for task in assigned:
             self.jobs.send(DISPATCH, task.task_id, task.attempt)
         for task in finishing:
-            self.jobs.send(ARCHIVE, task.task_id, task.attempt)
+            self.request_archival(task.task_id, task.attempt)
         for task in stopping:
             self.jobs.send(STOP, task.task_id)
         for task in overdue:

@@ -97,45 +97,47 @@ def requeue(db: Database, settings: Settings, task_id: str, attempt: int, reason
     return retry
 
 
-def finish(db: Database, settings: Settings, task_id: str, attempt: int, archived: tuple[str, int] | None) -> str:
-    """Apply a reported outcome: COMPLETED (node paid, credit up) or FAILED (refund). The new status."""
+def finish_in(
+    session: Session, settings: Settings, task_id: str, attempt: int, archived: tuple[str, int] | None
+) -> str:
+    """In the caller's transaction: apply a reported outcome, COMPLETED (node paid, credit up) or
+    FAILED (refund). The task's status afterwards."""
+    task = tasks.get(session, task_id)
+    if task is None or task.attempt != attempt or task.status not in tasks.ACTIVE or not task.reported_outcome:
+        return task.status if task else ""
+    now = utcnow()
+    success = task.reported_outcome == "success"
+    to = tasks.COMPLETED if success else tasks.FAILED
+    digest, size = archived or ("", 0)
+    message = "completed" if success else (task.message or "the task reported failure")
+    if not tasks.transition(
+        session,
+        task,
+        to=to,
+        expected=tasks.ACTIVE,
+        at_attempt=attempt,
+        reason=message,
+        finished_at=now,
+        result_sha256=digest,
+        result_size=size,
+        message=message,
+    ):
+        return task.status
+    if task.status == tasks.RUNNING:
+        economy.accrue(session, task, now)
+    allocation.release_task(session, task_id, to.lower())
+    if success and task.node_owner_id is not None:
+        economy.pay_node(session, task, attempt, task.node_owner_id)
+        change_credit(
+            session, task.node_owner_id, settings.CREDIT_FOR_COMPLETION, f"completed task {task_id}", settings
+        )
+    else:
+        economy.refund_pending(session, task, attempt)
+    economy.refund_escrow(session, task)
+    return to
 
-    def work(session: Session) -> str:
-        task = tasks.get(session, task_id)
-        if task is None or task.attempt != attempt or task.status not in tasks.ACTIVE or not task.reported_outcome:
-            return task.status if task else ""
-        now = utcnow()
-        success = task.reported_outcome == "success"
-        to = tasks.COMPLETED if success else tasks.FAILED
-        digest, size = archived or ("", 0)
-        message = "completed" if success else (task.message or "the task reported failure")
-        if not tasks.transition(
-            session,
-            task,
-            to=to,
-            expected=tasks.ACTIVE,
-            at_attempt=attempt,
-            reason=message,
-            finished_at=now,
-            result_sha256=digest,
-            result_size=size,
-            message=message,
-        ):
-            return task.status
-        if task.status == tasks.RUNNING:
-            economy.accrue(session, task, now)
-        allocation.release_task(session, task_id, to.lower())
-        if success and task.node_owner_id is not None:
-            economy.pay_node(session, task, attempt, task.node_owner_id)
-            change_credit(
-                session, task.node_owner_id, settings.CREDIT_FOR_COMPLETION, f"completed task {task_id}", settings
-            )
-        else:
-            economy.refund_pending(session, task, attempt)
-        economy.refund_escrow(session, task)
-        return to
 
-    status = db.transaction(work)
+def _log_finished(task_id: str, attempt: int, status: str) -> None:
     log.info(
         "task %s attempt %d finished: %s",
         task_id,
@@ -143,7 +145,35 @@ def finish(db: Database, settings: Settings, task_id: str, attempt: int, archive
         status,
         extra={"event": "task_finished", "task_id": task_id, "status": status},
     )
+
+
+def finish(db: Database, settings: Settings, task_id: str, attempt: int, archived: tuple[str, int] | None) -> str:
+    """:func:`finish_in` in a transaction of its own. The new status."""
+    status = db.transaction(lambda session: finish_in(session, settings, task_id, attempt, archived))
+    _log_finished(task_id, attempt, status)
     return status
+
+
+def finish_many(
+    db: Database, settings: Settings, archived: dict[tuple[str, int], tuple[str, int] | None]
+) -> dict[tuple[str, int], str]:
+    """:func:`finish_in` for many attempts in ONE transaction, each in a savepoint of its own: a
+    task that cannot be settled is logged and left for the recovery sweep, the others commit."""
+
+    def work(session: Session) -> dict[tuple[str, int], str]:
+        statuses: dict[tuple[str, int], str] = {}
+        for (task_id, attempt), result in archived.items():
+            try:
+                with session.begin_nested():
+                    statuses[(task_id, attempt)] = finish_in(session, settings, task_id, attempt, result)
+            except Exception:
+                log.exception("could not settle task %s attempt %d; the recovery sweep will retry", task_id, attempt)
+        return statuses
+
+    statuses = db.transaction(work)
+    for (task_id, attempt), status in statuses.items():
+        _log_finished(task_id, attempt, status)
+    return statuses
 
 
 def stop_in(session: Session, task: tasks.TaskView, reason: str) -> bool:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from models import tasks
 from models.db import Database
 from models.errors import InvalidArgument, NotFound, PermissionDenied, Refused
-from models.tables import Task
+from models.tables import Task, utcnow
 from orchestration import economy
 from orchestration.storage import validate_task_id
 
@@ -125,7 +125,11 @@ def record_completion(db: Database, reporter: Reporter, task_id: str, success: b
         result = session.execute(
             update(Task)
             .where(Task.id == task.pk, Task.attempt == task.attempt, Task.reported_outcome == "")
-            .values(reported_outcome="success" if success else "failure", message=tasks.storable(message[:500]))
+            .values(
+                reported_outcome="success" if success else "failure",
+                message=tasks.storable(message[:500]),
+                updated_at=utcnow(),  # the recovery sweep leaves fresh reports to their archival job
+            )
         )
         return task.attempt, result.rowcount == 1  # type: ignore[attr-defined]
 

@@ -67,6 +67,10 @@ class NodeCatalog:
             count += 1
         return count
 
+    def forget(self) -> None:
+        """Reload every node at the next refresh (after a rolled-back batch)."""
+        self.since = None
+
     def took(self, view: NodeView, need: Resources) -> None:
         """Reflect our own allocation at once, without waiting for the next refresh."""
         self.index.upsert(
@@ -105,80 +109,101 @@ class _Lost(Exception):
     """Another scheduler moved the task first: roll our allocation back."""
 
 
-def assign(db: Database, task: tasks.TaskView, node: NodeView, node_pk: int) -> bool:
-    """Allocate on ``node`` and move the task PENDING → ASSIGNED (next attempt), atomically."""
+def _assign_in(session: Session, task: tasks.TaskView, node: NodeView, node_pk: int) -> bool:
+    """Allocate on ``node`` and move the task PENDING → ASSIGNED (next attempt), in a savepoint of
+    the batch's transaction: a task another scheduler took first costs only its own savepoint."""
     attempt = task.attempt + 1
     need = allocation.Need(**task.needs)
-
-    def work(session: Session) -> bool:
-        if allocation.allocate(session, node_pk=node_pk, task_id=task.task_id, attempt=attempt, need=need) is None:
-            return False
-        moved = tasks.transition(
-            session,
-            task,
-            to=tasks.ASSIGNED,
-            expected={tasks.PENDING},
-            at_attempt=task.attempt,
-            reason=f"matched to {node.node_id} ({node.tier.label} tier)",
-            node_id=node.node_id,
-            attempt=attempt,
-            node_pk=node_pk,
-            pending_reason="",
-            started_at=None,
-            accrued_until=None,
-        )
-        if not moved:
-            raise _Lost
-        return True
-
     try:
-        placed = db.transaction(work)
+        with session.begin_nested():
+            if allocation.allocate(session, node_pk=node_pk, task_id=task.task_id, attempt=attempt, need=need) is None:
+                return False
+            moved = tasks.transition(
+                session,
+                task,
+                to=tasks.ASSIGNED,
+                expected={tasks.PENDING},
+                at_attempt=task.attempt,
+                reason=f"matched to {node.node_id} ({node.tier.label} tier)",
+                node_id=node.node_id,
+                attempt=attempt,
+                node_pk=node_pk,
+                pending_reason="",
+                started_at=None,
+                accrued_until=None,
+            )
+            if not moved:
+                raise _Lost
     except _Lost:
         return False
-    if placed:
-        log.info(
-            "Task %s assigned to node %s, trust level: %s",
-            task.task_id,
-            node.node_id,
-            node.tier.label,
-            extra={"event": "task_assigned", "task_id": task.task_id, "node_id": node.node_id, "attempt": attempt},
-        )
-        log.info(
-            "Node %s resource allocation: CPU-%d, Memory-%dGB",
-            node.node_id,
-            need.cpu_score,
-            need.memory_gb,
-            extra={"event": "resources_allocated", "node_id": node.node_id, "task_id": task.task_id, **need.as_dict()},
-        )
-    return placed
+    return True
+
+
+def _log_placed(task: tasks.TaskView, node: NodeView) -> None:
+    need = allocation.Need(**task.needs)
+    attempt = task.attempt + 1
+    log.info(
+        "Task %s assigned to node %s, trust level: %s",
+        task.task_id,
+        node.node_id,
+        node.tier.label,
+        extra={"event": "task_assigned", "task_id": task.task_id, "node_id": node.node_id, "attempt": attempt},
+    )
+    log.info(
+        "Node %s resource allocation: CPU-%d, Memory-%dGB",
+        node.node_id,
+        need.cpu_score,
+        need.memory_gb,
+        extra={"event": "resources_allocated", "node_id": node.node_id, "task_id": task.task_id, **need.as_dict()},
+    )
 
 
 def match_pending(
     db: Database, catalog: NodeCatalog, settings: Settings, *, rng: random.Random, now: datetime | None = None
 ) -> list[tuple[str, int]]:
-    """Place up to MATCH_BATCH due PENDING tasks; the (task_id, attempt) pairs to dispatch."""
+    """Place up to MATCH_BATCH due PENDING tasks, in one transaction; the (task_id, attempt) pairs
+    to dispatch. One commit per batch, not per task, is what lets matching keep up with a burst."""
     now = now or utcnow()
     t = thresholds(settings)
     with db.reading() as session:
         catalog.refresh(session)
         due = tasks.due_pending(session, now, settings.MATCH_BATCH)
-    placed: list[tuple[str, int]] = []
-    unexplained: list[tasks.TaskView] = []
-    for task in due:
-        for node in candidates(catalog, task, t, rng):
-            if assign(db, task, node, catalog.pks[node.node_id]):
-                catalog.took(node, needs_of(task).resources)
-                placed.append((task.task_id, task.attempt + 1))
-                break
-            with db.reading() as session:  # our view of that node was stale
-                catalog.refresh(session)
-        else:
-            unexplained.append(task)
+    if not due:
+        return []
+
+    tries = 0
+
+    def work(session: Session) -> tuple[list[tuple[tasks.TaskView, NodeView]], list[tasks.TaskView]]:
+        nonlocal tries
+        tries += 1
+        if tries > 1:  # the database asked for a retry: the index saw allocations that were rolled back
+            catalog.forget()
+            catalog.refresh(session)
+        placed: list[tuple[tasks.TaskView, NodeView]] = []
+        unplaced: list[tasks.TaskView] = []
+        for task in due:
+            for node in candidates(catalog, task, t, rng):
+                if _assign_in(session, task, node, catalog.pks[node.node_id]):
+                    catalog.took(node, needs_of(task).resources)
+                    placed.append((task, node))
+                    break
+                catalog.refresh(session)  # our view of that node was stale
+            else:
+                unplaced.append(task)
+        return placed, unplaced
+
+    try:
+        placed, unexplained = db.transaction(work)
+    except Exception:
+        catalog.forget()  # it saw allocations that were rolled back
+        raise
+    for task, node in placed:
+        _log_placed(task, node)
     for task in unexplained[:EXPLANATIONS_PER_BATCH]:
         reason = explain_pending(catalog.index.views(), needs_of(task), t) or "waiting for capacity"
         if reason != task.pending_reason:
             db.transaction(partial(_explain, pk=task.pk, reason=reason))
-    return placed
+    return [(task.task_id, task.attempt + 1) for task, _ in placed]
 
 
 def _explain(session: Session, *, pk: int, reason: str) -> None:

@@ -69,7 +69,7 @@ def test_scraped_during_a_run_the_numbers_match_the_pool(
     deadline = time.monotonic() + 15
     while True:  # job events arrive a little after the jobs end
         samples = scrape(endpoint)
-        count = value(samples, "hivemind_job_duration_seconds_count", job="pool.archival.archive", outcome="succeeded")
+        count = value(samples, "hivemind_job_duration_seconds_count", job="pool.archival.archive_many", outcome="succeeded")
         if count >= 1 or time.monotonic() > deadline:
             break
         time.sleep(0.3)
@@ -108,7 +108,7 @@ def test_scraped_during_a_run_the_numbers_match_the_pool(
     assert grew("hivemind_rpc_refusals_total", method="Login") == 1
     assert count >= 1, "the archival job's duration was recorded from the worker's events"
     job_count = "hivemind_job_duration_seconds_count"
-    assert value(samples, job_count, job="pool.dispatch.execute", outcome="succeeded") >= 1
+    assert value(samples, job_count, job="pool.dispatch.execute_many", outcome="succeeded") >= 1
     assert value(samples, job_count, job="pool.scheduling.match", outcome="succeeded") >= 1
     assert ("hivemind_queue_messages", (("queue", "dispatch"),)) in samples
 

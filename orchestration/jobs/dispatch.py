@@ -14,39 +14,57 @@ from orchestration.runtime import runtime
 log = logging.getLogger(__name__)
 
 
-def _mark_running(db: Database, task_id: str, attempt: int, reason: str) -> bool:
+def _mark_running(db: Database, accepted: dict[tuple[str, int], str]) -> None:
+    """ASSIGNED → RUNNING for every accepted (task, attempt), in one transaction."""
     from models.tables import utcnow
 
-    def work(session) -> bool:  # type: ignore[no-untyped-def]
-        task = tasks.get(session, task_id)
-        if task is None:
-            return False
-        return tasks.transition(
-            session,
-            task,
-            to=tasks.RUNNING,
-            expected={tasks.ASSIGNED},
-            at_attempt=attempt,
-            reason=reason,
-            started_at=utcnow(),
-        )
+    def work(session) -> None:  # type: ignore[no-untyped-def]
+        for (task_id, attempt), reason in accepted.items():
+            task = tasks.get(session, task_id)
+            if task is not None:
+                tasks.transition(
+                    session,
+                    task,
+                    to=tasks.RUNNING,
+                    expected={tasks.ASSIGNED},
+                    at_attempt=attempt,
+                    reason=reason,
+                    started_at=utcnow(),
+                )
 
-    return db.transaction(work)
+    if accepted:
+        db.transaction(work)
+
+
+def _dispatch(self: Task, attempts: list[tuple[str, int]]) -> dict[tuple[str, int], dispatcher.Outcome]:
+    rt = runtime(self.app)
+    results = dispatcher.execute_many(rt.db, rt.lifecycle.storage, rt.signer, rt.channels, rt.settings, attempts)
+    accepted = {key: f"accepted by node: {o.reason}" for key, o in results.items() if o.accepted}
+    _mark_running(rt.db, accepted)
+    retry = False
+    refused = {key: o for key, o in results.items() if not o.accepted and not o.stale}
+    for (task_id, attempt), outcome in refused.items():
+        retry |= outcomes.requeue(rt.db, rt.settings, task_id, attempt, outcome.reason, node_caused=True)
+        log.info("dispatch of %s attempt %d failed: %s", task_id, attempt, outcome.reason)
+    if retry:
+        rt.lifecycle.request_matching(countdown=rt.settings.DISPATCH_BACKOFF_SECONDS)
+    return results
 
 
 @shared_task(name="pool.dispatch.execute", bind=True)
 def execute(self: Task, task_id: str, attempt: int) -> str:
     """Send an ASSIGNED task to its node. Accepted → RUNNING; refused/unreachable → next attempt."""
-    rt = runtime(self.app)
-    outcome = dispatcher.execute(rt.db, rt.lifecycle.storage, rt.signer, rt.channels, rt.settings, task_id, attempt)
-    if outcome.stale:
-        return "stale"
-    if outcome.accepted:
-        _mark_running(rt.db, task_id, attempt, f"accepted by node: {outcome.reason}")
-        return "running"
-    if outcomes.requeue(rt.db, rt.settings, task_id, attempt, outcome.reason, node_caused=True):
-        rt.lifecycle.request_matching(countdown=rt.settings.DISPATCH_BACKOFF_SECONDS)
-    return f"requeued: {outcome.reason}"
+    outcome = _dispatch(self, [(task_id, attempt)])[(task_id, attempt)]
+    return "stale" if outcome.stale else "running" if outcome.accepted else f"requeued: {outcome.reason}"
+
+
+@shared_task(name="pool.dispatch.execute_many", bind=True)
+def execute_many(self: Task, attempts: list[list[object]]) -> dict[str, int]:
+    """:func:`execute` for a batch of (task_id, attempt) pairs, the calls to the nodes in flight at once."""
+    results = _dispatch(self, [(str(task_id), int(attempt)) for task_id, attempt in attempts])  # type: ignore[call-overload]
+    running = sum(o.accepted for o in results.values())
+    stale = sum(o.stale for o in results.values())
+    return {"running": running, "requeued": len(results) - running - stale, "stale": stale}
 
 
 @shared_task(name="pool.dispatch.stop", bind=True)

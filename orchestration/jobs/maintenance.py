@@ -75,6 +75,9 @@ def recover_tasks(self: Task) -> dict[str, int]:
     return runtime(self.app).lifecycle.recover()
 
 
+ACCRUAL_BATCH = 200
+
+
 @shared_task(name="pool.maintenance.accrue_rewards", bind=True)
 def accrue_rewards(self: Task) -> int:
     """Meter every running task up to now: escrow → the node's pending reward. CPT moved."""
@@ -83,11 +86,14 @@ def accrue_rewards(self: Task) -> int:
     with rt.db.reading() as session:
         running = [t.task_id for t in tasks.in_status(session, [tasks.RUNNING], limit=100_000)]
     moved = 0
-    for task_id in running:
+    for start in range(0, len(running), ACCRUAL_BATCH):  # one transaction per batch, not per task
 
-        def work(session, task_id: str = task_id) -> int:  # type: ignore[no-untyped-def]
-            task = tasks.get(session, task_id)
-            return economy.accrue(session, task, now) if task and task.status == tasks.RUNNING else 0
+        def work(session, batch: list[str] = running[start : start + ACCRUAL_BATCH]) -> int:  # type: ignore[no-untyped-def]
+            total = 0
+            for task_id in batch:
+                task = tasks.get(session, task_id)
+                total += economy.accrue(session, task, now) if task and task.status == tasks.RUNNING else 0
+            return total
 
         moved += rt.db.transaction(work)
     return moved
