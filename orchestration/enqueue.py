@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+import redis
 from celery import Celery
 
 from orchestration.app import create_celery
@@ -26,3 +28,43 @@ class JobQueue:
         """
         result = self.app.send_task(name, args=args, task_id=job_id, countdown=countdown, ignore_result=True)
         return str(result.id)
+
+
+class Coalesced:
+    """At most one job of a kind queued or running; requests meanwhile fold into one more run.
+
+    ``request`` marks work as wanted and sends the job unless one holds the flag. The job calls
+    ``started`` (the wants so far are its to serve) and ``finished``, which drops the flag and
+    sends the next job if work was wanted meanwhile. Under a burst, jobs thus take ever larger
+    batches instead of many jobs taking one item each. The flag expires after ``ttl`` seconds,
+    so a job killed mid-way delays the next by that much at most. Without Redis every request
+    sends a job: better a duplicate than none.
+    """
+
+    def __init__(self, client: redis.Redis, jobs: JobQueue, job: str, key: str, ttl: int = 10) -> None:
+        self.redis, self.jobs, self.job, self.ttl = client, jobs, job, ttl
+        self._flag, self._wanted = f"{key}:job", f"{key}:wanted"
+
+    def request(self) -> None:
+        try:
+            self.redis.set(self._wanted, "1", ex=self.ttl * 6)
+            if not self.redis.set(self._flag, "1", nx=True, ex=self.ttl):
+                return
+        except redis.RedisError:
+            pass
+        self.jobs.send(self.job)
+
+    def started(self) -> None:
+        with contextlib.suppress(redis.RedisError):
+            self.redis.delete(self._wanted)
+
+    def finished(self, *, more: bool = False) -> None:
+        try:
+            self.redis.delete(self._flag)
+            wanted = more or bool(self.redis.exists(self._wanted))
+            if not wanted or not self.redis.set(self._flag, "1", nx=True, ex=self.ttl):
+                return
+        except redis.RedisError:
+            if not more:
+                return
+        self.jobs.send(self.job)

@@ -6,7 +6,6 @@ the commit and carry ids, never payloads.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from models.db import Database
 from models.errors import NotFound, PermissionDenied, Refused
 from models.tables import utcnow
 from orchestration import outcomes, reports, uploads
-from orchestration.enqueue import JobQueue
+from orchestration.enqueue import Coalesced, JobQueue
 from orchestration.storage import TaskStorage, sha256, validate_task_id
 from pool.settings import Settings
 
@@ -49,24 +48,18 @@ class Lifecycle:
         self, db: Database, storage: TaskStorage, settings: Settings, jobs: JobQueue, client: redis.Redis
     ) -> None:
         self.db, self.storage, self.settings, self.jobs, self.redis = db, storage, settings, jobs, client
-        self._match_flag = f"{settings.REDIS_KEY_PREFIX}:match-requested"
-        self._archive_flag = f"{settings.REDIS_KEY_PREFIX}:archive-requested"
+        self.matching = Coalesced(client, jobs, MATCH, f"{settings.REDIS_KEY_PREFIX}:matching")
+        self.archival = Coalesced(client, jobs, ARCHIVE_MANY, f"{settings.REDIS_KEY_PREFIX}:archival")
         self._to_archive = f"{settings.REDIS_KEY_PREFIX}:to-archive"
 
     # ------------------------------------------------------------------ enqueueing
 
     def request_matching(self, countdown: float | None = None) -> None:
-        """Enqueue one matching job unless one is already waiting (many uploads, one job)."""
-        try:
-            if countdown is None and not self.redis.set(self._match_flag, "1", nx=True, ex=5):
-                return
-        except redis.RedisError:
-            pass  # better a duplicate job than none
-        self.jobs.send(MATCH, countdown=countdown)
-
-    def matching_started(self) -> None:
-        with contextlib.suppress(redis.RedisError):
-            self.redis.delete(self._match_flag)
+        """Ask for a matching job (many uploads, one job); ``countdown``: a separate one, later."""
+        if countdown is not None:
+            self.jobs.send(MATCH, countdown=countdown)
+        else:
+            self.matching.request()
 
     def request_archival(self, task_id: str, attempt: int) -> None:
         """Queue a reported outcome for the next archival batch (one job for many completions).
@@ -74,18 +67,13 @@ class Lifecycle:
         Should Redis lose the entry, the recovery sweep finds the task by its reported outcome."""
         try:
             self.redis.rpush(self._to_archive, f"{attempt}:{task_id}")
-            if not self.redis.set(self._archive_flag, "1", nx=True, ex=5):
-                return
         except redis.RedisError:
             self.jobs.send(ARCHIVE, task_id, attempt)  # the broker may still be there
             return
-        self.jobs.send(ARCHIVE_MANY)
+        self.archival.request()
 
     def archival_batch(self) -> list[tuple[str, int]]:
-        """Take up to ARCHIVE_BATCH queued outcomes; a job starting clears the flag so later ones
-        ask for another job."""
-        with contextlib.suppress(redis.RedisError):
-            self.redis.delete(self._archive_flag)
+        """Take up to ARCHIVE_BATCH queued outcomes."""
         try:
             taken = self.redis.lpop(self._to_archive, ARCHIVE_BATCH) or []
         except redis.RedisError:

@@ -159,8 +159,15 @@ def register_node(
     return registration
 
 
-def heartbeat(db: Database, store: HeartbeatStore, *, caller: str, node_id: str, message: str,
-              batcher: HeartbeatBatcher | None = None) -> str:
+def heartbeat(
+    db: Database,
+    store: HeartbeatStore,
+    *,
+    caller: str,
+    node_id: str,
+    message: str,
+    batcher: HeartbeatBatcher | None = None,
+) -> str:
     """Record a heartbeat from ``caller``'s node; brings an offline node back online.
 
     Nodes known to be online are batched (see HeartbeatBatcher); others take the slow path here,

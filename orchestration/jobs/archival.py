@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from celery import Task, shared_task
 
-from orchestration.lifecycle import ARCHIVE_MANY
 from orchestration.runtime import runtime
 
 
@@ -18,9 +17,11 @@ def archive(self: Task, task_id: str, attempt: int) -> str:
 def archive_many(self: Task) -> dict[str, int]:
     """Finish a batch of reported outcomes queued by TaskCompleted; how many reached each status."""
     lifecycle = runtime(self.app).lifecycle
-    statuses = lifecycle.archive_many(lifecycle.archival_batch())
-    if lifecycle.archival_pending():
-        lifecycle.jobs.send(ARCHIVE_MANY)  # more came in meanwhile
+    lifecycle.archival.started()
+    try:
+        statuses = lifecycle.archive_many(lifecycle.archival_batch())
+    finally:
+        lifecycle.archival.finished(more=lifecycle.archival_pending())
     counts: dict[str, int] = {}
     for status in statuses.values():
         counts[status] = counts.get(status, 0) + 1

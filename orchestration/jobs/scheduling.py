@@ -13,11 +13,14 @@ from orchestration.runtime import runtime
 def match(self: Task) -> int:
     """Place a batch of due PENDING tasks and enqueue their dispatch; how many were placed."""
     rt = runtime(self.app)
-    rt.lifecycle.matching_started()
-    placed = scheduler.match_pending(rt.db, rt.catalog, rt.settings, rng=rt.rng)
-    size = rt.settings.DISPATCH_BATCH
-    for start in range(0, len(placed), size):
-        rt.lifecycle.jobs.send(DISPATCH_MANY, placed[start : start + size])
-    if len(placed) >= rt.settings.MATCH_BATCH:
-        rt.lifecycle.request_matching(countdown=0)  # more may be waiting
+    matching = rt.lifecycle.matching
+    matching.started()
+    placed: list[tuple[str, int]] = []
+    try:
+        placed = scheduler.match_pending(rt.db, rt.catalog, rt.settings, rng=rt.rng)
+        size = rt.settings.DISPATCH_BATCH
+        for start in range(0, len(placed), size):
+            rt.lifecycle.jobs.send(DISPATCH_MANY, placed[start : start + size])
+    finally:
+        matching.finished(more=len(placed) >= rt.settings.MATCH_BATCH)  # a full batch: more may be waiting
     return len(placed)
