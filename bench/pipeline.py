@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import psutil
 import redis
 from sqlalchemy import create_engine, func, insert, select, text
 
@@ -209,6 +210,32 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+class CpuTimes:
+    """CPU seconds used by each process (with its children) and by this one, since the last lap."""
+
+    def __init__(self, children: dict[str, subprocess.Popen[bytes]]) -> None:
+        self.processes = {name: psutil.Process(child.pid) for name, child in children.items()}
+        self.processes["bench"] = psutil.Process()  # itself only (its children are the others)
+        self.last = self._now()
+
+    def _now(self) -> dict[str, float]:
+        totals = {}
+        for name, proc in self.processes.items():
+            total = 0.0
+            for p in [proc] if name == "bench" else [proc, *proc.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    times = p.cpu_times()
+                    total += times.user + times.system
+            totals[name] = total
+        return totals
+
+    def lap(self) -> str:
+        now = self._now()
+        spent = {name: now[name] - self.last.get(name, 0.0) for name in now}
+        self.last = now
+        return ", ".join(f"{name} {seconds:.1f}" for name, seconds in spent.items())
+
+
 @dataclass
 class Round:
     to_dispatch: float  # tasks/s
@@ -309,12 +336,14 @@ def run_backend(kind: str, *, nodes: int = 10_000, tasks: int = 5_000, rounds: i
             noop_rates, runs = [], []
             pipeline_round(target, clients, fleet, engine, min(500, tasks))  # warm-up
             noop_round(backend.redis_url, 500)
+            cpu = CpuTimes({"grpc": server, "worker": worker, "fleet": child, "noop": noop})
             for number in range(rounds):
                 noop_rates.append(noop_round(backend.redis_url, tasks))
                 runs.append(pipeline_round(target, clients, fleet, engine, tasks))
                 r = runs[-1]
                 say(f"  round {number + 1}: no-op {noop_rates[-1]:.0f}/s; pipeline {r.to_dispatch:.0f}/s to "
-                    f"ExecuteTask, {r.to_completed:.0f}/s to COMPLETED, p50 {r.p50_ms:.0f} ms, p99 {r.p99_ms:.0f} ms")
+                    f"ExecuteTask, {r.to_completed:.0f}/s to COMPLETED, p50 {r.p50_ms:.0f} ms, p99 {r.p99_ms:.0f} ms; "
+                    f"uploads {r.upload_rate:.0f}/s; CPU s: {cpu.lap()}")
             steady_rate = statistics.median(noop_rates) / 2
             steady = [pipeline_round(target, clients, fleet, engine, int(steady_rate * 10), rate=steady_rate)
                       for _ in range(rounds)]

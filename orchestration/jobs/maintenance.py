@@ -83,8 +83,15 @@ def accrue_rewards(self: Task) -> int:
     """Meter every running task up to now: escrow → the node's pending reward. CPT moved."""
     rt = runtime(self.app)
     now = utcnow()
+    # A task that reported its outcome is metered when it is settled; one that started within the
+    # last interval has earned next to nothing yet (and is metered at settlement if it ends first).
+    young = now - timedelta(seconds=rt.settings.ACCRUAL_INTERVAL_SECONDS)
     with rt.db.reading() as session:
-        running = [t.task_id for t in tasks.in_status(session, [tasks.RUNNING], limit=100_000)]
+        running = [
+            t.task_id
+            for t in tasks.in_status(session, [tasks.RUNNING], limit=100_000)
+            if not t.reported_outcome and t.started_at is not None and t.started_at <= young
+        ]
     moved = 0
     for start in range(0, len(running), ACCRUAL_BATCH):  # one transaction per batch, not per task
 
