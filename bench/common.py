@@ -62,14 +62,24 @@ class Comparison:
         return self.ours.median / self.raw.median
 
     def row(self) -> str:
-        return (f"| {self.title} | {self.ours.median:.4g} {self.ours.unit} ({self.ours.spread}) | "
-                f"{self.raw.median:.4g} {self.raw.unit} ({self.raw.spread}) | {self.ratio:.2f}× | {self.target} |")
+        return (
+            f"| {self.title} | {self.ours.median:.4g} {self.ours.unit} ({self.ours.spread}) | "
+            f"{self.raw.median:.4g} {self.raw.unit} ({self.raw.spread}) | {self.ratio:.2f}× | {self.target} |"
+        )
 
 
 def pool_env(data_dir: Path, redis_url: str, **extra: object) -> dict[str, str]:
-    env = {**os.environ, "DATA_DIR": str(data_dir), "REDIS_URL": redis_url, "JWT_SECRET_KEY": SECRET,
-           "BCRYPT_ROUNDS": "4", "REGISTRATIONS_PER_PEER_PER_MINUTE": "1000000", "GRPC_SERVER_HOST": "127.0.0.1",
-           "LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "DATA_DIR": str(data_dir),
+        "REDIS_URL": redis_url,
+        "JWT_SECRET_KEY": SECRET,
+        "BCRYPT_ROUNDS": "4",
+        "REGISTRATIONS_PER_PEER_PER_MINUTE": "1000000",
+        "GRPC_SERVER_HOST": "127.0.0.1",
+        "LOG_LEVEL": "WARNING",
+        "PYTHONUNBUFFERED": "1",
+    }
     env.update({key: str(value) for key, value in extra.items()})
     return env
 
@@ -78,8 +88,7 @@ def pool_env(data_dir: Path, redis_url: str, **extra: object) -> dict[str, str]:
 def process(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A child process in its own group, stopped (and its group killed) on exit."""
     with log.open("wb") as out:
-        child = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        child = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield child
     finally:

@@ -32,8 +32,9 @@ class Echo(pb_grpc.NodeManagerServiceServicer, pb_grpc.MasterNodeServiceServicer
 
 def main() -> None:
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.GRPC_MAX_WORKERS),
-                         options=server_options(settings))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.GRPC_MAX_WORKERS), options=server_options(settings)
+    )
     echo = Echo()
     pb_grpc.add_NodeManagerServiceServicer_to_server(echo, server)
     pb_grpc.add_MasterNodeServiceServicer_to_server(echo, server)

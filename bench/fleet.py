@@ -59,8 +59,15 @@ def main() -> None:
         if dump.is_set():
             dump.clear()
             write_json(state.with_suffix(".arrivals"), dict(fleet.arrivals))
-        write_json(state, {"online": fleet.online(), "failed": fleet.failed(), "received": len(fleet.arrivals),
-                           "completed": fleet.completed})
+        write_json(
+            state,
+            {
+                "online": fleet.online(),
+                "failed": fleet.failed(),
+                "received": len(fleet.arrivals),
+                "completed": fleet.completed,
+            },
+        )
     server.stop(grace=1).wait()
     fleet.close()
     channel.close()

@@ -29,14 +29,30 @@ def seed_nodes(db: Database, count: int) -> list[tuple[str, str]]:
     with db.engine.begin() as conn:
         conn.execute(insert(User), users)
         ids = dict(conn.execute(User.__table__.select().with_only_columns(User.username, User.id)).all())
-        conn.execute(insert(Node), [
-            {"node_id": name, "owner_id": ids[name], "hostname": "127.0.0.1", "port": 1, "cpu_cores": 4,
-             "gpu_name": "", "location": "", "docker_status": "enabled", "tier": "normal", "status": "online",
-             "running_tasks": 0, **{f"{k}_{d}": v for k in ("cap", "avail")
-                                     for d, v in (("cpu_score", 1000), ("memory_gb", 8), ("gpu_score", 0),
-                                                  ("gpu_memory_gb", 0))}}
-            for name in ids
-        ])
+        conn.execute(
+            insert(Node),
+            [
+                {
+                    "node_id": name,
+                    "owner_id": ids[name],
+                    "hostname": "127.0.0.1",
+                    "port": 1,
+                    "cpu_cores": 4,
+                    "gpu_name": "",
+                    "location": "",
+                    "docker_status": "enabled",
+                    "tier": "normal",
+                    "status": "online",
+                    "running_tasks": 0,
+                    **{
+                        f"{k}_{d}": v
+                        for k in ("cap", "avail")
+                        for d, v in (("cpu_score", 1000), ("memory_gb", 8), ("gpu_score", 0), ("gpu_memory_gb", 0))
+                    },
+                }
+                for name in ids
+            ],
+        )
     codec = TokenCodec(SECRET, 24)
     return [(name, codec.issue(name, uid)) for name, uid in ids.items()]
 
@@ -48,16 +64,20 @@ def run(redis_url: str, *, nodes: int = 10_000, rounds: int = 5, seconds: float 
     schema.upgrade(db.engine)
     fleet = seed_nodes(db, nodes)
     db.dispose()
-    requests = [(pb.ReportStatusRequest(node_id=node, status_message="Idle"), [("authorization", f"Bearer {token}")])
-                for node, token in fleet]
+    requests = [
+        (pb.ReportStatusRequest(node_id=node, status_message="Idle"), [("authorization", f"Bearer {token}")])
+        for node, token in fleet
+    ]
 
     def make(i: int) -> tuple[pb.ReportStatusRequest, list[tuple[str, str]]]:
         return requests[i % len(requests)]
 
     pool_port, echo_port = free_port(), free_port()
     env = pool_env(work, redis_url, DATABASE_URL=db_url, GRPC_SERVER_PORT=pool_port, REDIS_KEY_PREFIX="hmbench")
-    with process([sys.executable, "-m", "pool", "serve"], env, work / "pool.log") as pool, \
-         process([sys.executable, "-m", "bench.echo_server", str(echo_port)], env, work / "echo.log") as echo:
+    with (
+        process([sys.executable, "-m", "pool", "serve"], env, work / "pool.log") as pool,
+        process([sys.executable, "-m", "bench.echo_server", str(echo_port)], env, work / "echo.log") as echo,
+    ):
         wait_serving(pool_port, pool, work / "pool.log")
         wait_serving(echo_port, echo, work / "echo.log")
         rate(f"127.0.0.1:{pool_port}", METHOD, make, pb.StatusResponse, seconds=max(3.0, nodes / 4000))  # warm-up
@@ -67,5 +87,9 @@ def run(redis_url: str, *, nodes: int = 10_000, rounds: int = 5, seconds: float 
             assert errors == 0, f"{errors} heartbeats failed"
             ours.append(value)
             raw.append(rate(f"127.0.0.1:{echo_port}", METHOD, make, pb.StatusResponse, seconds=seconds)[0])
-    return Comparison(f"Heartbeats, {nodes:,} nodes (ReportStatus)", Figure("pool", "calls/s", tuple(ours)),
-                      Figure("echo", "calls/s", tuple(raw)), "≥ 0.70×")
+    return Comparison(
+        f"Heartbeats, {nodes:,} nodes (ReportStatus)",
+        Figure("pool", "calls/s", tuple(ours)),
+        Figure("echo", "calls/s", tuple(raw)),
+        "≥ 0.70×",
+    )

@@ -10,11 +10,18 @@ from typing import Any
 import grpc
 
 
-async def _run(target: str, method: str, make: Callable[[int], tuple[Any, list[tuple[str, str]]]],
-               response_type: Any, concurrency: int, seconds: float) -> tuple[int, int]:
+async def _run(
+    target: str,
+    method: str,
+    make: Callable[[int], tuple[Any, list[tuple[str, str]]]],
+    response_type: Any,
+    concurrency: int,
+    seconds: float,
+) -> tuple[int, int]:
     async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(method, request_serializer=lambda m: m.SerializeToString(),
-                                   response_deserializer=response_type.FromString)
+        call = channel.unary_unary(
+            method, request_serializer=lambda m: m.SerializeToString(), response_deserializer=response_type.FromString
+        )
         done = errors = 0
         stop = time.monotonic() + seconds
 
@@ -34,8 +41,15 @@ async def _run(target: str, method: str, make: Callable[[int], tuple[Any, list[t
         return done, errors
 
 
-def rate(target: str, method: str, make: Callable[[int], tuple[Any, list[tuple[str, str]]]], response_type: Any,
-         *, concurrency: int = 64, seconds: float = 5.0) -> tuple[float, int]:
+def rate(
+    target: str,
+    method: str,
+    make: Callable[[int], tuple[Any, list[tuple[str, str]]]],
+    response_type: Any,
+    *,
+    concurrency: int = 64,
+    seconds: float = 5.0,
+) -> tuple[float, int]:
     """(successful calls per second, errors) of a closed loop against ``target``."""
     started = time.monotonic()
     done, errors = asyncio.run(_run(target, method, make, response_type, concurrency, seconds))

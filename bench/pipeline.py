@@ -82,8 +82,9 @@ def postgres(work: Path) -> Iterator[Backend]:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     redis.Redis.from_url(PG_REDIS).flushdb()
     try:
-        yield Backend("PostgreSQL + Redis", admin.url.set(database=name).render_as_string(hide_password=False),
-                      PG_REDIS)
+        yield Backend(
+            "PostgreSQL + Redis", admin.url.set(database=name).render_as_string(hide_password=False), PG_REDIS
+        )
     finally:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -100,8 +101,10 @@ def seed_accounts(database_url: str, prefix: str, count: int) -> dict[str, str]:
     with db.engine.begin() as conn:
         conn.execute(insert(User), [{"username": n, "password_hash": "!", "credit_score": 50} for n in names])
         ids = dict(conn.execute(select(User.username, User.id).where(User.username.like(f"{prefix}%"))).all())
-        conn.execute(insert(Account), [{"key": ledger.balance_key(uid), "kind": "balance", "user_id": uid, "balance": 0}
-                                       for uid in ids.values()])
+        conn.execute(
+            insert(Account),
+            [{"key": ledger.balance_key(uid), "kind": "balance", "user_id": uid, "balance": 0} for uid in ids.values()],
+        )
     db.dispose()
     codec = TokenCodec(SECRET, 24)
     return {name: codec.issue(name, ids[name]) for name in names}
@@ -160,8 +163,9 @@ class Fleet:
         raise RuntimeError("the fleet did not write its arrivals")
 
 
-async def _upload(target: str, tokens: list[str], task_ids: list[str], payload: bytes,
-                  rate: float | None) -> dict[str, float]:
+async def _upload(
+    target: str, tokens: list[str], task_ids: list[str], payload: bytes, rate: float | None
+) -> dict[str, float]:
     """Upload ``task_ids`` from len(tokens) clients, each on its own channel; closed loop with a
     few calls in flight per client, or open loop at ``rate`` per second. When each was accepted."""
     accepted: dict[str, float] = {}
@@ -180,8 +184,9 @@ async def _upload(target: str, tokens: list[str], task_ids: list[str], payload: 
                     i, task_id = queue.get_nowait()
                     if rate:
                         await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
-                    request = pb.UploadTaskRequest(task_id=task_id, task_zip=payload, cpu_score=100, memory_gb=1,
-                                                   location="Any", gpu_name="Any")
+                    request = pb.UploadTaskRequest(
+                        task_id=task_id, task_zip=payload, cpu_score=100, memory_gb=1, location="Any", gpu_name="Any"
+                    )
                     reply = await stub.UploadTask(request, metadata=metadata, timeout=60)
                     if not reply.success:
                         raise RuntimeError(f"upload refused: {reply.message}")
@@ -245,8 +250,9 @@ class Round:
     upload_rate: float
 
 
-def pipeline_round(target: str, tokens: list[str], fleet: Fleet, engine: object, tasks: int,
-                   rate: float | None = None) -> Round:
+def pipeline_round(
+    target: str, tokens: list[str], fleet: Fleet, engine: object, tasks: int, rate: float | None = None
+) -> Round:
     prefix = f"b{uuid.uuid4().hex[:8]}-"
     ids = [f"{prefix}{i:05d}" for i in range(tasks)]
     before = fleet.read().get("received", 0)
@@ -258,8 +264,13 @@ def pipeline_round(target: str, tokens: list[str], fleet: Fleet, engine: object,
     first = min(accepted.values())
     last_arrival = max(arrivals[i] for i in ids)
     latencies = [(arrivals[i] - accepted[i]) * 1000 for i in ids]
-    return Round(tasks / (last_arrival - first), tasks / (done - first), percentile(latencies, 0.5),
-                 percentile(latencies, 0.99), tasks / (uploaded - first))
+    return Round(
+        tasks / (last_arrival - first),
+        tasks / (done - first),
+        percentile(latencies, 0.5),
+        percentile(latencies, 0.99),
+        tasks / (uploaded - first),
+    )
 
 
 def noop_round(redis_url: str, jobs: int) -> float:
@@ -276,8 +287,11 @@ def noop_round(redis_url: str, jobs: int) -> float:
 
 
 def worker_argv(app: str, queues: str, name: str) -> list[str]:
-    argv = next(c.argv for c in children(Settings(_env_file=None), flower=False, flower_port=0, concurrency=2)  # type: ignore[call-arg]
-                if c.name == "worker")
+    argv = next(
+        c.argv
+        for c in children(Settings(_env_file=None), flower=False, flower_port=0, concurrency=2)  # type: ignore[call-arg]
+        if c.name == "worker"
+    )
     argv = [sys.executable if a == argv[0] else a for a in argv]
     argv[argv.index("-A") + 1] = app
     argv[argv.index("-Q") + 1] = queues
@@ -297,43 +311,74 @@ class Result:
     steady_rate: float
     upload_rate: Figure
     registration_s: float
+    cpu: list[str]
 
 
-def run_backend(kind: str, *, nodes: int = 10_000, tasks: int = 5_000, rounds: int = 3,
-                progress: object = print) -> Result:
+def run_backend(
+    kind: str, *, nodes: int = 10_000, tasks: int = 5_000, rounds: int = 3, progress: object = print
+) -> Result:
     say = progress if callable(progress) else print
     work = Path(tempfile.mkdtemp(prefix="hm-bench-pipeline-"))
     with (embedded if kind == "embedded" else postgres)(work) as backend:
         tokens = seed_accounts(backend.database_url, "bn", nodes)
         (work / "tokens.json").write_text(json.dumps(tokens))
         port = free_port()
-        env = pool_env(work, backend.redis_url, DATABASE_URL=backend.database_url, GRPC_SERVER_PORT=port,
-                       INITIAL_BALANCE=10**12, METRICS_PORT=free_port(), MAX_NODES_PER_OWNER=1,
-                       REGISTRATIONS_PER_PEER_PER_MINUTE=10**6, LOG_LEVEL="INFO")
+        env = pool_env(
+            work,
+            backend.redis_url,
+            DATABASE_URL=backend.database_url,
+            GRPC_SERVER_PORT=port,
+            INITIAL_BALANCE=10**12,
+            METRICS_PORT=free_port(),
+            MAX_NODES_PER_OWNER=1,
+            REGISTRATIONS_PER_PEER_PER_MINUTE=10**6,
+            LOG_LEVEL="INFO",
+        )
         noop_env = {**env, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
         target = f"127.0.0.1:{port}"
         with contextlib.ExitStack() as stack:
-            pool_children = {c.name: c for c in children(Settings(_env_file=None, DATA_DIR=work),  # type: ignore[call-arg]
-                                                         flower=False, flower_port=0, concurrency=2)}
+            pool_children = {
+                c.name: c
+                for c in children(
+                    Settings(_env_file=None, DATA_DIR=work),  # type: ignore[call-arg]
+                    flower=False,
+                    flower_port=0,
+                    concurrency=2,
+                )
+            }
             server = stack.enter_context(process(pool_children["grpc"].argv, env, work / "grpc.log"))
             wait_serving(port, server, work / "grpc.log")
             worker = stack.enter_context(process(pool_children["worker"].argv, env, work / "worker.log"))
             stack.enter_context(process(pool_children["beat"].argv, env, work / "beat.log"))
-            noop = stack.enter_context(process(worker_argv("bench.noop_app", NOOP_QUEUE, "bench-noop@%h"),
-                                               noop_env, work / "noop.log"))
+            noop = stack.enter_context(
+                process(worker_argv("bench.noop_app", NOOP_QUEUE, "bench-noop@%h"), noop_env, work / "noop.log")
+            )
             wait_log(work / "worker.log", r" ready\.", worker)
             wait_log(work / "noop.log", r" ready\.", noop)
             clients = submitters(target, CLIENTS)
             began = time.monotonic()
-            child = stack.enter_context(process(
-                [sys.executable, "-m", "bench.fleet", target, str(nodes), "bn", str(work / "tokens.json"),
-                 str(work / "fleet.json")], noop_env, work / "fleet.log"))
+            child = stack.enter_context(
+                process(
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.fleet",
+                        target,
+                        str(nodes),
+                        "bn",
+                        str(work / "tokens.json"),
+                        str(work / "fleet.json"),
+                    ],
+                    noop_env,
+                    work / "fleet.log",
+                )
+            )
             fleet = Fleet(child, work / "fleet.json")
             fleet.wait("online", nodes, timeout=900)
             registration = time.monotonic() - began
             say(f"  {backend.name}: {nodes:,} nodes registered and heartbeating in {registration:.0f} s")
             engine = create_engine(backend.database_url)
-            noop_rates, runs = [], []
+            noop_rates, runs, cpu_laps = [], [], []
             pipeline_round(target, clients, fleet, engine, min(500, tasks))  # warm-up
             noop_round(backend.redis_url, 500)
             cpu = CpuTimes({"grpc": server, "worker": worker, "fleet": child, "noop": noop})
@@ -341,21 +386,34 @@ def run_backend(kind: str, *, nodes: int = 10_000, tasks: int = 5_000, rounds: i
                 noop_rates.append(noop_round(backend.redis_url, tasks))
                 runs.append(pipeline_round(target, clients, fleet, engine, tasks))
                 r = runs[-1]
-                say(f"  round {number + 1}: no-op {noop_rates[-1]:.0f}/s; pipeline {r.to_dispatch:.0f}/s to "
+                cpu_laps.append(cpu.lap())
+                say(
+                    f"  round {number + 1}: no-op {noop_rates[-1]:.0f}/s; pipeline {r.to_dispatch:.0f}/s to "
                     f"ExecuteTask, {r.to_completed:.0f}/s to COMPLETED, p50 {r.p50_ms:.0f} ms, p99 {r.p99_ms:.0f} ms; "
-                    f"uploads {r.upload_rate:.0f}/s; CPU s: {cpu.lap()}")
+                    f"uploads {r.upload_rate:.0f}/s; CPU s: {cpu_laps[-1]}"
+                )
             steady_rate = statistics.median(noop_rates) / 2
-            steady = [pipeline_round(target, clients, fleet, engine, int(steady_rate * 10), rate=steady_rate)
-                      for _ in range(rounds)]
+            steady = [
+                pipeline_round(target, clients, fleet, engine, int(steady_rate * 10), rate=steady_rate)
+                for _ in range(rounds)
+            ]
             say(f"  steady {steady_rate:.0f}/s offered: p99 " + ", ".join(f"{s.p99_ms:.0f} ms" for s in steady))
             engine.dispose()
     raw = Figure("celery no-op", "jobs/s", tuple(noop_rates))
     return Result(
         backend=backend.name,
-        throughput=Comparison(f"Pipeline to ExecuteTask, {backend.name}",
-                              Figure("pool", "tasks/s", tuple(r.to_dispatch for r in runs)), raw, "≥ 0.70×"),
-        completed=Comparison(f"Pipeline to COMPLETED, {backend.name}",
-                             Figure("pool", "tasks/s", tuple(r.to_completed for r in runs)), raw, "(reported)"),
+        throughput=Comparison(
+            f"Pipeline to ExecuteTask, {backend.name}",
+            Figure("pool", "tasks/s", tuple(r.to_dispatch for r in runs)),
+            raw,
+            "≥ 0.70×",
+        ),
+        completed=Comparison(
+            f"Pipeline to COMPLETED, {backend.name}",
+            Figure("pool", "tasks/s", tuple(r.to_completed for r in runs)),
+            raw,
+            "(reported)",
+        ),
         p50_ms=Figure("p50", "ms", tuple(r.p50_ms for r in runs)),
         p99_ms=Figure("p99", "ms", tuple(r.p99_ms for r in runs)),
         steady_p50_ms=Figure("steady p50", "ms", tuple(s.p50_ms for s in steady)),
@@ -363,6 +421,7 @@ def run_backend(kind: str, *, nodes: int = 10_000, tasks: int = 5_000, rounds: i
         steady_rate=steady_rate,
         upload_rate=Figure("uploads", "tasks/s", tuple(r.upload_rate for r in runs)),
         registration_s=registration,
+        cpu=cpu_laps,
     )
 
 
@@ -389,6 +448,8 @@ if __name__ == "__main__":
         result = run_backend(kind, nodes=nodes, tasks=tasks, rounds=int(os.environ.get("BENCH_ROUNDS", "3")))
         print(result.throughput.row())
         print(result.completed.row())
-        print(f"p50 {result.p50_ms.median:.0f} ms p99 {result.p99_ms.median:.0f} ms; "
-              f"steady {result.steady_rate:.0f}/s: p50 {result.steady_p50_ms.median:.0f} ms "
-              f"p99 {result.steady_p99_ms.median:.0f} ms")
+        print(
+            f"p50 {result.p50_ms.median:.0f} ms p99 {result.p99_ms.median:.0f} ms; "
+            f"steady {result.steady_rate:.0f}/s: p50 {result.steady_p50_ms.median:.0f} ms "
+            f"p99 {result.steady_p99_ms.median:.0f} ms"
+        )

@@ -1,0 +1,7 @@
+bench:
+	scripts/bench
+
+test:
+	scripts/test
+
+.PHONY: bench test

@@ -1,0 +1,172 @@
+"""Run the benchmarks, print the table and write BENCHMARKS.md: ``scripts/bench`` (or ``make bench``).
+
+``scripts/bench [matching heartbeats upload pipeline] [--quick]``: the named benchmarks (all by
+default); ``--quick`` runs each at a tenth of its size, for a try-out (the report says so).
+Every figure is a median over rounds with its spread, next to its raw baseline measured in
+the same run, interleaved with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import statistics
+import tempfile
+from pathlib import Path
+
+from bench import bench_matching, heartbeats, pipeline, upload
+from bench.common import REPO, Comparison, Figure, machine
+from pool.embedded_redis import EmbeddedRedis
+
+ALL = ("matching", "heartbeats", "upload", "pipeline")
+NOTES = Path(__file__).with_name("notes.md")
+
+
+def verdict(comparison: Comparison, limit: float) -> str:
+    ratio = comparison.ratio
+    met = ratio >= limit if comparison.higher_is_better else ratio <= limit
+    return "met" if met else "**not met**"
+
+
+def matching(rounds: int, sizes: list[int]) -> list[str]:
+    """µs per decision (index) and per scan at each size, over ``rounds`` random fleets."""
+    found: dict[tuple[int, str], list[tuple[float, float]]] = {}
+    for number in range(rounds):
+        for size in sizes:
+            for case, value in bench_matching.bench_fleet(size, seed=7 + number).items():
+                found.setdefault((size, case), []).append(value)
+    lines = [
+        "| nodes | task | index µs/decision | scan µs/decision (raw) | index / scan | target |",
+        "|---:|---|---|---|---:|---|",
+    ]
+    for (size, case), values in found.items():
+        ours = Figure("index", "µs", tuple(v[0] for v in values))
+        raw = Figure("scan", "µs", tuple(v[1] for v in values))
+        target = "≤ 1,000 µs" if size == max(sizes) else ""
+        mark = "" if not target else (" (met)" if ours.median <= 1000 else " (**not met**)")
+        lines.append(
+            f"| {size:,} | {case} | {ours.median:.1f} ({ours.spread}) | {raw.median:.0f} ({raw.spread}) | "
+            f"{ours.median / raw.median:.4f} | {target}{mark} |"
+        )
+    lines += ["", "Growth of the index's cost with ten times the nodes (target ≤ 2×):", ""]
+    for case in bench_matching.CASES:
+        steps = []
+        for small, big in itertools.pairwise(sizes):
+            growth = statistics.median(v[0] for v in found[(big, case)]) / statistics.median(
+                v[0] for v in found[(small, case)]
+            )
+            steps.append(f"{small:,} → {big:,}: {growth:.2f}×{'' if growth <= 2 else ' (**not met**)'}")
+        lines.append(f"- {case}: {'; '.join(steps)}")
+    return lines
+
+
+def comparison_table(comparisons: list[tuple[Comparison, float | None]]) -> list[str]:
+    lines = [
+        "| benchmark | pool: median (spread) | raw baseline: median (spread) | ratio | target | |",
+        "|---|---|---|---:|---|---|",
+    ]
+    for comparison, limit in comparisons:
+        lines.append(comparison.row() + (f" {verdict(comparison, limit)} |" if limit is not None else " |"))
+    return lines
+
+
+def pipeline_lines(results: list[pipeline.Result]) -> list[str]:
+    lines = [
+        "| backend | upload→ExecuteTask p50 / p99 (burst) | steady load | p50 / p99 at steady load "
+        "(target p99 < 100 ms) | uploads accepted | 10,000 nodes online after |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        met = "met" if r.steady_p99_ms.median < 100 else "**not met**"
+        lines.append(
+            f"| {r.backend} | {r.p50_ms.median:.0f} / {r.p99_ms.median:.0f} ms | {r.steady_rate:.0f} tasks/s offered | "
+            f"{r.steady_p50_ms.median:.0f} / {r.steady_p99_ms.median:.0f} ms ({r.steady_p99_ms.spread}) {met} | "
+            f"{r.upload_rate.median:.0f} tasks/s ({r.upload_rate.spread}) | {r.registration_s:.0f} s |"
+        )
+    lines += [
+        "",
+        "CPU seconds per process in each burst round (the pool's server and worker, the fleet, the "
+        "baseline's no-op worker, the benchmark's clients):",
+        "",
+    ]
+    for r in results:
+        lines += [f"- {r.backend}: " + "; ".join(f"round {i + 1}: {cpu}" for i, cpu in enumerate(r.cpu))]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("names", nargs="*", help=f"some of: {', '.join(ALL)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="a tenth of the sizes, for a try-out")
+    parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
+    args = parser.parse_args()
+    names = args.names or list(ALL)
+    unknown = set(names) - set(ALL)
+    if unknown:
+        parser.error(f"no benchmark named {', '.join(sorted(unknown))}; choose from {', '.join(ALL)}")
+    scale = 10 if args.quick else 1
+    started = datetime.datetime.now(datetime.UTC)
+    sections: list[str] = []
+    comparisons: list[tuple[Comparison, float | None]] = []
+    work = Path(tempfile.mkdtemp(prefix="hm-bench-"))
+
+    if "matching" in names:
+        print("matching: µs per decision, index against a linear scan", flush=True)
+        sizes = [1_000, 10_000, 100_000] if not args.quick else [1_000, 10_000]
+        sections += ["## Matching (pure policy and index)", "", *matching(3 if not args.quick else 1, sizes), ""]
+    if "heartbeats" in names or "upload" in names:
+        with EmbeddedRedis(work / "redis") as redis_server:
+            if "heartbeats" in names:
+                print("heartbeats: ReportStatus calls/s against a bare grpcio echo server", flush=True)
+                found = heartbeats.run(redis_server.url, nodes=10_000 // scale, rounds=5)
+                comparisons.append((found, 0.7))
+                print(found.row(), flush=True)
+            if "upload" in names:
+                print("upload: a 100 MiB task zip against a bare grpcio server", flush=True)
+                seconds, memory = upload.run(redis_server.url, rounds=5)
+                payload = upload.PAYLOAD / 2**20
+                comparisons += [(seconds, 1.5), (memory, None)]
+                print(seconds.row(), memory.row(), sep="\n", flush=True)
+                sections += [
+                    "## Upload",
+                    "",
+                    f"Peak RSS growth of the pool's server: {memory.ours.median:.0f} MiB for a {payload:.0f} MiB zip, "
+                    f"{memory.ours.median / payload:.2f}× the payload (target ≤ 2×: "
+                    f"{'met' if memory.ours.median <= 2 * payload else '**not met**'}); the bare server receiving "
+                    f"the same message grows by {memory.raw.median:.0f} MiB ({memory.raw.median / payload:.2f}×).",
+                    "",
+                ]
+    if "pipeline" in names:
+        results = []
+        for kind in ("embedded", "postgres"):
+            print(f"pipeline on {kind}", flush=True)
+            result = pipeline.run_backend(kind, nodes=10_000 // scale, tasks=5_000 // scale, rounds=3)
+            results.append(result)
+            comparisons += [(result.throughput, 0.7), (result.completed, None)]
+            print(result.throughput.row(), result.completed.row(), sep="\n", flush=True)
+        sections += ["## Pipeline", "", *pipeline_lines(results), ""]
+
+    report = [
+        "# Benchmarks",
+        "",
+        f"Written by `scripts/bench` on {started:%Y-%m-%d %H:%M} UTC"
+        + (" — **quick run, a tenth of the sizes: not the figures the targets speak of**" if args.quick else "")
+        + ". Every figure is a median over rounds (spread: lowest–highest) next to its raw baseline,",
+        "measured in the same run and interleaved with it; ratios are pool / baseline.",
+        "",
+        "Machine: " + "; ".join(f"{k} {v}" for k, v in machine().items()) + ".",
+        "",
+        *comparison_table(comparisons),
+        "",
+        *sections,
+    ]
+    if NOTES.is_file():
+        report += [NOTES.read_text().strip(), ""]
+    args.output.write_text("\n".join(report) + "\n")
+    print("\n".join(comparison_table(comparisons)))
+    print(f"written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
