@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
+import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -107,6 +108,7 @@ def main() -> None:
         parser.error(f"no benchmark named {', '.join(sorted(unknown))}; choose from {', '.join(ALL)}")
     scale = 10 if args.quick else 1
     started = datetime.datetime.now(datetime.UTC)
+    load_before = os.getloadavg()[0]
     sections: list[str] = []
     comparisons: list[tuple[Comparison, float | None]] = []
     work = Path(tempfile.mkdtemp(prefix="hm-bench-"))
@@ -141,12 +143,13 @@ def main() -> None:
         results = []
         for kind in ("embedded", "postgres"):
             print(f"pipeline on {kind}", flush=True)
-            result = pipeline.run_backend(kind, nodes=10_000 // scale, tasks=5_000 // scale, rounds=3)
+            result = pipeline.run_backend(kind, nodes=10_000 // scale, tasks=5_000 // scale, rounds=2)
             results.append(result)
             comparisons += [(result.throughput, 0.7), (result.completed, None)]
             print(result.throughput.row(), result.completed.row(), sep="\n", flush=True)
         sections += ["## Pipeline", "", *pipeline_lines(results), ""]
 
+    minutes = (datetime.datetime.now(datetime.UTC) - started).total_seconds() / 60
     report = [
         "# Benchmarks",
         "",
@@ -155,7 +158,10 @@ def main() -> None:
         + ". Every figure is a median over rounds (spread: lowest–highest) next to its raw baseline,",
         "measured in the same run and interleaved with it; ratios are pool / baseline.",
         "",
-        "Machine: " + "; ".join(f"{k} {v}" for k, v in machine().items()) + ".",
+        "Machine: "
+        + "; ".join(f"{k} {v}" for k, v in machine().items())
+        + f"; load average (1 min) {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end"
+        + f" (the benchmarks' own processes included). The run took {minutes:.0f} min.",
         "",
         *comparison_table(comparisons),
         "",

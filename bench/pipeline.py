@@ -55,6 +55,7 @@ PG_REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/9")
 CLIENTS = 8
 IN_FLIGHT_PER_CLIENT = 4
 NOOP_QUEUE = "bench-noop"
+STEADY_SECONDS = 6  # of offered load per steady round
 
 
 @dataclass
@@ -394,7 +395,7 @@ def run_backend(
                 )
             steady_rate = statistics.median(noop_rates) / 2
             steady = [
-                pipeline_round(target, clients, fleet, engine, int(steady_rate * 10), rate=steady_rate)
+                pipeline_round(target, clients, fleet, engine, int(steady_rate * STEADY_SECONDS), rate=steady_rate)
                 for _ in range(rounds)
             ]
             say(f"  steady {steady_rate:.0f}/s offered: p99 " + ", ".join(f"{s.p99_ms:.0f} ms" for s in steady))
