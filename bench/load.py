@@ -17,6 +17,7 @@ async def _run(
     response_type: Any,
     concurrency: int,
     seconds: float,
+    limit: int | None = None,
 ) -> tuple[int, int]:
     async with grpc.aio.insecure_channel(target) as channel:
         call = channel.unary_unary(
@@ -28,7 +29,7 @@ async def _run(
         async def worker(offset: int) -> None:
             nonlocal done, errors
             i = offset
-            while time.monotonic() < stop:
+            while time.monotonic() < stop and (limit is None or i < limit):
                 request, metadata = make(i)
                 try:
                     await call(request, metadata=metadata, timeout=10)
@@ -49,8 +50,10 @@ def rate(
     *,
     concurrency: int = 64,
     seconds: float = 5.0,
+    limit: int | None = None,
 ) -> tuple[float, int]:
-    """(successful calls per second, errors) of a closed loop against ``target``."""
+    """(successful calls per second, errors) of a closed loop against ``target``, for ``seconds``
+    or until the calls numbered 0 … ``limit`` - 1 were made."""
     started = time.monotonic()
-    done, errors = asyncio.run(_run(target, method, make, response_type, concurrency, seconds))
+    done, errors = asyncio.run(_run(target, method, make, response_type, concurrency, seconds, limit))
     return done / (time.monotonic() - started), errors
