@@ -404,13 +404,13 @@ def run_backend(
     return Result(
         backend=backend.name,
         throughput=Comparison(
-            f"Pipeline to ExecuteTask, {backend.name}",
+            f"Pipeline to ExecuteTask, {nodes:,} nodes, {backend.name}",
             Figure("pool", "tasks/s", tuple(r.to_dispatch for r in runs)),
             raw,
             "≥ 0.70×",
         ),
         completed=Comparison(
-            f"Pipeline to COMPLETED, {backend.name}",
+            f"Pipeline to COMPLETED, {nodes:,} nodes, {backend.name}",
             Figure("pool", "tasks/s", tuple(r.to_completed for r in runs)),
             raw,
             "(reported)",
