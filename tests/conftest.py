@@ -8,16 +8,18 @@ except in CI (CI=true), where its absence fails the run.
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 import sqlalchemy as sa
 
 from models import schema
-from tests.harness import PoolHarness, celery_worker_process
+from tests.harness import CeleryWorker, PoolHarness, celery_worker_process
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 TEST_REDIS_DB = 13
@@ -121,19 +123,47 @@ def sqlite_pool(make_pool: Callable[..., PoolHarness], sqlite_url: str) -> PoolH
     return make_pool(database_url=sqlite_url)
 
 
-@pytest.fixture
-def celery_worker_for() -> Iterator[Callable[[PoolHarness], object]]:
-    """Start a real ``celery -A orchestration worker`` subprocess for a pool's settings."""
-    workers = []
+@pytest.fixture(scope="session")
+def in_background() -> Iterator[Callable[[Callable[[], object]], None]]:
+    """Run a slow shutdown (waiting for a process that was already told to stop) in a thread, so the
+    next test need not wait for it; every one has finished before the session ends."""
+    running: list[threading.Thread] = []
 
-    def start(harness: PoolHarness, **kwargs: object) -> object:
-        worker = celery_worker_process(harness, **kwargs)  # type: ignore[arg-type]
+    def run(shutdown: Callable[[], object]) -> None:
+        thread = threading.Thread(target=shutdown, daemon=True)
+        thread.start()
+        running.append(thread)
+
+    yield run
+    for thread in running:
+        thread.join()
+
+
+@pytest.fixture
+def celery_worker_for(
+    in_background: Callable[[Callable[[], object]], None],
+) -> Iterator[Callable[..., CeleryWorker]]:
+    """Start a real ``celery -A orchestration worker`` subprocess for a pool's settings.
+
+    ``wait_ready=False`` returns before the worker is up (jobs wait for it in Redis). A worker that
+    never came up fails the test at teardown, with its log. Afterwards each worker is told to stop
+    (SIGTERM) and its warm shutdown, seconds of Celery's pool threads sleeping, finishes in the
+    background.
+    """
+    workers: list[CeleryWorker] = []
+
+    def start(harness: PoolHarness, **kwargs: Any) -> CeleryWorker:
+        worker = celery_worker_process(harness, **kwargs)
         workers.append(worker)
         return worker
 
     yield start
+    never_up = [worker for worker in workers if worker.process.poll() is not None and not worker.ready()]
     for worker in workers:
-        worker.stop()
+        worker.request_stop()
+        in_background(worker.stop)
+    if never_up:
+        pytest.fail(f"celery worker exited before it was ready:\n{never_up[0].log()}")
 
 
 @pytest.fixture
@@ -152,7 +182,7 @@ def fast_pool(make_pool: Callable[..., PoolHarness], database_url: str, celery_w
     from tests.tasks_support import FAST
 
     pool = make_pool(database_url=database_url, **FAST)
-    celery_worker_for(pool)
+    celery_worker_for(pool, wait_ready=False)
     return pool
 
 

@@ -107,9 +107,16 @@ class PoolHarness:
 
 
 class CeleryWorker:
-    """A real ``celery -A orchestration worker`` process for one pool's settings."""
+    """A real ``celery -A orchestration worker`` process for one pool's settings.
 
-    def __init__(self, harness: PoolHarness, *, queues: str, concurrency: int, name: str) -> None:
+    With ``wait_ready=False`` the constructor returns as soon as the process is spawned: jobs sent
+    meanwhile wait in Redis until the worker is up, so a test can do its own setup in the seconds
+    Celery takes to start. ``wait_ready()`` waits for it explicitly.
+    """
+
+    def __init__(
+        self, harness: PoolHarness, *, queues: str, concurrency: int, name: str, wait_ready: bool = True
+    ) -> None:
         self.name = name
         self.log_path = Path(harness.settings.DATA_DIR) / f"{name}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,17 +142,22 @@ class CeleryWorker:
         self.process = subprocess.Popen(
             argv, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        self._wait_ready(timeout=60)
+        if wait_ready:
+            self.wait_ready()
 
-    def _wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Wait until the worker consumes its queues; RuntimeError with its log if it exits or hangs."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.ready():
+                return
             if self.process.poll() is not None:
                 raise RuntimeError(f"celery worker exited early:\n{self.log()}")
-            if " ready." in self.log():
-                return
-            time.sleep(0.1)
+            time.sleep(0.05)
         raise RuntimeError(f"celery worker not ready after {timeout}s:\n{self.log()}")
+
+    def ready(self) -> bool:
+        return " ready." in self.log()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -155,14 +167,20 @@ class CeleryWorker:
         os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=10)
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
+        """Ask for a warm shutdown (SIGTERM) without waiting for it: Celery's pool threads take
+        seconds of sleeping to wind down. ``stop()`` waits."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        """Warm shutdown, and wait for it; SIGKILL after 15 s."""
+        self.request_stop()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
         self._log.close()
 
 
@@ -172,5 +190,8 @@ def celery_worker_process(
     queues: str = "scheduling,dispatch,maintenance,archival",
     concurrency: int = 2,
     name: str | None = None,
+    wait_ready: bool = True,
 ) -> CeleryWorker:
-    return CeleryWorker(harness, queues=queues, concurrency=concurrency, name=name or unique_name("worker"))
+    return CeleryWorker(
+        harness, queues=queues, concurrency=concurrency, name=name or unique_name("worker"), wait_ready=wait_ready
+    )

@@ -17,8 +17,9 @@ import pytest
 
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
-from tests.agent_fixtures import make_zip, signed, work_dir
+from tests.agent_fixtures import make_zip, work_dir
 from tests.harness import REPO, PoolHarness, bearer, unique_name
+from tests.recording_pool import signed
 
 __all__ = ["work_dir"]  # the fixture, used by name
 

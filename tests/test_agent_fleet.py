@@ -21,8 +21,9 @@ from agent.verify import CallVerifier, load_public_key
 from orchestration.signing import PoolSigner
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
-from tests.agent_fixtures import RecordingPool, make_zip, pool_signer, recording_pool, signed
+from tests.agent_fixtures import make_zip
 from tests.harness import PoolHarness, bearer, unique_name
+from tests.recording_pool import RecordingPool, pool_signer, recording_pool, signed
 
 __all__ = ["pool_signer", "recording_pool"]  # fixtures, used by name
 

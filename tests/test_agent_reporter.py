@@ -16,8 +16,8 @@ from agent.outcome import Outcome
 from agent.reporter import Heartbeat, TaskReporter
 from agent.session import LoginFailed, PoolSession, compute_backoff
 from protos import nodepool_pb2 as pb
-from tests.agent_fixtures import RecordingPool, pool_signer, recording_pool
 from tests.harness import PoolHarness, bearer, unique_name
+from tests.recording_pool import RecordingPool, pool_signer, recording_pool
 
 __all__ = ["pool_signer", "recording_pool"]  # fixtures, used by name
 
@@ -99,16 +99,6 @@ def test_an_expired_token_means_logging_in_again(recording_pool: RecordingPool) 
     ]
 
 
-def test_a_pool_that_forgot_the_node_gets_it_registered_again(recording_pool: RecordingPool) -> None:
-    session = session_for(recording_pool.address)
-    session.start()
-    recording_pool.failures["StoreLogs"] = [NotFound]
-
-    assert session.call(session.master.StoreLogs, pb.StoreLogsRequest(task_id="t"), name="StoreLogs") is not None
-
-    assert recording_pool.names()[-3:] == ["StoreLogs", "RegisterWorkerNode", "StoreLogs"]
-
-
 def test_errors_the_node_cannot_fix_are_given_up_without_raising(recording_pool: RecordingPool) -> None:
     session = session_for(recording_pool.address)
     session.start()
@@ -151,19 +141,6 @@ def test_heartbeats_report_what_the_node_is_doing(recording_pool: RecordingPool)
     statuses = recording_pool.of("ReportStatus")
     assert statuses[0].status_message == "Idle" and statuses[0].node_id == "alice"
     assert {c.token for c in recording_pool.calls if c.name == "ReportStatus"} == {"token-alice-1"}
-
-
-def test_a_refused_heartbeat_or_a_pool_restart_makes_the_node_register_again(recording_pool: RecordingPool) -> None:
-    session = session_for(recording_pool.address)
-    session.start()
-    beat = Heartbeat(session, lambda: "Idle", interval=0.05)
-    recording_pool.refuse_heartbeats = 1
-
-    beat.start()
-    assert wait_until(lambda: recording_pool.count("RegisterWorkerNode") == 2)
-    recording_pool.failures["ReportStatus"] = [Unavailable] * session.tries  # the pool is away for a while
-    assert wait_until(lambda: recording_pool.count("RegisterWorkerNode") == 3)
-    beat.stop()
 
 
 def test_a_task_report_batches_output_and_ends_with_result_then_completion(recording_pool: RecordingPool) -> None:

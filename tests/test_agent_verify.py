@@ -15,15 +15,8 @@ import pytest
 from agent import verify
 from orchestration.signing import PoolSigner
 from protos import nodepool_pb2 as pb
-from tests.agent_fixtures import (
-    NodeUnderTest,
-    make_zip,
-    pool_signer,
-    recording_pool,
-    running_node,
-    signed,
-    work_dir,
-)
+from tests.agent_fixtures import NodeUnderTest, make_zip, running_node, work_dir
+from tests.recording_pool import pool_signer, recording_pool, signed
 
 __all__ = ["pool_signer", "recording_pool", "running_node", "work_dir"]  # fixtures, used by name
 

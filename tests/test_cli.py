@@ -35,7 +35,7 @@ def config_home(tmp_path: Path) -> Path:
 def cli_pool(make_pool: Callable[..., PoolHarness], sqlite_url: str, celery_worker_for) -> PoolHarness:  # type: ignore[no-untyped-def]
     # 1 CPT a second, so even a short task visibly costs something
     pool = make_pool(database_url=sqlite_url, **{**FAST, "MAX_TASK_MINUTES": 1, "PRICE_BASE": 60_000})
-    celery_worker_for(pool)
+    celery_worker_for(pool, wait_ready=False)
     return pool
 
 

@@ -20,7 +20,7 @@ from orchestration.credit import set_credit
 from protos import nodepool_pb2 as pb
 from tests.harness import REPO, PoolHarness, bearer
 from tests.scripted_worker import Script, ScriptedWorker
-from tests.tasks_support import FAST, sweep, upload, wait_status
+from tests.tasks_support import FAST, KICK_EVERY, poll, sweep, upload, wait_status
 
 PER_MINUTE = 2  # cpu_score 100 + memory 1 GB → 1000 + 100 + 250 milli-CPT → 2 CPT/min
 MAX_MINUTES = FAST["MAX_TASK_MINUTES"]
@@ -151,7 +151,7 @@ def test_lost_node_is_refunded_and_the_rescuer_paid(fast_pool: PoolHarness, work
     deadline = time.monotonic() + 60
     while (task_id, 2) not in rescuer.executed and time.monotonic() < deadline:
         sweep(pool)
-        time.sleep(0.3)
+        time.sleep(KICK_EVERY)
     assert rescuer.executed == [(task_id, 2)]
     wait_status(pool, token, task_id, "RUNNING")
     started_minutes_ago(pool, task_id, 1)
@@ -233,7 +233,10 @@ def test_node_crosses_tiers_and_matching_follows(fast_pool: PoolHarness, workers
     assert tier() == "low"
     task_id = upload(pool, token)
     sweep(pool)
-    pending = wait_status(pool, token, task_id, "PENDING")
+    deadline = time.monotonic() + 30  # until a matching job has run and said why it could not place the task
+    while (pending := poll(pool, token, task_id)).message == "waiting for a node" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pending.status == "PENDING"
     assert "low tier" in pending.message and "your credit is 50" in pending.message
     set_credit(pool.ctx.db, pool.settings, worker.owner, 100, "cleared")
     assert tier() == "high"

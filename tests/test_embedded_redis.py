@@ -6,30 +6,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import redis
 
 from pool.embedded_redis import EmbeddedRedis, EmbeddedRedisError
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def _wait_gone(pid: int, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not _gone(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+from tests.processes import gone, wait_gone
 
 
 def test_serves_redis_on_loopback_until_stopped(tmp_path: Path) -> None:
@@ -42,7 +25,7 @@ def test_serves_redis_on_loopback_until_stopped(tmp_path: Path) -> None:
         client.close()
         pid, port = server.pid, server.port
 
-    assert _gone(pid)
+    assert gone(pid)
     with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=1):
         pass
     assert (tmp_path / "data" / "redis").is_dir()
@@ -86,10 +69,10 @@ def test_server_dies_when_its_parent_is_killed(tmp_path: Path) -> None:
     try:
         assert parent.stdout is not None
         redis_pid = int(parent.stdout.readline())
-        assert not _gone(redis_pid)
+        assert not gone(redis_pid)
         parent.send_signal(signal.SIGKILL)
         parent.wait()
-        assert _wait_gone(redis_pid)
+        assert wait_gone(redis_pid)
     finally:
         parent.kill()
         parent.wait()

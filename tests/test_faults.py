@@ -15,18 +15,13 @@ import time
 from pathlib import Path
 
 import grpc
+import redis
 
-from orchestration.lifecycle import ARCHIVE
+from orchestration.lifecycle import ARCHIVE, MATCH
 from protos import nodepool_pb2 as pb
-from tests.adversary import (
-    PrivateRedis,
-    assert_books_close,
-    restart_server,
-    rewards_paid,
-    task_row_locked,
-    trusted,
-    wait_until,
-)
+from tests.adversary import trusted
+from tests.books import assert_books_close, rewards_paid
+from tests.fault_injection import PrivateRedis, restart_server, task_row_locked, wait_job_received, wait_until
 from tests.harness import PASSWORD, PoolHarness, bearer
 from tests.scripted_worker import Script, ScriptedWorker
 from tests.tasks_support import FAST, code_of, sweep, task_zip, upload, wait_status
@@ -43,7 +38,7 @@ def test_celery_worker_killed_mid_archival_settles_once(
     make_pool, database_url: str, celery_worker_for, workers: list
 ) -> None:
     pool = make_pool(database_url=database_url, **FAST)
-    celery_worker_for(pool, queues=WORK_QUEUES)  # nobody archives yet
+    celery_worker_for(pool, queues=WORK_QUEUES, wait_ready=False)  # nobody archives yet
     node = ScriptedWorker(pool, script=Script(mode="hold"))
     workers.append(node)
     _, token = pool.new_user()
@@ -78,14 +73,15 @@ def test_celery_worker_killed_mid_match_places_the_task_once(
     make_pool, sqlite_url: str, celery_worker_for, workers: list
 ) -> None:
     pool = make_pool(database_url=sqlite_url, **FAST)
-    celery_worker_for(pool, queues="dispatch,maintenance,archival")  # nobody matches yet
+    celery_worker_for(pool, queues="dispatch,maintenance,archival", wait_ready=False)  # nobody matches yet
     node = ScriptedWorker(pool)
     workers.append(node)
     _, token = pool.new_user()
     task_id = upload(pool, token)
     with task_row_locked(pool, task_id):
         matcher = celery_worker_for(pool, queues="scheduling")
-        time.sleep(1.5)  # the match job is now waiting to allocate, inside its transaction
+        wait_job_received(matcher, MATCH, timeout=30)
+        time.sleep(0.5)  # the match job is now waiting to allocate, inside its transaction
         matcher.kill()
     celery_worker_for(pool)
     wait_status(pool, token, task_id, "COMPLETED", timeout=60, kick=True)
@@ -97,7 +93,7 @@ def test_node_killed_mid_task_is_not_paid_and_its_work_moves_on(
     make_pool, sqlite_url: str, celery_worker_for, workers: list
 ) -> None:
     pool = make_pool(database_url=sqlite_url, **FAST)
-    celery_worker_for(pool)
+    celery_worker_for(pool, wait_ready=False)
     doomed = ScriptedWorker(pool, label="doomed", script=Script(mode="hold"), owner=trusted(pool), memory_gb=4)
     steady = ScriptedWorker(pool, label="steady", script=Script(mode="hold"), owner=trusted(pool), memory_gb=4)
     workers += [doomed, steady]
@@ -133,7 +129,7 @@ def test_node_restarted_mid_task_gives_its_work_to_the_next_attempt(
     make_pool, sqlite_url: str, celery_worker_for, workers: list
 ) -> None:
     pool = make_pool(database_url=sqlite_url, **FAST)
-    celery_worker_for(pool)
+    celery_worker_for(pool, wait_ready=False)
     owner = trusted(pool)
     first_life = ScriptedWorker(pool, script=Script(mode="hold"), owner=owner)
     workers.append(first_life)
@@ -160,13 +156,19 @@ def test_redis_restarted_empty_loses_nothing(
     redis_server.start()
     try:
         pool = make_pool(database_url=sqlite_url, REDIS_URL=redis_server.url, **FAST)
-        celery_worker_for(pool)
+        celery_worker_for(pool, wait_ready=False)
         node = ScriptedWorker(pool, script=Script(mode="hold"), owner=trusted(pool))
         workers.append(node)
         _, token = pool.new_user()
         running = [upload(pool, token) for _ in range(2)]
         for task_id in running:
             wait_status(pool, token, task_id, "RUNNING")
+        # Redis dies between jobs: a Celery worker that loses it while acknowledging a job exits
+        # ("Unrecoverable error" in kombu), which is Celery's failure, not the pool's.
+        broker = redis.Redis.from_url(redis_server.url)
+        unacked = f"{pool.settings.CELERY_KEY_PREFIX}unacked"
+        wait_until(lambda: broker.hlen(unacked) == 0, timeout=15, what="the worker to acknowledge its jobs")
+        broker.close()
 
         redis_server.kill()
         # While Redis is away the database still decides: bad input is still refused as such, and
@@ -207,7 +209,7 @@ def test_redis_restarted_empty_loses_nothing(
 def test_grpc_server_restarted_while_tasks_run(make_pool, sqlite_url: str, celery_worker_for, workers: list) -> None:
     # Long enough a heartbeat timeout that the restart itself silences no node for too long.
     pool = make_pool(database_url=sqlite_url, **{**FAST, "NODE_HEARTBEAT_TIMEOUT": 4.0})
-    celery_worker_for(pool)
+    celery_worker_for(pool, wait_ready=False)
     steady = ScriptedWorker(pool, label="steady", script=Script(mode="hold"), owner=trusted(pool), memory_gb=2)
     doomed = ScriptedWorker(pool, label="doomed", script=Script(mode="hold"), owner=trusted(pool), memory_gb=2)
     workers += [steady, doomed]

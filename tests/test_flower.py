@@ -66,7 +66,7 @@ class Flower:
                     return last
             except (urllib.error.URLError, ConnectionError):
                 pass
-            time.sleep(0.3)
+            time.sleep(0.1)
         raise AssertionError(f"{path} never satisfied the test; last answer {last!r}\n{self.log_path.read_text()}")
 
     def stop(self) -> None:
@@ -98,7 +98,7 @@ def test_flower_shows_our_queues_a_worker_and_a_finished_job(
 ) -> None:  # type: ignore[no-untyped-def]
     pool = make_pool(database_url=sqlite_url)
     flower = flower_for(pool)
-    worker = celery_worker_for(pool)
+    worker = celery_worker_for(pool, wait_ready=False)  # it starts while Flower does
 
     workers = flower.until("/api/workers?refresh=1", lambda found: any(worker.name in name for name in found))
     (info,) = [info for name, info in workers.items() if worker.name in name]

@@ -1,7 +1,8 @@
 """Conservation of CPT under real concurrency, over gRPC, on SQLite and PostgreSQL (SPEC §7).
 
-8 threads × 200 random transfers (valid, invalid, and retries of earlier ones with the same
-idempotency key) among 20 users, while a sampler reads the balances continuously.
+8 threads × 60 random transfers (valid, invalid, and retries of earlier ones with the same
+idempotency key) among 20 users, while a sampler reads the balances continuously. The threads
+start together from a barrier, so their transfers race from the first one on.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from protos import nodepool_pb2 as pb
 from tests.harness import PoolHarness, bearer, unique_name
 
 THREADS = 8
-OPS_PER_THREAD = 200
+OPS_PER_THREAD = 60
 USERS = 20
 
 
@@ -33,6 +34,7 @@ def test_transfers_conserve_cpt_under_concurrency(pool: PoolHarness) -> None:
     errors: list[BaseException] = []
     samples: list[tuple[int, int]] = []
     done = threading.Event()
+    start = threading.Barrier(THREADS)
     user_keys = [ledger.balance_key(uid) for uid in _user_ids(pool, names)]
 
     def sampler() -> None:
@@ -46,6 +48,7 @@ def test_transfers_conserve_cpt_under_concurrency(pool: PoolHarness) -> None:
     def client(seed: int) -> None:
         rng = random.Random(seed)
         try:
+            start.wait(timeout=30)
             for _ in range(OPS_PER_THREAD):
                 roll = rng.random()
                 if roll < 0.2 and sent:

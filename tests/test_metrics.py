@@ -69,7 +69,9 @@ def test_scraped_during_a_run_the_numbers_match_the_pool(
     deadline = time.monotonic() + 15
     while True:  # job events arrive a little after the jobs end
         samples = scrape(endpoint)
-        count = value(samples, "hivemind_job_duration_seconds_count", job="pool.archival.archive_many", outcome="succeeded")
+        count = value(
+            samples, "hivemind_job_duration_seconds_count", job="pool.archival.archive_many", outcome="succeeded"
+        )
         if count >= 1 or time.monotonic() > deadline:
             break
         time.sleep(0.3)

@@ -240,7 +240,7 @@ def test_silent_node_goes_offline_after_timeout_and_sweep(make_pool, database_ur
         time.sleep(0.6)
     assert listed(pool, token)[owner].status == "busy"
 
-    time.sleep(2.0)  # silence past the timeout
+    time.sleep(1.2)  # with the loop's last pause, 1.8 s of silence: past the timeout
     # (≥ 1: on the shared PostgreSQL database, nodes of earlier tests are silent too.)
     assert sweep.send_task("pool.maintenance.expire_heartbeats").get(timeout=30) >= 1
     assert listed(pool, token)[owner].status == "offline"

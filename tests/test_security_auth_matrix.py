@@ -20,7 +20,8 @@ import pytest
 from google.protobuf.message import Message
 
 from protos import nodepool_pb2 as pb
-from tests.adversary import IDENTITIES, Scene, build_scene, every_method, invoke, module_database, module_pool, rpc_name
+from tests.adversary import IDENTITIES, Scene, build_scene, module_database, module_pool
+from tests.contract_calls import every_method, invoke, rpc_name
 from tests.harness import unique_name
 from tests.tasks_support import task_zip
 

@@ -19,7 +19,9 @@ from models import allocation, nodes
 from models.tables import Node
 from pool.logs import JsonFormatter
 from protos import nodepool_pb2 as pb
-from tests.adversary import assert_books_close, restart_server, trusted, wait_until
+from tests.adversary import trusted
+from tests.books import assert_books_close
+from tests.fault_injection import restart_server, wait_until
 from tests.harness import PASSWORD, bearer
 from tests.scripted_worker import Script, ScriptedWorker
 from tests.tasks_support import FAST, code_of, upload, wait_status
@@ -42,7 +44,7 @@ def test_tokens_and_passwords_never_appear_in_logs(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     pool = make_pool(database_url=sqlite_url, LOG_LEVEL="DEBUG", LOG_FORMAT="json", **FAST)
-    celery = celery_worker_for(pool)
+    celery = celery_worker_for(pool, wait_ready=False)
     node = RecordingWorker(pool)
     workers.append(node)
     secret_password, wrong_password = "s3cret-Passphrase-for-logs", "wrong-Passphrase-in-logs"
@@ -126,7 +128,7 @@ def test_one_slow_worker_does_not_block_all_dispatch(
     make_pool, sqlite_url: str, celery_worker_for, workers: list
 ) -> None:
     pool = make_pool(database_url=sqlite_url, **{**FAST, "DISPATCH_TIMEOUT": 30.0})
-    celery_worker_for(pool)  # concurrency 2: one process may be stuck with the slow node
+    celery_worker_for(pool, wait_ready=False)  # concurrency 2: one process may be stuck with the slow node
     slow = GatedWorker(pool, label="slow", memory_gb=1, gpu_name="SlowGPU")
     fast = [ScriptedWorker(pool, label=f"fast{i}", memory_gb=8) for i in range(2)]
     workers += [slow, *fast]
@@ -150,7 +152,7 @@ def test_one_slow_worker_does_not_block_all_dispatch(
 def test_resources_are_not_leaked_after_restart(make_pool, database_url: str, celery_worker_for, workers: list) -> None:
     # Heartbeats pause while the server is down; a restart is not a reason to call the nodes lost.
     pool = make_pool(database_url=database_url, **{**FAST, "NODE_HEARTBEAT_TIMEOUT": 15.0})
-    celery = celery_worker_for(pool)
+    celery = celery_worker_for(pool, wait_ready=False)
     held = [ScriptedWorker(pool, label=f"n{i}", script=Script(mode="hold"), owner=trusted(pool)) for i in range(2)]
     workers += held
     _, token = pool.new_user()

@@ -11,10 +11,10 @@ import sys
 import time
 from collections.abc import Iterator
 
-import psutil
 import pytest
 
 from pool.supervisor import READY_LINE, Child, Supervisor
+from tests.processes import gone, wait_gone
 
 SERVE = "import time; print('{name} listening', flush=True); time.sleep(60)"
 # Forks a helper that stays in its process group, as Celery's prefork pool does.
@@ -35,23 +35,6 @@ IGNORE_SIGTERM = (
 
 def _python(code: str) -> list[str]:
     return [sys.executable, "-c", code]
-
-
-def _gone(pid: int) -> bool:
-    # A zombie waiting for a parent that does not reap (e.g. a container's init) is gone too.
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def _wait_gone(pid: int, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not _gone(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 @pytest.fixture
@@ -93,7 +76,7 @@ def test_prefixes_output_announces_ready_and_stops_every_process(
 
     supervisor.stop(timeout=5)
 
-    assert all(_wait_gone(pid) for pid in pids)
+    assert all(wait_gone(pid) for pid in pids)
 
 
 def test_a_child_exiting_stops_the_others_and_fails_the_run(out: io.StringIO, supervisors: list[Supervisor]) -> None:
@@ -112,7 +95,7 @@ def test_a_child_exiting_stops_the_others_and_fails_the_run(out: io.StringIO, su
 
     assert code == 3
     assert "beat exited unexpectedly with code 3" in out.getvalue()
-    assert _gone(supervisor.pids["grpc"])
+    assert gone(supervisor.pids["grpc"])
 
 
 def test_wait_ready_gives_up_when_a_child_dies_first(out: io.StringIO, supervisors: list[Supervisor]) -> None:
@@ -137,7 +120,7 @@ def test_a_child_ignoring_sigterm_is_killed_after_the_timeout(out: io.StringIO, 
     supervisor.stop(timeout=0.5)
 
     assert 0.4 < time.monotonic() - started < 3
-    assert _gone(pid)
+    assert gone(pid)
 
 
 RUN_SUPERVISOR = f"""
@@ -168,7 +151,7 @@ def test_sigterm_stops_a_running_pool_cleanly() -> None:
 
         assert pool.wait(timeout=10) == 0
         assert "received SIGTERM; stopping" in pool.stdout.read()
-        assert _gone(child_pid)
+        assert gone(child_pid)
     finally:
         pool.kill()
         pool.wait()

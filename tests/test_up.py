@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
 from tests.harness import unique_name
+from tests.processes import wait_gone
 from tests.test_server import SERVICES, list_services
 
 CONFIG_VARS = (
@@ -70,8 +71,8 @@ def test_up_runs_the_pool_on_embedded_defaults_and_stops_cleanly(tmp_path: Path,
 
         up.send_signal(signal.SIGINT)  # what Ctrl-C does
         assert up.wait(timeout=30) == 0, log_path.read_text()[-3000:]
-        time.sleep(0.5)
-        alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        deadline = time.monotonic() + 0.5  # stragglers get half a second, not more
+        alive = [p for p in family if not wait_gone(p.pid, timeout=max(0.0, deadline - time.monotonic()))]
         assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
         assert "password-1" not in log_path.read_text()
     finally:
@@ -86,5 +87,5 @@ def _wait_for(condition, timeout: float, process: subprocess.Popen, log: Path) -
             return
         if process.poll() is not None:
             raise AssertionError(f"`up` exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise AssertionError(f"`up` not ready after {timeout}s:\n{log.read_text()[-3000:]}")

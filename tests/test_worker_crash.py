@@ -12,7 +12,7 @@ from tests.tasks_support import FAST, upload, wait_status
 
 def test_sigkill_mid_dispatch_loses_nothing(make_pool, database_url: str, celery_worker_for) -> None:
     pool: PoolHarness = make_pool(database_url=database_url, **FAST)
-    first = celery_worker_for(pool)
+    first = celery_worker_for(pool, wait_ready=False)
     node = ScriptedWorker(pool, script=Script(accept_delay=3.0, run_seconds=0.3))
     try:
         _, token = pool.new_user()
