@@ -185,3 +185,13 @@ def signed(signer: PoolSigner, *, node_id: str, task_id: str, attempt: int = 1, 
             f"Bearer {signer.sign(node_id=node_id, task_id=task_id, attempt=attempt, action=action, **kw)}",
         ),
     )
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` every 20 ms; whether it came true within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False

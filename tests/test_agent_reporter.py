@@ -6,9 +6,6 @@ the real pool's UserService and NodeManagerService, which are built.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import grpc
 import pytest
 
@@ -17,7 +14,7 @@ from agent.reporter import Heartbeat, TaskReporter
 from agent.session import LoginFailed, PoolSession, compute_backoff
 from protos import nodepool_pb2 as pb
 from tests.harness import PoolHarness, bearer, unique_name
-from tests.recording_pool import RecordingPool, pool_signer, recording_pool
+from tests.recording_pool import RecordingPool, pool_signer, recording_pool, wait_until
 
 __all__ = ["pool_signer", "recording_pool"]  # fixtures, used by name
 
@@ -115,15 +112,6 @@ def test_a_pool_that_is_not_there_never_crashes_a_report(unused_port: int) -> No
 
     assert session.call(session.master.StoreOutput, pb.StoreOutputRequest(task_id="t"), name="StoreOutput") is None
     assert session.heartbeat("Idle") is None
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_heartbeats_report_what_the_node_is_doing(recording_pool: RecordingPool) -> None:

@@ -8,16 +8,13 @@ the real pool and a real agent, is in test_agent_reregister.py.)
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import grpc
 import pytest
 
 from agent.reporter import Heartbeat
 from agent.session import PoolSession
 from protos import nodepool_pb2 as pb
-from tests.recording_pool import RecordingPool, pool_signer, recording_pool
+from tests.recording_pool import RecordingPool, pool_signer, recording_pool, wait_until
 
 __all__ = ["pool_signer", "recording_pool"]  # fixtures, used by name
 
@@ -38,15 +35,6 @@ def session_for(pool: RecordingPool) -> PoolSession:
     )
     session.start()
     return session
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.fixture
