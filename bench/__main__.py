@@ -96,6 +96,38 @@ def pipeline_lines(results: list[pipeline.Result]) -> list[str]:
     return lines
 
 
+def report(
+    started: datetime.datetime,
+    load_before: float,
+    quick: bool,
+    comparisons: list[tuple[Comparison, float | None]],
+    sections: list[str],
+    pending: list[str],
+) -> str:
+    """BENCHMARKS.md as it stands: written after every benchmark, so a run cut short keeps what it measured."""
+    minutes = (datetime.datetime.now(datetime.UTC) - started).total_seconds() / 60
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Written by `scripts/bench` on {started:%Y-%m-%d %H:%M} UTC"
+        + (" — **quick run, a tenth of the sizes: not the figures the targets speak of**" if quick else "")
+        + ". Every figure is a median over rounds (spread: lowest–highest) next to its raw baseline,",
+        "measured in the same run and interleaved with it; ratios are pool / baseline.",
+        "",
+        "Machine: "
+        + "; ".join(f"{k} {v}" for k, v in machine().items())
+        + f"; load average (1 min) {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end"
+        + f" (the benchmarks' own processes included). The run took {minutes:.0f} min.",
+        "",
+    ]
+    if pending:
+        lines += [f"**Not finished when this was written: {', '.join(pending)}.**", ""]
+    lines += [*comparison_table(comparisons), "", *sections]
+    if NOTES.is_file():
+        lines += [NOTES.read_text().strip(), ""]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("names", nargs="*", help=f"some of: {', '.join(ALL)} (default: all)")
@@ -112,11 +144,17 @@ def main() -> None:
     sections: list[str] = []
     comparisons: list[tuple[Comparison, float | None]] = []
     work = Path(tempfile.mkdtemp(prefix="hm-bench-"))
+    pending = list(names)
+
+    def done(name: str) -> None:
+        pending.remove(name)
+        args.output.write_text(report(started, load_before, args.quick, comparisons, sections, pending))
 
     if "matching" in names:
         print("matching: µs per decision, index against a linear scan", flush=True)
         sizes = [1_000, 10_000, 100_000] if not args.quick else [1_000, 10_000]
         sections += ["## Matching (pure policy and index)", "", *matching(3 if not args.quick else 1, sizes), ""]
+        done("matching")
     if "heartbeats" in names or "upload" in names:
         with EmbeddedRedis(work / "redis") as redis_server:
             if "heartbeats" in names:
@@ -124,6 +162,7 @@ def main() -> None:
                 found = heartbeats.run(redis_server.url, nodes=10_000 // scale, rounds=5)
                 comparisons.append((found, 0.7))
                 print(found.row(), flush=True)
+                done("heartbeats")
             if "upload" in names:
                 print("upload: a 100 MiB task zip against a bare grpcio server", flush=True)
                 seconds, memory = upload.run(redis_server.url, rounds=5)
@@ -139,17 +178,13 @@ def main() -> None:
                     f"the same message grows by {memory.raw.median:.0f} MiB ({memory.raw.median / payload:.2f}×).",
                     "",
                 ]
+                done("upload")
     if "pipeline" in names:
-        results = []
+        results: list[pipeline.Result] = []
+        failures: list[str] = []
         nodes = int(os.environ.get("BENCH_PIPELINE_NODES", 10_000 // scale))
         tasks = int(os.environ.get("BENCH_PIPELINE_TASKS", 5_000 // scale))
         rounds = int(os.environ.get("BENCH_PIPELINE_ROUNDS", 2))
-        for kind in ("embedded", "postgres"):
-            print(f"pipeline on {kind}", flush=True)
-            result = pipeline.run_backend(kind, nodes=nodes, tasks=tasks, rounds=rounds)
-            results.append(result)
-            comparisons += [(result.throughput, 0.7), (result.completed, None)]
-            print(result.throughput.row(), result.completed.row(), sep="\n", flush=True)
         size = (
             f"{nodes:,} simulated nodes, bursts of {tasks:,} tasks from {pipeline.CLIENTS} clients, {rounds} round(s)"
         )
@@ -158,29 +193,23 @@ def main() -> None:
             if (nodes, tasks) == (10_000, 5_000)
             else " — **smaller than the 10,000 nodes and 5,000 tasks the targets speak of**"
         )
-        sections += ["## Pipeline", "", f"{size}{short}.", "", *pipeline_lines(results), ""]
+        section_at = len(sections)
+        for kind in ("embedded", "postgres"):
+            print(f"pipeline on {kind}", flush=True)
+            try:
+                result = pipeline.run_backend(kind, nodes=nodes, tasks=tasks, rounds=rounds)
+            except Exception as error:  # a backend that cannot finish is reported, the next one still runs
+                failures.append(f"- {kind}: **did not finish**: {error}")
+                print(f"pipeline on {kind} failed: {error}", flush=True)
+            else:
+                results.append(result)
+                comparisons += [(result.throughput, 0.7), (result.completed, None)]
+                print(result.throughput.row(), result.completed.row(), sep="\n", flush=True)
+            del sections[section_at:]
+            sections += ["## Pipeline", "", f"{size}{short}.", "", *pipeline_lines(results), "", *failures, ""]
+            args.output.write_text(report(started, load_before, args.quick, comparisons, sections, pending))
+        done("pipeline")
 
-    minutes = (datetime.datetime.now(datetime.UTC) - started).total_seconds() / 60
-    report = [
-        "# Benchmarks",
-        "",
-        f"Written by `scripts/bench` on {started:%Y-%m-%d %H:%M} UTC"
-        + (" — **quick run, a tenth of the sizes: not the figures the targets speak of**" if args.quick else "")
-        + ". Every figure is a median over rounds (spread: lowest–highest) next to its raw baseline,",
-        "measured in the same run and interleaved with it; ratios are pool / baseline.",
-        "",
-        "Machine: "
-        + "; ".join(f"{k} {v}" for k, v in machine().items())
-        + f"; load average (1 min) {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end"
-        + f" (the benchmarks' own processes included). The run took {minutes:.0f} min.",
-        "",
-        *comparison_table(comparisons),
-        "",
-        *sections,
-    ]
-    if NOTES.is_file():
-        report += [NOTES.read_text().strip(), ""]
-    args.output.write_text("\n".join(report) + "\n")
     print("\n".join(comparison_table(comparisons)))
     print(f"written to {args.output}")
 
