@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from models import allocation, tasks
 from models.db import Database
 from models.tables import utcnow
-from orchestration import economy
+from orchestration import economy, settlement
 from orchestration.credit import change_credit
 from orchestration.policies.backoff import compute_backoff
 from pool.settings import Settings
@@ -157,9 +157,25 @@ def finish(db: Database, settings: Settings, task_id: str, attempt: int, archive
 def finish_many(
     db: Database, settings: Settings, archived: dict[tuple[str, int], tuple[str, int] | None]
 ) -> dict[tuple[str, int], str]:
-    """:func:`finish_in` for many attempts in ONE transaction, each in a savepoint of its own: a
-    task that cannot be settled is logged and left for the recovery sweep, the others commit."""
+    """Settle many reported attempts in ONE transaction (:func:`settlement.settle`, a fixed number
+    of statements per batch). Attempts it leaves out, or the whole batch if it fails, go through
+    :func:`finish_in` one by one, each in a savepoint: a task that cannot be settled is logged and
+    left for the recovery sweep, the others commit."""
+    try:
+        statuses, left = db.transaction(lambda session: settlement.settle(session, settings, archived))
+    except Exception:
+        log.exception("could not settle %d attempt(s) as one batch; settling them one at a time", len(archived))
+        statuses, left = {}, list(archived)
+    if left:
+        statuses.update(_finish_each(db, settings, {key: archived[key] for key in left}))
+    for (task_id, attempt), status in statuses.items():
+        _log_finished(task_id, attempt, status)
+    return statuses
 
+
+def _finish_each(
+    db: Database, settings: Settings, archived: dict[tuple[str, int], tuple[str, int] | None]
+) -> dict[tuple[str, int], str]:
     def work(session: Session) -> dict[tuple[str, int], str]:
         statuses: dict[tuple[str, int], str] = {}
         for (task_id, attempt), result in archived.items():
@@ -170,10 +186,7 @@ def finish_many(
                 log.exception("could not settle task %s attempt %d; the recovery sweep will retry", task_id, attempt)
         return statuses
 
-    statuses = db.transaction(work)
-    for (task_id, attempt), status in statuses.items():
-        _log_finished(task_id, attempt, status)
-    return statuses
+    return db.transaction(work)
 
 
 def stop_in(session: Session, task: tasks.TaskView, reason: str) -> bool:
