@@ -42,6 +42,25 @@ def allocate(session: Session, *, node_pk: int, task_id: str, attempt: int, need
     None when the node is offline, lacks room in any dimension, is at its task cap, or when this
     attempt already holds an allocation (so a retried job cannot allocate twice).
     """
+    if not hold(session, node_pk, need):
+        return None
+    amounts = need.as_dict()
+    allocation = Allocation(node_pk=node_pk, task_id=task_id, attempt=attempt, **amounts)
+    try:
+        with session.begin_nested():
+            session.add(allocation)
+            session.flush()
+    except IntegrityError:
+        # This attempt is already allocated: undo our decrement, keep the first allocation.
+        _give_back(session, node_pk, amounts)
+        return None
+    return allocation.id
+
+
+def hold(session: Session, node_pk: int, need: Need) -> bool:
+    """The node's half of :func:`allocate`: take ``need`` from an online node with room and below
+    its task cap, in one conditional UPDATE. The caller records the allocation row in the same
+    transaction (``allocate`` does; matching inserts a batch of them at once)."""
     amounts = need.as_dict()
     fits = [getattr(Node, f"avail_{d}") >= amount for d, amount in amounts.items()]
     changes = {f"avail_{d}": getattr(Node, f"avail_{d}") - amount for d, amount in amounts.items()}
@@ -55,18 +74,7 @@ def allocate(session: Session, *, node_pk: int, task_id: str, attempt: int, need
         )
         .values(**changes, running_tasks=Node.running_tasks + 1, changed_at=utcnow())
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        return None
-    allocation = Allocation(node_pk=node_pk, task_id=task_id, attempt=attempt, **amounts)
-    try:
-        with session.begin_nested():
-            session.add(allocation)
-            session.flush()
-    except IntegrityError:
-        # This attempt is already allocated: undo our decrement, keep the first allocation.
-        _give_back(session, node_pk, amounts)
-        return None
-    return allocation.id
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def _give_back(session: Session, node_pk: int, amounts: dict[str, int]) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
@@ -130,6 +130,14 @@ def get(session: Session, node_id: str) -> NodeRecord | None:
         select(Node, User).join(User, User.id == Node.owner_id).where(Node.node_id == node_id)
     ).first()
     return _record(row[0], row[1]) if row else None
+
+
+def get_many(session: Session, node_ids: Iterable[str]) -> dict[str, NodeRecord]:
+    ids = sorted(set(node_ids))
+    if not ids:
+        return {}
+    rows = session.execute(select(Node, User).join(User, User.id == Node.owner_id).where(Node.node_id.in_(ids))).all()
+    return {node.node_id: _record(node, owner) for node, owner in rows}
 
 
 def set_status(session: Session, node_id: str, *, to: str, expected: str) -> bool:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from models.tables import Node, Task, TaskEvent, TaskLog, TaskOutput, User, utcnow
@@ -197,6 +197,57 @@ def transition(
         )
     )
     return True
+
+
+@dataclass(frozen=True)
+class Move:
+    """One task of :func:`transition_many`: its expected attempt, the event's reason and node, and
+    the values to set (every move of one call sets the same columns)."""
+
+    task: TaskView
+    at_attempt: int
+    reason: str
+    node_id: str = ""
+    values: dict[str, object] | None = None
+
+
+def lock(session: Session, pks: list[int]) -> dict[int, tuple[str, int]]:
+    """Lock task rows for the rest of the transaction, in id order; each one's (status, attempt)."""
+    query = select(Task.id, Task.status, Task.attempt).where(Task.id.in_(pks)).order_by(Task.id).with_for_update()
+    return {pk: (status, attempt) for pk, status, attempt in session.execute(query)}
+
+
+def transition_many(session: Session, moves: list[Move], *, to: str, expected: Iterable[str]) -> list[Move]:
+    """:func:`transition` for many tasks with three statements: lock the rows (in id order), one
+    multi-row UPDATE, one INSERT of the events. The moves made; a task another actor moved first
+    (not in ``expected``, or at another attempt) is left out and nothing is written for it."""
+    if not moves:
+        return []
+    allowed = set(expected)
+    rows = lock(session, [m.task.pk for m in moves])
+    made = [m for m in moves if (r := rows.get(m.task.pk)) and r[0] in allowed and r[1] == m.at_attempt]
+    if not made:
+        return []
+    now = utcnow()
+    session.execute(
+        update(Task), [{"id": m.task.pk, "status": to, "updated_at": now, **(m.values or {})} for m in made]
+    )
+    session.execute(
+        insert(TaskEvent),
+        [
+            {
+                "task_pk": m.task.pk,
+                "at": now,
+                "from_status": rows[m.task.pk][0],
+                "to_status": to,
+                "attempt": int((m.values or {}).get("attempt", rows[m.task.pk][1])),  # type: ignore[call-overload]
+                "node_id": m.node_id or m.task.node_id,
+                "reason": m.reason[:300],
+            }
+            for m in made
+        ],
+    )
+    return made
 
 
 def set_fields(session: Session, task_pk: int, **values: object) -> None:

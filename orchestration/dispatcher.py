@@ -78,8 +78,9 @@ def execute_many(
     outcomes: dict[tuple[str, int], Outcome] = {}
     calls: dict[tuple[str, int], grpc.Future] = {}
     with db.reading() as session:
-        found = [(key, tasks.get(session, key[0])) for key in attempts]
-        found_nodes = {t.node_id: nodes.get(session, t.node_id) for _, t in found if t and t.node_id}
+        views = {view.task_id: view for view in tasks.get_many(session, [task_id for task_id, _ in attempts])}
+        found = [(key, views.get(key[0])) for key in attempts]
+        found_nodes = nodes.get_many(session, [t.node_id for _, t in found if t and t.node_id])
     own = own_addresses()
     for key, task in found:
         task_id, attempt = key

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models import allocation, tasks
 from models.db import Database
-from models.tables import RESOURCE_DIMENSIONS, Node, utcnow
+from models.tables import RESOURCE_DIMENSIONS, Allocation, Node, utcnow
 from orchestration.nodes import thresholds
 from orchestration.policies.index import CandidateIndex
 from orchestration.policies.matching import NodeView, Resources, TaskNeeds, explain_pending
@@ -139,6 +140,81 @@ def _assign_in(session: Session, task: tasks.TaskView, node: NodeView, node_pk: 
     return True
 
 
+Placement = tuple[list[tuple[tasks.TaskView, NodeView]], list[tasks.TaskView]]
+
+
+def _place_each(
+    session: Session, catalog: NodeCatalog, due: list[tasks.TaskView], t: TrustThresholds, rng: random.Random
+) -> Placement:
+    """Place task by task, each in a savepoint (:func:`_assign_in`)."""
+    placed: list[tuple[tasks.TaskView, NodeView]] = []
+    unplaced: list[tasks.TaskView] = []
+    for task in due:
+        for node in candidates(catalog, task, t, rng):
+            if _assign_in(session, task, node, catalog.pks[node.node_id]):
+                catalog.took(node, needs_of(task).resources)
+                placed.append((task, node))
+                break
+            catalog.refresh(session)  # our view of that node was stale
+        else:
+            unplaced.append(task)
+    return placed, unplaced
+
+
+def _place_batch(
+    session: Session, catalog: NodeCatalog, due: list[tasks.TaskView], t: TrustThresholds, rng: random.Random
+) -> Placement:
+    """Place the whole batch with one conditional UPDATE per placed task and a few statements in
+    all: lock the tasks still PENDING at their attempt, hold resources node by node, then insert
+    the allocations and move the tasks to ASSIGNED in two multi-row statements."""
+    current = tasks.lock(session, [task.pk for task in due])
+    placed: list[tuple[tasks.TaskView, NodeView]] = []
+    unplaced: list[tasks.TaskView] = []
+    for task in due:
+        if current.get(task.pk) != (tasks.PENDING, task.attempt):
+            continue  # another scheduler moved it first
+        need = allocation.Need(**task.needs)
+        for node in candidates(catalog, task, t, rng):
+            if allocation.hold(session, catalog.pks[node.node_id], need):
+                catalog.took(node, needs_of(task).resources)
+                placed.append((task, node))
+                break
+            catalog.refresh(session)  # our view of that node was stale
+        else:
+            unplaced.append(task)
+    if placed:
+        session.execute(
+            insert(Allocation),
+            [
+                {
+                    "node_pk": catalog.pks[node.node_id],
+                    "task_id": task.task_id,
+                    "attempt": task.attempt + 1,
+                    **task.needs,
+                }
+                for task, node in placed
+            ],
+        )
+        moves = [
+            tasks.Move(
+                task,
+                task.attempt,
+                f"matched to {node.node_id} ({node.tier.label} tier)",
+                node.node_id,
+                {
+                    "attempt": task.attempt + 1,
+                    "node_pk": catalog.pks[node.node_id],
+                    "pending_reason": "",
+                    "started_at": None,
+                    "accrued_until": None,
+                },
+            )
+            for task, node in placed
+        ]
+        tasks.transition_many(session, moves, to=tasks.ASSIGNED, expected={tasks.PENDING})
+    return placed, unplaced
+
+
 def _log_placed(task: tasks.TaskView, node: NodeView) -> None:
     need = allocation.Need(**task.needs)
     attempt = task.attempt + 1
@@ -173,27 +249,20 @@ def match_pending(
 
     tries = 0
 
-    def work(session: Session) -> tuple[list[tuple[tasks.TaskView, NodeView]], list[tasks.TaskView]]:
+    def place(session: Session, *, batch: bool) -> tuple[list[tuple[tasks.TaskView, NodeView]], list[tasks.TaskView]]:
         nonlocal tries
         tries += 1
-        if tries > 1:  # the database asked for a retry: the index saw allocations that were rolled back
+        if tries > 1:  # a retry: the index saw allocations that were rolled back
             catalog.forget()
             catalog.refresh(session)
-        placed: list[tuple[tasks.TaskView, NodeView]] = []
-        unplaced: list[tasks.TaskView] = []
-        for task in due:
-            for node in candidates(catalog, task, t, rng):
-                if _assign_in(session, task, node, catalog.pks[node.node_id]):
-                    catalog.took(node, needs_of(task).resources)
-                    placed.append((task, node))
-                    break
-                catalog.refresh(session)  # our view of that node was stale
-            else:
-                unplaced.append(task)
-        return placed, unplaced
+        return (_place_batch if batch else _place_each)(session, catalog, due, t, rng)
 
     try:
-        placed, unexplained = db.transaction(work)
+        try:
+            placed, unexplained = db.transaction(partial(place, batch=True))
+        except IntegrityError:  # an attempt held an allocation already: let the careful path sort it out
+            log.warning("a batch placement met an existing allocation; placing those tasks one at a time")
+            placed, unexplained = db.transaction(partial(place, batch=False))
     except Exception:
         catalog.forget()  # it saw allocations that were rolled back
         raise

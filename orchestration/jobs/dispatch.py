@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 
 from celery import Task, shared_task
+from sqlalchemy.orm import Session
 
 from models import tasks
 from models.db import Database
+from models.tables import utcnow
 from orchestration import dispatcher, outcomes
 from orchestration.runtime import runtime
 
@@ -15,25 +17,21 @@ log = logging.getLogger(__name__)
 
 
 def _mark_running(db: Database, accepted: dict[tuple[str, int], str]) -> None:
-    """ASSIGNED → RUNNING for every accepted (task, attempt), in one transaction."""
-    from models.tables import utcnow
+    """ASSIGNED → RUNNING for every accepted (task, attempt), in one transaction of a few statements."""
+    if not accepted:
+        return
 
-    def work(session) -> None:  # type: ignore[no-untyped-def]
-        for (task_id, attempt), reason in accepted.items():
-            task = tasks.get(session, task_id)
-            if task is not None:
-                tasks.transition(
-                    session,
-                    task,
-                    to=tasks.RUNNING,
-                    expected={tasks.ASSIGNED},
-                    at_attempt=attempt,
-                    reason=reason,
-                    started_at=utcnow(),
-                )
+    def work(session: Session) -> None:
+        started = utcnow()
+        views = {view.task_id: view for view in tasks.get_many(session, [task_id for task_id, _ in accepted])}
+        moves = [
+            tasks.Move(views[task_id], attempt, reason, values={"started_at": started})
+            for (task_id, attempt), reason in accepted.items()
+            if task_id in views
+        ]
+        tasks.transition_many(session, moves, to=tasks.RUNNING, expected={tasks.ASSIGNED})
 
-    if accepted:
-        db.transaction(work)
+    db.transaction(work)
 
 
 def _dispatch(self: Task, attempts: list[tuple[str, int]]) -> dict[tuple[str, int], dispatcher.Outcome]:
