@@ -238,7 +238,7 @@ class JobEvents:
         while not self._stop.is_set():
             try:
                 with self.app.connection_for_read() as conn:
-                    self._receiver = self.app.events.Receiver(conn, handlers={"*": self.handle})
+                    self._receiver = self.app.events.Receiver(conn, handlers={"*": self.handle}, routing_key="task.#")
                     if self._stop.is_set():
                         return
                     self._receiver.capture(limit=None, timeout=None, wakeup=False)

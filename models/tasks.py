@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
@@ -63,57 +64,76 @@ def storable(text: str) -> str:
     return text.replace("\x00", "\ufffd")
 
 
+_TASK_COLUMNS = (
+    "id", "task_id", "status", "attempt", "node_pk", *NEED_FIELDS, "gpu_name", "location", "max_minutes",
+    "zip_sha256", "excluded_nodes", "pending_reason", "message", "reported_outcome", "result_sha256",
+    "result_size", "result_pruned", "price_per_minute", "created_at", "updated_at", "started_at", "accrued_until",
+)  # fmt: skip
+
+
 def _select():  # type: ignore[no-untyped-def]
-    return select(Task, User, Node).join(User, User.id == Task.owner_id).outerjoin(Node, Node.id == Task.node_pk)
+    """The columns of a TaskView (plain rows: no ORM objects to build for a read)."""
+    return (
+        select(
+            *(getattr(Task, c) for c in _TASK_COLUMNS),
+            User.username,
+            User.id.label("owner_id"),
+            User.credit_score,
+            Node.node_id,
+            Node.owner_id.label("node_owner_id"),
+        )
+        .join(User, User.id == Task.owner_id)
+        .outerjoin(Node, Node.id == Task.node_pk)
+    )
 
 
-def _view(task: Task, owner: User, node: Node | None) -> TaskView:
+def _view(row: Any) -> TaskView:
     return TaskView(
-        pk=task.id,
-        task_id=task.task_id,
-        owner=owner.username,
-        owner_id=owner.id,
-        owner_credit=owner.credit_score,
-        status=task.status,
-        attempt=task.attempt,
-        node_pk=task.node_pk,
-        node_id=node.node_id if node else "",
-        node_owner_id=node.owner_id if node else None,
-        needs={f: getattr(task, f) for f in NEED_FIELDS},
-        gpu_name=task.gpu_name,
-        location=task.location,
-        max_minutes=task.max_minutes,
-        zip_sha256=task.zip_sha256,
-        excluded_nodes=tuple(task.excluded_nodes.split()),
-        pending_reason=task.pending_reason,
-        message=task.message,
-        reported_outcome=task.reported_outcome,
-        result_sha256=task.result_sha256,
-        result_size=task.result_size,
-        result_pruned=task.result_pruned,
-        price_per_minute=task.price_per_minute,
-        created_at=task.created_at,
-        updated_at=task.updated_at,
-        started_at=task.started_at,
-        accrued_until=task.accrued_until,
+        pk=row.id,
+        task_id=row.task_id,
+        owner=row.username,
+        owner_id=row.owner_id,
+        owner_credit=row.credit_score,
+        status=row.status,
+        attempt=row.attempt,
+        node_pk=row.node_pk,
+        node_id=row.node_id or "",
+        node_owner_id=row.node_owner_id,
+        needs={f: getattr(row, f) for f in NEED_FIELDS},
+        gpu_name=row.gpu_name,
+        location=row.location,
+        max_minutes=row.max_minutes,
+        zip_sha256=row.zip_sha256,
+        excluded_nodes=tuple(row.excluded_nodes.split()),
+        pending_reason=row.pending_reason,
+        message=row.message,
+        reported_outcome=row.reported_outcome,
+        result_sha256=row.result_sha256,
+        result_size=row.result_size,
+        result_pruned=row.result_pruned,
+        price_per_minute=row.price_per_minute,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        started_at=row.started_at,
+        accrued_until=row.accrued_until,
     )
 
 
 def get(session: Session, task_id: str) -> TaskView | None:
     row = session.execute(_select().where(Task.task_id == task_id)).first()
-    return _view(*row) if row else None
+    return _view(row) if row else None
 
 
 def get_many(session: Session, task_ids: Iterable[str]) -> list[TaskView]:
     ids = list(task_ids)
-    return [_view(*row) for row in session.execute(_select().where(Task.task_id.in_(ids))).all()] if ids else []
+    return [_view(row) for row in session.execute(_select().where(Task.task_id.in_(ids))).all()] if ids else []
 
 
 def list_for(session: Session, owner_id: int | None, limit: int = 1000) -> list[TaskView]:
     query = _select().order_by(Task.created_at.desc(), Task.id.desc()).limit(limit)
     if owner_id is not None:
         query = query.where(Task.owner_id == owner_id)
-    return [_view(*row) for row in session.execute(query).all()]
+    return [_view(row) for row in session.execute(query).all()]
 
 
 def create(
@@ -296,7 +316,7 @@ def logs(session: Session, task_pk: int) -> list[TaskLog]:
 
 def due_pending(session: Session, now: datetime, limit: int) -> list[TaskView]:
     query = _select().where(Task.status == PENDING, Task.next_attempt_at <= now).order_by(Task.id).limit(limit)
-    return [_view(*row) for row in session.execute(query).all()]
+    return [_view(row) for row in session.execute(query).all()]
 
 
 def in_status(
@@ -305,4 +325,4 @@ def in_status(
     query = _select().where(Task.status.in_(list(statuses))).order_by(Task.id).limit(limit)
     if updated_before is not None:
         query = query.where(Task.updated_at < updated_before)
-    return [_view(*row) for row in session.execute(query).all()]
+    return [_view(row) for row in session.execute(query).all()]
