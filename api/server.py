@@ -16,6 +16,7 @@ from api.malformed import MalformedRequests
 from api.metrics import start_metrics
 from api.nodes import NodeManagerService
 from api.tasks import MasterNodeService, WorkerReports
+from api.upload_wire import ZeroCopyUploads
 from api.users import UserService
 from models import schema
 from pool.settings import Settings
@@ -47,7 +48,7 @@ def create_server(ctx: PoolContext, address: str) -> tuple[grpc.Server, int]:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.GRPC_MAX_WORKERS, thread_name_prefix="rpc"),
         options=server_options(settings),
-        interceptors=[MalformedRequests()],
+        interceptors=[MalformedRequests(), ZeroCopyUploads()],
     )
     pb_grpc.add_UserServiceServicer_to_server(UserService(ctx), server)
     pb_grpc.add_NodeManagerServiceServicer_to_server(NodeManagerService(ctx), server)

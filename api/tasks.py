@@ -6,6 +6,7 @@ import grpc
 
 from api.context import PoolContext
 from api.rpc import Call, rpc
+from api.upload_wire import ReceivedUpload
 from models import tasks
 from models.errors import InvalidArgument
 from orchestration import explain, reports, uploads
@@ -45,7 +46,7 @@ class MasterNodeService(pb_grpc.MasterNodeServiceServicer):
         self.lifecycle = ctx.lifecycle
 
     @rpc(pb.UploadTaskResponse)
-    def UploadTask(self, request: pb.UploadTaskRequest, call: Call) -> pb.UploadTaskResponse:
+    def UploadTask(self, request: pb.UploadTaskRequest | ReceivedUpload, call: Call) -> pb.UploadTaskResponse:
         upload = uploads.UploadRequest(
             task_id=request.task_id,
             task_zip=request.task_zip,

@@ -22,7 +22,7 @@ def validate_task_id(task_id: str) -> str:
     return task_id
 
 
-def sha256(data: bytes) -> str:
+def sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -46,7 +46,7 @@ class TaskStorage:
         return self._dir("archive", task_id) / "result.zip"
 
     @staticmethod
-    def write(path: Path, data: bytes) -> None:
+    def write(path: Path, data: bytes | memoryview) -> None:
         """Write durably and atomically: a reader sees the old file or the whole new one."""
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")

@@ -37,7 +37,7 @@ class ZipDigest:
     is written to storage, instead of in a pass of its own afterwards. ``hexdigest`` waits for it.
     """
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | memoryview) -> None:
         self._digest: Future[str] | str
         self._digest = _hashing().submit(sha256, data) if len(data) >= BACKGROUND_HASH_BYTES else sha256(data)
 
@@ -48,7 +48,7 @@ class ZipDigest:
 @dataclass(frozen=True)
 class UploadRequest:
     task_id: str
-    task_zip: bytes
+    task_zip: bytes | memoryview  # a view of the received request, not a copy
     needs: dict[str, int]
     gpu_name: str
     location: str
@@ -71,7 +71,7 @@ def zip_limits(settings: Settings) -> ZipLimits:
     return ZipLimits(settings.MAX_ZIP_ENTRIES, settings.MAX_UNZIPPED_BYTES, settings.MAX_ZIP_RATIO)
 
 
-def check_zip(data: bytes, *, limit: int, settings: Settings, what: str) -> None:
+def check_zip(data: bytes | memoryview, *, limit: int, settings: Settings, what: str) -> None:
     """TooLarge past ``limit`` bytes; InvalidArgument for anything the zip checks refuse."""
     if not data:
         raise InvalidArgument(f"{what} is empty")

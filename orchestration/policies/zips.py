@@ -13,6 +13,7 @@ import stat
 import zipfile
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import Any
 
 
 class UnsafeZip(ValueError):
@@ -45,10 +46,52 @@ def safe_member_name(name: str) -> str:
     return normalized
 
 
-def inspect_zip(data: bytes, limits: ZipLimits = ZipLimits()) -> ZipSummary:
+class BufferReader(io.RawIOBase):
+    """A read-only, seekable file over a bytes-like buffer, which it does not copy.
+
+    ``io.BytesIO`` copies anything but ``bytes``, such as the memoryview of a received upload.
+    """
+
+    def __init__(self, data: bytes | memoryview) -> None:
+        super().__init__()
+        self._view = memoryview(data).cast("B")
+        self._at = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._at
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """As ``io.BytesIO.seek``: ValueError for a negative absolute position, else clamped at 0."""
+        if whence == io.SEEK_SET and offset < 0:
+            raise ValueError(f"negative seek value {offset}")
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._at, io.SEEK_END: len(self._view)}[whence]
+        self._at = max(base + offset, 0)
+        return self._at
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = len(self._view) if size is None or size < 0 else self._at + size
+        chunk = bytes(self._view[self._at : end])
+        self._at += len(chunk)
+        return chunk
+
+    def readinto(self, buffer: Any) -> int:
+        target = memoryview(buffer).cast("B")
+        chunk = self._view[self._at : self._at + len(target)]
+        target[: len(chunk)] = chunk
+        self._at += len(chunk)
+        return len(chunk)
+
+
+def inspect_zip(data: bytes | memoryview, limits: ZipLimits = ZipLimits()) -> ZipSummary:
     """Check ``data`` as described above; UnsafeZip with a person-readable reason otherwise."""
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
+        archive = zipfile.ZipFile(BufferReader(data))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as error:
         raise UnsafeZip(f"not a valid zip archive ({error})") from error
     with archive:
@@ -84,6 +127,9 @@ def _measured_size(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: int)
                 size += len(chunk)
                 if size > budget or size > info.file_size:
                     raise UnsafeZip("the archive expands past the size it declares (zip bomb?)")
-    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as error:
+    except UnsafeZip:
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError, ValueError) as error:
+        # ValueError: a central directory pointing before the archive's start ("negative seek value")
         raise UnsafeZip(f"entry {info.filename!r} cannot be read ({error})") from error
     return size
