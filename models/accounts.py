@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 import bcrypt
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -55,7 +55,10 @@ def hash_password(password: str, rounds: int) -> str:
 def find_user(session: Session, username: str) -> User | None:
     if not USERNAME_RE.fullmatch(username):
         return None  # no user can have this name (and PostgreSQL refuses some strings, e.g. with NUL, outright)
-    return session.scalar(select(User).where(func.lower(User.username) == username.lower()))
+    return session.scalar(_USER_BY_NAME, {"name": username.lower()})
+
+
+_USER_BY_NAME = select(User).where(func.lower(User.username) == bindparam("name"))  # built once, reused
 
 
 def register(db: Database, *, username: str, password: str, rounds: int, credit: int, initial_balance: int) -> UserView:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from models.errors import InsufficientBalance
@@ -22,8 +22,18 @@ def balance_key(user_id: int) -> str:
     return f"balance:{user_id}"
 
 
+# Statements built once and reused (a reused statement keeps its cache key): these run for every task.
+_ACCOUNT_BY_KEY = select(Account).where(Account.key == bindparam("key"))
+_ACCOUNT_ID_BY_KEY = select(Account.id).where(Account.key == bindparam("key"))
+_CREDIT = (
+    update(Account).where(Account.id == bindparam("account")).values(balance=Account.balance + bindparam("amount"))
+)
+_DEBIT = update(Account).where(Account.id == bindparam("account")).values(balance=Account.balance - bindparam("amount"))
+_DEBIT_COVERED = _DEBIT.where(Account.balance >= bindparam("amount"))
+
+
 def get_or_create_account(session: Session, key: str, kind: str, user_id: int | None = None) -> Account:
-    account = session.scalar(select(Account).where(Account.key == key))
+    account = session.scalar(_ACCOUNT_BY_KEY, {"key": key})
     if account is None:
         account = Account(key=key, kind=kind, user_id=user_id, balance=0)
         session.add(account)
@@ -32,7 +42,7 @@ def get_or_create_account(session: Session, key: str, kind: str, user_id: int | 
 
 
 def account_id(session: Session, key: str) -> int:
-    found = session.scalar(select(Account.id).where(Account.key == key))
+    found = session.scalar(_ACCOUNT_ID_BY_KEY, {"key": key})
     if found is None:
         raise LookupError(f"no ledger account {key!r}")
     return found
@@ -40,14 +50,12 @@ def account_id(session: Session, key: str) -> int:
 
 def _debit(session: Session, account: int, amount: int, *, allow_negative: bool = False) -> bool:
     """Conditional decrement: never read-modify-write. False if the balance would go negative."""
-    stmt = update(Account).where(Account.id == account).values(balance=Account.balance - amount)
-    if not allow_negative:
-        stmt = stmt.where(Account.balance >= amount)
-    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+    stmt = _DEBIT if allow_negative else _DEBIT_COVERED
+    return session.execute(stmt, {"account": account, "amount": amount}).rowcount == 1  # type: ignore[attr-defined]
 
 
 def _credit(session: Session, account: int, amount: int) -> None:
-    session.execute(update(Account).where(Account.id == account).values(balance=Account.balance + amount))
+    session.execute(_CREDIT, {"account": account, "amount": amount})
 
 
 def post(

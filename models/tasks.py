@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from models.tables import Node, Task, TaskEvent, TaskLog, TaskOutput, User, utcnow
@@ -119,14 +119,19 @@ def _view(row: Any) -> TaskView:
     )
 
 
+# Built once: a statement object reused keeps its cache key, so each call only binds its parameters.
+_BY_TASK_ID = _select().where(Task.task_id == bindparam("task_id"))
+_BY_TASK_IDS = _select().where(Task.task_id.in_(bindparam("task_ids", expanding=True)))
+
+
 def get(session: Session, task_id: str) -> TaskView | None:
-    row = session.execute(_select().where(Task.task_id == task_id)).first()
+    row = session.execute(_BY_TASK_ID, {"task_id": task_id}).first()
     return _view(row) if row else None
 
 
 def get_many(session: Session, task_ids: Iterable[str]) -> list[TaskView]:
     ids = list(task_ids)
-    return [_view(row) for row in session.execute(_select().where(Task.task_id.in_(ids))).all()] if ids else []
+    return [_view(row) for row in session.execute(_BY_TASK_IDS, {"task_ids": ids}).all()] if ids else []
 
 
 def list_for(session: Session, owner_id: int | None, limit: int = 1000) -> list[TaskView]:
@@ -278,11 +283,12 @@ def events(session: Session, task_pk: int) -> list[TaskEvent]:
     return list(session.scalars(select(TaskEvent).where(TaskEvent.task_pk == task_pk).order_by(TaskEvent.id)))
 
 
+_OUTPUT_COUNT = select(Task.output_lines, Task.output_truncated).where(Task.id == bindparam("pk")).with_for_update()
+
+
 def append_output(session: Session, task_pk: int, attempt: int, lines: list[str], *, max_lines: int) -> int:
     """Append lines, keeping at most ``max_lines`` per task and marking the cut once. Lines kept."""
-    current, truncated = session.execute(
-        select(Task.output_lines, Task.output_truncated).where(Task.id == task_pk).with_for_update()
-    ).one()
+    current, truncated = session.execute(_OUTPUT_COUNT, {"pk": task_pk}).one()
     room = max(0, max_lines - current)
     kept = [storable(line[:4000]) for line in lines[:room]]
     session.add_all(TaskOutput(task_pk=task_pk, attempt=attempt, line=line) for line in kept)
