@@ -152,7 +152,7 @@ def transfer(
             earlier = _replay(session, payer.id, idempotency_key, payee.id, amount)
             if earlier is not None:
                 return earlier
-        entry = ledger.post(
+        entry_id = ledger.post(
             session,
             kind="transfer",
             debit=ledger.account_id(session, ledger.balance_key(payer.id)),
@@ -162,7 +162,7 @@ def transfer(
             initiator_id=payer.id,
             idempotency_key=idempotency_key,
         )
-        return TransferOutcome(entry.id, replayed=False)
+        return TransferOutcome(entry_id, replayed=False)
 
     try:
         return db.transaction(work)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -57,24 +57,30 @@ def allocate(session: Session, *, node_pk: int, task_id: str, attempt: int, need
     return allocation.id
 
 
+# Built once (a reused statement keeps its cache key): matching runs it for every placed task.
+_HOLD = (
+    update(Node)
+    .where(
+        Node.id == bindparam("node"),
+        Node.status == "online",
+        *[getattr(Node, f"avail_{d}") >= bindparam(f"need_{d}") for d in RESOURCE_DIMENSIONS],
+        or_(Node.max_tasks.is_(None), Node.running_tasks < Node.max_tasks),
+    )
+    .values(
+        **{f"avail_{d}": getattr(Node, f"avail_{d}") - bindparam(f"need_{d}") for d in RESOURCE_DIMENSIONS},
+        running_tasks=Node.running_tasks + 1,
+        changed_at=bindparam("now"),
+    )
+    .execution_options(synchronize_session=False)  # NodeCatalog.refresh reads nodes afresh
+)
+
+
 def hold(session: Session, node_pk: int, need: Need) -> bool:
     """The node's half of :func:`allocate`: take ``need`` from an online node with room and below
     its task cap, in one conditional UPDATE. The caller records the allocation row in the same
     transaction (``allocate`` does; matching inserts a batch of them at once)."""
-    amounts = need.as_dict()
-    fits = [getattr(Node, f"avail_{d}") >= amount for d, amount in amounts.items()]
-    changes = {f"avail_{d}": getattr(Node, f"avail_{d}") - amount for d, amount in amounts.items()}
-    result = session.execute(
-        update(Node)
-        .where(
-            Node.id == node_pk,
-            Node.status == "online",
-            *fits,
-            or_(Node.max_tasks.is_(None), Node.running_tasks < Node.max_tasks),
-        )
-        .values(**changes, running_tasks=Node.running_tasks + 1, changed_at=utcnow())
-    )
-    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+    params = {"node": node_pk, "now": utcnow(), **{f"need_{d}": n for d, n in need.as_dict().items()}}
+    return bool(session.execute(_HOLD, params).rowcount == 1)  # type: ignore[attr-defined]
 
 
 def _give_back(session: Session, node_pk: int, amounts: dict[str, int]) -> None:

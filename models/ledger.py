@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from models.errors import InsufficientBalance
@@ -41,6 +41,14 @@ def get_or_create_account(session: Session, key: str, kind: str, user_id: int | 
     return account
 
 
+def open_account(session: Session, key: str, kind: str, user_id: int | None = None) -> int:
+    """Create an account that cannot exist yet (a new task's escrow); its id."""
+    return int(session.execute(_NEW_ACCOUNT, {"key": key, "kind": kind, "user_id": user_id, "balance": 0}).scalar_one())
+
+
+_NEW_ACCOUNT = insert(Account).returning(Account.id)
+
+
 def account_id(session: Session, key: str) -> int:
     found = session.scalar(_ACCOUNT_ID_BY_KEY, {"key": key})
     if found is None:
@@ -58,6 +66,10 @@ def _credit(session: Session, account: int, amount: int) -> None:
     session.execute(_CREDIT, {"account": account, "amount": amount})
 
 
+_NEW_ENTRY = insert(JournalEntry).returning(JournalEntry.id)
+_NEW_POSTINGS = insert(Posting)
+
+
 def post(
     session: Session,
     *,
@@ -69,34 +81,33 @@ def post(
     initiator_id: int | None = None,
     idempotency_key: str | None = None,
     allow_negative: bool = False,
-) -> JournalEntry:
-    """Move ``amount`` from account ``debit`` to account ``credit`` as one journal entry.
+) -> int:
+    """Move ``amount`` from account ``debit`` to account ``credit`` as one journal entry; its id.
 
     Rows are updated in account-id order so two opposite movements cannot deadlock.
     Raises :class:`InsufficientBalance` when ``debit`` cannot cover ``amount``; the caller's
-    transaction must then be rolled back (the entry row was already flushed).
+    transaction must then be rolled back (the entry row was already inserted).
     """
     if amount <= 0:
         raise ValueError("amount must be positive")
-    entry = JournalEntry(kind=kind, initiator_id=initiator_id, idempotency_key=idempotency_key, memo=memo)
-    session.add(entry)
-    session.flush()  # unique idempotency key is checked here
-    steps = sorted([(debit, "debit"), (credit, "credit")])
-    for account, side in steps:
+    entry = {"kind": kind, "initiator_id": initiator_id, "idempotency_key": idempotency_key, "memo": memo}
+    entry_id: int = session.execute(_NEW_ENTRY, entry).scalar_one()  # a unique idempotency key is checked here
+    for account, side in sorted([(debit, "debit"), (credit, "credit")]):
         if side == "credit":
             _credit(session, account, amount)
         elif not _debit(session, account, amount, allow_negative=allow_negative):
             raise InsufficientBalance(f"insufficient balance: {amount} CPT needed")
-    session.add_all(
+    session.execute(
+        _NEW_POSTINGS,
         [
-            Posting(entry_id=entry.id, account_id=debit, amount=-amount),
-            Posting(entry_id=entry.id, account_id=credit, amount=amount),
-        ]
+            {"entry_id": entry_id, "account_id": debit, "amount": -amount},
+            {"entry_id": entry_id, "account_id": credit, "amount": amount},
+        ],
     )
-    return entry
+    return entry_id
 
 
-def mint(session: Session, *, to_account: int, amount: int, memo: str) -> JournalEntry:
+def mint(session: Session, *, to_account: int, amount: int, memo: str) -> int:
     """Create ``amount`` new CPT into ``to_account`` (the mint account goes further negative)."""
     mint_id = account_id(session, MINT_KEY)
     return post(session, kind="mint", debit=mint_id, credit=to_account, amount=amount, memo=memo, allow_negative=True)

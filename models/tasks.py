@@ -154,32 +154,37 @@ def create(
     zip_size: int,
     price_per_minute: int,
 ) -> int:
-    task = Task(
-        task_id=task_id,
-        owner_id=owner_id,
-        status=PENDING,
-        attempt=0,
-        gpu_name=gpu_name,
-        location=location,
-        max_minutes=max_minutes,
-        zip_sha256=zip_sha256,
-        zip_size=zip_size,
-        price_per_minute=price_per_minute,
-        excluded_nodes="",
-        pending_reason="waiting for a node",
-        message="",
-        reported_outcome="",
-        output_lines=0,
-        output_truncated=False,
-        result_sha256="",
-        result_size=0,
-        result_pruned=False,
+    row = {
+        "task_id": task_id,
+        "owner_id": owner_id,
+        "status": PENDING,
+        "attempt": 0,
+        "gpu_name": gpu_name,
+        "location": location,
+        "max_minutes": max_minutes,
+        "zip_sha256": zip_sha256,
+        "zip_size": zip_size,
+        "price_per_minute": price_per_minute,
+        "excluded_nodes": "",
+        "pending_reason": "waiting for a node",
+        "message": "",
+        "reported_outcome": "",
+        "output_lines": 0,
+        "output_truncated": False,
+        "result_sha256": "",
+        "result_size": 0,
+        "result_pruned": False,
         **needs,
+    }
+    pk = int(session.execute(_NEW_TASK, row).scalar_one())
+    session.execute(
+        _NEW_EVENT, {"task_pk": pk, "from_status": "", "to_status": PENDING, "attempt": 0, "reason": "uploaded"}
     )
-    session.add(task)
-    session.flush()
-    session.add(TaskEvent(task_pk=task.id, from_status="", to_status=PENDING, attempt=0, reason="uploaded"))
-    return task.id
+    return pk
+
+
+_NEW_TASK = insert(Task).returning(Task.id)
+_NEW_EVENT = insert(TaskEvent)
 
 
 def transition(

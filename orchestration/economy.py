@@ -33,7 +33,7 @@ def _balance(session: Session, key: str) -> int:
 
 def escrow(session: Session, *, task_pk: int, task_id: str, owner_id: int, amount: int) -> None:
     """Move ``amount`` from the owner's balance into the task's escrow; InsufficientBalance if short."""
-    account = ledger.get_or_create_account(session, escrow_key(task_pk), "escrow", owner_id)
+    account = ledger.open_account(session, escrow_key(task_pk), "escrow", owner_id)  # the task is new
     if amount <= 0:
         return
     balance = ledger.account_id(session, ledger.balance_key(owner_id))
@@ -42,7 +42,7 @@ def escrow(session: Session, *, task_pk: int, task_id: str, owner_id: int, amoun
             session,
             kind="escrow",
             debit=balance,
-            credit=account.id,
+            credit=account,
             amount=amount,
             memo=f"escrow for task {task_id}",
             initiator_id=owner_id,

@@ -47,8 +47,11 @@ class Coalesced:
 
     def request(self) -> None:
         try:
-            self.redis.set(self._wanted, "1", ex=self.ttl * 6)
-            if not self.redis.set(self._flag, "1", nx=True, ex=self.ttl):
+            with self.redis.pipeline(transaction=False) as pipe:  # one round trip for both
+                pipe.set(self._wanted, "1", ex=self.ttl * 6)
+                pipe.set(self._flag, "1", nx=True, ex=self.ttl)
+                _, took_flag = pipe.execute()
+            if not took_flag:
                 return
         except redis.RedisError:
             pass

@@ -45,7 +45,7 @@ class NodeCatalog:
 
     def refresh(self, session: Session) -> int:
         """Load nodes changed since the last refresh (all of them the first time); how many."""
-        query = select(Node)
+        query = select(Node).execution_options(populate_existing=True)  # not the session's older copies
         if self.since is not None:
             query = query.where(Node.changed_at >= self.since - timedelta(seconds=2))
         count = 0

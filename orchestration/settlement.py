@@ -70,9 +70,7 @@ def settle(
     """In the caller's transaction: COMPLETED or FAILED for every reported attempt of ``archived``
     (the same effects as :func:`finish_in` for each). Returns the statuses afterwards, and the
     attempts left for finish_in (none in the common case)."""
-    ids = [task_id for task_id, _ in archived]
-    session.execute(select(Task.id).where(Task.task_id.in_(ids)).order_by(Task.id).with_for_update()).all()
-    views = {view.task_id: view for view in tasks.get_many(session, ids)}
+    views = _locked_views(session, [task_id for task_id, _ in archived])
     statuses: dict[Key, str] = {}
     due: list[tuple[tasks.TaskView, tuple[str, int] | None]] = []
     for (task_id, attempt), result in archived.items():
@@ -151,11 +149,36 @@ def settle(
     return statuses, left
 
 
-def _lock_accounts(session: Session, due: list[tasks.TaskView]) -> _Books:
+def accrue_many(session: Session, task_ids: list[str], now: datetime) -> int:
+    """In the caller's transaction: :func:`economy.accrue` for every RUNNING task of ``task_ids``,
+    with a fixed number of statements. The CPT moved from escrow to pending rewards."""
+    views = _locked_views(session, task_ids)
+    running = [view for view in views.values() if view.status == tasks.RUNNING]
+    books = _lock_accounts(session, running, balances=False)
+    metered = []
+    for view in running:
+        if escrow_key(view.pk) in books.ids and _accrue(books, view, now) == now:
+            metered.append({"id": view.pk, "accrued_until": now})
+    _write_books(session, books)
+    if metered:
+        session.execute(update(Task), metered)
+    return sum(amount for _, _, _, amount, _ in books.entries)
+
+
+def _locked_views(session: Session, task_ids: list[str]) -> dict[str, tasks.TaskView]:
+    """The tasks named, their rows locked (in id order) before they are read."""
+    session.execute(select(Task.id).where(Task.task_id.in_(task_ids)).order_by(Task.id).with_for_update()).all()
+    return {view.task_id: view for view in tasks.get_many(session, task_ids)}
+
+
+def _lock_accounts(session: Session, due: list[tasks.TaskView], *, balances: bool = True) -> _Books:
+    """The escrow and pending accounts of ``due`` (and its users' balances), locked in id order."""
     keys: set[str] = set()
     for view in due:
-        keys |= {escrow_key(view.pk), pending_key(view.pk, view.attempt), ledger.balance_key(view.owner_id)}
-        if view.node_owner_id is not None:
+        keys |= {escrow_key(view.pk), pending_key(view.pk, view.attempt)}
+        if balances:
+            keys.add(ledger.balance_key(view.owner_id))
+        if balances and view.node_owner_id is not None:
             keys.add(ledger.balance_key(view.node_owner_id))
     rows = session.execute(
         select(Account.key, Account.id, Account.balance)

@@ -211,3 +211,26 @@ def test_settling_twice_pays_once(db: Database) -> None:
     again, left = db.transaction(lambda session: settlement.settle(session, SETTINGS, batch))
     assert left == [] and again == first
     assert snapshot(db, "c") == before
+
+
+def test_batch_accrual_matches_one_task_at_a_time(db: Database) -> None:
+    one_by_one, batch = build(db, "x"), build(db, "y")
+    now = utcnow() + timedelta(minutes=5)  # every running task has earned something since its last accrual
+
+    def each(session: sa.orm.Session) -> int:
+        return sum(
+            economy.accrue(session, view, now)
+            for view in tasks.get_many(session, [task_id for task_id, _ in one_by_one])
+            if view.status == tasks.RUNNING
+        )
+
+    moved_each = db.transaction(each)
+    moved_batch = db.transaction(lambda session: settlement.accrue_many(session, [t for t, _ in batch], now))
+
+    assert moved_batch == moved_each > 0
+    assert snapshot(db, "y") == snapshot(db, "x")
+    assert db.transaction(lambda session: settlement.accrue_many(session, [t for t, _ in batch], now)) == 0
+    with db.reading() as session:
+        assert {v.accrued_until for v in tasks.get_many(session, [t for t, _ in batch]) if v.started_at} == {now}
+        report = ledger.audit(session)
+        assert report.ok, report.problems

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from models import ledger, tasks
 from models.tables import Task as TaskRow
 from models.tables import utcnow
-from orchestration import economy, nodes
+from orchestration import nodes, settlement
 from orchestration.runtime import runtime
 
 log = logging.getLogger(__name__)
@@ -94,15 +94,9 @@ def accrue_rewards(self: Task) -> int:
         ]
     moved = 0
     for start in range(0, len(running), ACCRUAL_BATCH):  # one transaction per batch, not per task
-
-        def work(session, batch: list[str] = running[start : start + ACCRUAL_BATCH]) -> int:  # type: ignore[no-untyped-def]
-            total = 0
-            for task_id in batch:
-                task = tasks.get(session, task_id)
-                total += economy.accrue(session, task, now) if task and task.status == tasks.RUNNING else 0
-            return total
-
-        moved += rt.db.transaction(work)
+        moved += rt.db.transaction(
+            partial(settlement.accrue_many, task_ids=running[start : start + ACCRUAL_BATCH], now=now)
+        )
     return moved
 
 
