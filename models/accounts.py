@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import cast
 
 import bcrypt
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import Table, bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -58,7 +59,18 @@ def find_user(session: Session, username: str) -> User | None:
     return session.scalar(_USER_BY_NAME, {"name": username.lower()})
 
 
-_USER_BY_NAME = select(User).where(func.lower(User.username) == bindparam("name"))  # built once, reused
+def user_id(session: Session, username: str) -> int | None:
+    """:func:`find_user`'s id only, without building the ORM object."""
+    if not USERNAME_RE.fullmatch(username):
+        return None
+    found = session.execute(_USER_ID_BY_NAME, {"name": username.lower()}).scalar()
+    return int(found) if found is not None else None
+
+
+# built once, reused
+_USER_BY_NAME = select(User).where(func.lower(User.username) == bindparam("name"))
+_users = cast(Table, User.__table__)
+_USER_ID_BY_NAME = select(_users.c.id).where(func.lower(_users.c.username) == bindparam("name"))
 
 
 def register(db: Database, *, username: str, password: str, rounds: int, credit: int, initial_balance: int) -> UserView:

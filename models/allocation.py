@@ -9,8 +9,9 @@ concurrent schedulers keep ``avail + Σ active allocations = capacity`` at every
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import Table, and_, bindparam, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -58,21 +59,21 @@ def allocate(session: Session, *, node_pk: int, task_id: str, attempt: int, need
 
 
 # Built once (a reused statement keeps its cache key): matching runs it for every placed task.
+_nodes = cast(Table, Node.__table__)
 _HOLD = (
-    update(Node)
+    update(_nodes)
     .where(
-        Node.id == bindparam("node"),
-        Node.status == "online",
-        *[getattr(Node, f"avail_{d}") >= bindparam(f"need_{d}") for d in RESOURCE_DIMENSIONS],
-        or_(Node.max_tasks.is_(None), Node.running_tasks < Node.max_tasks),
+        _nodes.c.id == bindparam("node"),
+        _nodes.c.status == "online",
+        *[_nodes.c[f"avail_{d}"] >= bindparam(f"need_{d}") for d in RESOURCE_DIMENSIONS],
+        or_(_nodes.c.max_tasks.is_(None), _nodes.c.running_tasks < _nodes.c.max_tasks),
     )
     .values(
-        **{f"avail_{d}": getattr(Node, f"avail_{d}") - bindparam(f"need_{d}") for d in RESOURCE_DIMENSIONS},
-        running_tasks=Node.running_tasks + 1,
+        **{f"avail_{d}": _nodes.c[f"avail_{d}"] - bindparam(f"need_{d}") for d in RESOURCE_DIMENSIONS},
+        running_tasks=_nodes.c.running_tasks + 1,
         changed_at=bindparam("now"),
     )
-    .execution_options(synchronize_session=False)  # NodeCatalog.refresh reads nodes afresh
-)
+)  # a Core statement: NodeCatalog.refresh reads nodes afresh, nothing in the session to keep in step
 
 
 def hold(session: Session, node_pk: int, need: Need) -> bool:

@@ -8,8 +8,9 @@ accounts and changed only by conditional updates in the same transaction as the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from models.errors import InsufficientBalance
@@ -22,14 +23,25 @@ def balance_key(user_id: int) -> str:
     return f"balance:{user_id}"
 
 
-# Statements built once and reused (a reused statement keeps its cache key): these run for every task.
+# Statements built once and reused (a reused statement keeps its cache key), on the tables rather
+# than the ORM classes: these run for every task, and plain Core statements skip the ORM's layers.
+_accounts = cast(Table, Account.__table__)
 _ACCOUNT_BY_KEY = select(Account).where(Account.key == bindparam("key"))
-_ACCOUNT_ID_BY_KEY = select(Account.id).where(Account.key == bindparam("key"))
+_ACCOUNT_ID_BY_KEY = select(_accounts.c.id).where(_accounts.c.key == bindparam("key"))
 _CREDIT = (
-    update(Account).where(Account.id == bindparam("account")).values(balance=Account.balance + bindparam("amount"))
+    update(_accounts)
+    .where(_accounts.c.id == bindparam("account"))
+    .values(balance=_accounts.c.balance + bindparam("amount"))
 )
-_DEBIT = update(Account).where(Account.id == bindparam("account")).values(balance=Account.balance - bindparam("amount"))
-_DEBIT_COVERED = _DEBIT.where(Account.balance >= bindparam("amount"))
+_DEBIT = (
+    update(_accounts)
+    .where(_accounts.c.id == bindparam("account"))
+    .values(balance=_accounts.c.balance - bindparam("amount"))
+)
+_DEBIT_COVERED = _DEBIT.where(_accounts.c.balance >= bindparam("amount"))
+_NEW_ACCOUNT = insert(_accounts).returning(_accounts.c.id)
+_NEW_ENTRY = insert(cast(Table, JournalEntry.__table__)).returning(cast(Table, JournalEntry.__table__).c.id)
+_NEW_POSTINGS = insert(cast(Table, Posting.__table__))
 
 
 def get_or_create_account(session: Session, key: str, kind: str, user_id: int | None = None) -> Account:
@@ -44,9 +56,6 @@ def get_or_create_account(session: Session, key: str, kind: str, user_id: int | 
 def open_account(session: Session, key: str, kind: str, user_id: int | None = None) -> int:
     """Create an account that cannot exist yet (a new task's escrow); its id."""
     return int(session.execute(_NEW_ACCOUNT, {"key": key, "kind": kind, "user_id": user_id, "balance": 0}).scalar_one())
-
-
-_NEW_ACCOUNT = insert(Account).returning(Account.id)
 
 
 def account_id(session: Session, key: str) -> int:
@@ -64,10 +73,6 @@ def _debit(session: Session, account: int, amount: int, *, allow_negative: bool 
 
 def _credit(session: Session, account: int, amount: int) -> None:
     session.execute(_CREDIT, {"account": account, "amount": amount})
-
-
-_NEW_ENTRY = insert(JournalEntry).returning(JournalEntry.id)
-_NEW_POSTINGS = insert(Posting)
 
 
 def post(

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from models.tables import Node, Task, TaskEvent, TaskLog, TaskOutput, User, utcnow
@@ -71,19 +71,22 @@ _TASK_COLUMNS = (
 )  # fmt: skip
 
 
+_tasks, _users, _nodes = (cast(Table, t.__table__) for t in (Task, User, Node))
+
+
 def _select():  # type: ignore[no-untyped-def]
-    """The columns of a TaskView (plain rows: no ORM objects to build for a read)."""
+    """The columns of a TaskView, as a Core statement on the tables: plain rows, no ORM layers."""
     return (
         select(
-            *(getattr(Task, c) for c in _TASK_COLUMNS),
-            User.username,
-            User.id.label("owner_id"),
-            User.credit_score,
-            Node.node_id,
-            Node.owner_id.label("node_owner_id"),
+            *(_tasks.c[c] for c in _TASK_COLUMNS),
+            _users.c.username,
+            _users.c.id.label("owner_id"),
+            _users.c.credit_score,
+            _nodes.c.node_id,
+            _nodes.c.owner_id.label("node_owner_id"),
         )
-        .join(User, User.id == Task.owner_id)
-        .outerjoin(Node, Node.id == Task.node_pk)
+        .select_from(_tasks.join(_users, _users.c.id == _tasks.c.owner_id))
+        .outerjoin(_nodes, _nodes.c.id == _tasks.c.node_pk)
     )
 
 
@@ -120,8 +123,8 @@ def _view(row: Any) -> TaskView:
 
 
 # Built once: a statement object reused keeps its cache key, so each call only binds its parameters.
-_BY_TASK_ID = _select().where(Task.task_id == bindparam("task_id"))
-_BY_TASK_IDS = _select().where(Task.task_id.in_(bindparam("task_ids", expanding=True)))
+_BY_TASK_ID = _select().where(_tasks.c.task_id == bindparam("task_id"))
+_BY_TASK_IDS = _select().where(_tasks.c.task_id.in_(bindparam("task_ids", expanding=True)))
 
 
 def get(session: Session, task_id: str) -> TaskView | None:
@@ -183,8 +186,8 @@ def create(
     return pk
 
 
-_NEW_TASK = insert(Task).returning(Task.id)
-_NEW_EVENT = insert(TaskEvent)
+_NEW_TASK = insert(_tasks).returning(_tasks.c.id)
+_NEW_EVENT = insert(cast(Table, TaskEvent.__table__))
 
 
 def transition(
@@ -288,7 +291,9 @@ def events(session: Session, task_pk: int) -> list[TaskEvent]:
     return list(session.scalars(select(TaskEvent).where(TaskEvent.task_pk == task_pk).order_by(TaskEvent.id)))
 
 
-_OUTPUT_COUNT = select(Task.output_lines, Task.output_truncated).where(Task.id == bindparam("pk")).with_for_update()
+_OUTPUT_COUNT = (
+    select(_tasks.c.output_lines, _tasks.c.output_truncated).where(_tasks.c.id == bindparam("pk")).with_for_update()
+)
 
 
 def append_output(session: Session, task_pk: int, attempt: int, lines: list[str], *, max_lines: int) -> int:

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from models import tasks
-from models.accounts import find_user
+from models import accounts, tasks
 from models.errors import InvalidArgument, NotFound, PermissionDenied, Refused, TooLarge
 from orchestration import economy
 from orchestration.policies.pricing import PriceList, price_per_minute
@@ -121,13 +120,13 @@ def insert(session: Session, request: UploadRequest, caller: str, settings: Sett
     PermissionDenied when the id belongs to someone else; Refused when it is yours but for a
     different upload; InsufficientBalance when the balance does not cover the escrow.
     """
-    owner = find_user(session, caller)
-    if owner is None:
+    owner_id = accounts.user_id(session, caller)
+    if owner_id is None:
         raise NotFound("your account no longer exists")
     digest = request.zip_sha256.hexdigest() if request.zip_sha256 else sha256(request.task_zip)
     existing = tasks.get(session, request.task_id)
     if existing is not None:
-        if existing.owner_id != owner.id:
+        if existing.owner_id != owner_id:
             raise PermissionDenied(f"task id {request.task_id!r} is taken by another user")
         same = (
             existing.zip_sha256 == digest
@@ -142,7 +141,7 @@ def insert(session: Session, request: UploadRequest, caller: str, settings: Sett
     pk = tasks.create(
         session,
         task_id=request.task_id,
-        owner_id=owner.id,
+        owner_id=owner_id,
         needs=request.needs,
         gpu_name=request.gpu_name,
         location=request.location,
@@ -152,7 +151,7 @@ def insert(session: Session, request: UploadRequest, caller: str, settings: Sett
         price_per_minute=per_minute,
     )
     economy.escrow(
-        session, task_pk=pk, task_id=request.task_id, owner_id=owner.id, amount=per_minute * request.max_minutes
+        session, task_pk=pk, task_id=request.task_id, owner_id=owner_id, amount=per_minute * request.max_minutes
     )
     log.info(
         "task %s uploaded by %s (%d CPT/min, %d bytes)",
