@@ -301,13 +301,22 @@ def append_output(session: Session, task_pk: int, attempt: int, lines: list[str]
     current, truncated = session.execute(_OUTPUT_COUNT, {"pk": task_pk}).one()
     room = max(0, max_lines - current)
     kept = [storable(line[:4000]) for line in lines[:room]]
-    session.add_all(TaskOutput(task_pk=task_pk, attempt=attempt, line=line) for line in kept)
-    values: dict[str, object] = {"output_lines": current + len(kept)}
-    if len(kept) < len(lines) and not truncated:
-        session.add(TaskOutput(task_pk=task_pk, attempt=attempt, line=TRUNCATION_MARKER.format(limit=max_lines)))
-        values["output_truncated"] = True
-    session.execute(update(Task).where(Task.id == task_pk).values(**values))
+    rows = [{"task_pk": task_pk, "attempt": attempt, "line": line} for line in kept]
+    cut = len(kept) < len(lines) and not truncated
+    if cut:
+        rows.append({"task_pk": task_pk, "attempt": attempt, "line": TRUNCATION_MARKER.format(limit=max_lines)})
+    if rows:
+        session.execute(_NEW_OUTPUT, rows)
+    session.execute(_OUTPUT_KEPT, {"pk": task_pk, "lines": current + len(kept), "cut": truncated or cut})
     return len(kept)
+
+
+_NEW_OUTPUT = insert(cast(Table, TaskOutput.__table__))
+_OUTPUT_KEPT = (
+    update(_tasks)
+    .where(_tasks.c.id == bindparam("pk"))
+    .values(output_lines=bindparam("lines"), output_truncated=bindparam("cut"))
+)
 
 
 def output(session: Session, task_pk: int) -> list[str]:

@@ -10,9 +10,10 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import redis
-from sqlalchemy import update
+from sqlalchemy import Table, bindparam, update
 from sqlalchemy.orm import Session
 
 from models import tasks
@@ -115,6 +116,14 @@ def check_result_owner(db: Database, reporter: Reporter, task_id: str) -> tasks.
         return authorize(session, reporter, task_id)
 
 
+_tasks = cast(Table, Task.__table__)
+_RECORD_OUTCOME = (  # the first verdict wins
+    update(_tasks)
+    .where(_tasks.c.id == bindparam("pk"), _tasks.c.attempt == bindparam("b_attempt"), _tasks.c.reported_outcome == "")
+    .values(reported_outcome=bindparam("outcome"), message=bindparam("b_message"), updated_at=bindparam("now"))
+)
+
+
 def record_completion(db: Database, reporter: Reporter, task_id: str, success: bool, message: str) -> tuple[int, bool]:
     """Remember the node's verdict (first one wins); (attempt, whether this call recorded it)."""
 
@@ -123,13 +132,14 @@ def record_completion(db: Database, reporter: Reporter, task_id: str, success: b
         if task.status == tasks.STOPPING:
             return task.attempt, False
         result = session.execute(
-            update(Task)
-            .where(Task.id == task.pk, Task.attempt == task.attempt, Task.reported_outcome == "")
-            .values(
-                reported_outcome="success" if success else "failure",
-                message=tasks.storable(message[:500]),
-                updated_at=utcnow(),  # the recovery sweep leaves fresh reports to their archival job
-            )
+            _RECORD_OUTCOME,
+            {
+                "pk": task.pk,
+                "b_attempt": task.attempt,
+                "outcome": "success" if success else "failure",
+                "b_message": tasks.storable(message[:500]),
+                "now": utcnow(),  # the recovery sweep leaves fresh reports to their archival job
+            },
         )
         return task.attempt, result.rowcount == 1  # type: ignore[attr-defined]
 
