@@ -67,8 +67,11 @@ def build_context(settings: Settings) -> PoolContext:
         ),
         jobs=jobs,
         heartbeats=store,
-        batcher=HeartbeatBatcher(store, lambda node, message: node_cases.revive(db, store, node, message),
-                                 interval=settings.HEARTBEAT_FLUSH_SECONDS),
+        batcher=HeartbeatBatcher(
+            store,
+            lambda node, message: node_cases.revive(db, store, node, message),
+            interval=settings.HEARTBEAT_FLUSH_SECONDS,
+        ),
         signer=PoolSigner.load_or_create(settings.signing_key_path),
         lifecycle=Lifecycle(db, TaskStorage(settings.task_storage_path), settings, jobs, client),
     )

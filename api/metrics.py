@@ -14,6 +14,7 @@ The names and labels are documented in the README ("Metrics").
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -66,9 +67,15 @@ RPC_REFUSALS = Counter(
 )
 
 
+@functools.cache
+def _rpc_seconds(method: str) -> Any:
+    """The histogram's child for ``method``, looked up once (every call records into it)."""
+    return RPC_SECONDS.labels(method)
+
+
 def observe_rpc(method: str, seconds: float, outcome: str) -> None:
     """Record one call: ``outcome`` is ``OK``, ``REFUSED`` or a gRPC status code name."""
-    RPC_SECONDS.labels(method).observe(seconds)
+    _rpc_seconds(method).observe(seconds)
     if outcome == "REFUSED":
         RPC_REFUSALS.labels(method).inc()
     elif outcome != "OK":
