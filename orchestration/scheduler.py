@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
@@ -143,15 +144,20 @@ def _assign_in(session: Session, task: tasks.TaskView, node: NodeView, node_pk: 
 Placement = tuple[list[tuple[tasks.TaskView, NodeView]], list[tasks.TaskView]]
 
 
-def _place_each(
-    session: Session, catalog: NodeCatalog, due: list[tasks.TaskView], t: TrustThresholds, rng: random.Random
+def _place(
+    session: Session,
+    catalog: NodeCatalog,
+    due: list[tasks.TaskView],
+    t: TrustThresholds,
+    rng: random.Random,
+    take: Callable[[tasks.TaskView, NodeView, int], bool],
 ) -> Placement:
-    """Place task by task, each in a savepoint (:func:`_assign_in`)."""
+    """Each task on its first candidate node that ``take`` (task, node, node pk) accepts."""
     placed: list[tuple[tasks.TaskView, NodeView]] = []
     unplaced: list[tasks.TaskView] = []
     for task in due:
         for node in candidates(catalog, task, t, rng):
-            if _assign_in(session, task, node, catalog.pks[node.node_id]):
+            if take(task, node, catalog.pks[node.node_id]):
                 catalog.took(node, needs_of(task).resources)
                 placed.append((task, node))
                 break
@@ -161,6 +167,13 @@ def _place_each(
     return placed, unplaced
 
 
+def _place_each(
+    session: Session, catalog: NodeCatalog, due: list[tasks.TaskView], t: TrustThresholds, rng: random.Random
+) -> Placement:
+    """Place task by task, each in a savepoint (:func:`_assign_in`)."""
+    return _place(session, catalog, due, t, rng, partial(_assign_in, session))
+
+
 def _place_batch(
     session: Session, catalog: NodeCatalog, due: list[tasks.TaskView], t: TrustThresholds, rng: random.Random
 ) -> Placement:
@@ -168,20 +181,15 @@ def _place_batch(
     all: lock the tasks still PENDING at their attempt, hold resources node by node, then insert
     the allocations and move the tasks to ASSIGNED in two multi-row statements."""
     current = tasks.lock(session, [task.pk for task in due])
-    placed: list[tuple[tasks.TaskView, NodeView]] = []
-    unplaced: list[tasks.TaskView] = []
-    for task in due:
-        if current.get(task.pk) != (tasks.PENDING, task.attempt):
-            continue  # another scheduler moved it first
-        need = allocation.Need(**task.needs)
-        for node in candidates(catalog, task, t, rng):
-            if allocation.hold(session, catalog.pks[node.node_id], need):
-                catalog.took(node, needs_of(task).resources)
-                placed.append((task, node))
-                break
-            catalog.refresh(session)  # our view of that node was stale
-        else:
-            unplaced.append(task)
+    still_pending = [task for task in due if current.get(task.pk) == (tasks.PENDING, task.attempt)]
+    placed, unplaced = _place(
+        session,
+        catalog,
+        still_pending,  # the others were moved first by another scheduler
+        t,
+        rng,
+        lambda task, _node, node_pk: allocation.hold(session, node_pk, allocation.Need(**task.needs)),
+    )
     if placed:
         session.execute(
             insert(Allocation),
