@@ -69,7 +69,7 @@ def build_context(settings: Settings) -> PoolContext:
         heartbeats=store,
         batcher=HeartbeatBatcher(
             store,
-            lambda node, message: node_cases.revive(db, store, node, message),
+            lambda beats: node_cases.revive_many(db, store, beats),
             interval=settings.HEARTBEAT_FLUSH_SECONDS,
         ),
         signer=PoolSigner.load_or_create(settings.signing_key_path),

@@ -8,6 +8,7 @@ concurrent schedulers keep ``avail + Σ active allocations = capacity`` at every
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import cast
 
@@ -127,8 +128,16 @@ def release_task(session: Session, task_id: str, reason: str) -> list[Released]:
 
 def release_node(session: Session, node_pk: int, reason: str) -> list[Released]:
     """Release every active allocation on a node (it went offline or restarted)."""
+    return release_nodes(session, [node_pk], reason)
+
+
+def release_nodes(session: Session, node_pks: Iterable[int], reason: str) -> list[Released]:
+    """Release every active allocation on these nodes."""
+    pks = sorted(set(node_pks))
+    if not pks:
+        return []
     rows = session.scalars(
-        select(Allocation).where(Allocation.node_pk == node_pk, Allocation.released_at.is_(None))
+        select(Allocation).where(Allocation.node_pk.in_(pks), Allocation.released_at.is_(None)).order_by(Allocation.id)
     ).all()
     return [Released(a.id, a.node_pk, a.task_id, a.attempt) for a in rows if release(session, a.id, reason)]
 

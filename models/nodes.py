@@ -148,6 +148,21 @@ def set_status(session: Session, node_id: str, *, to: str, expected: str) -> boo
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
+def set_status_many(session: Session, node_ids: Iterable[str], *, to: str, expected: str) -> dict[str, int]:
+    """Guarded transition ``expected → to`` for many nodes in one statement; {node_id: pk} of
+    the nodes this call moved (the others were not in ``expected``)."""
+    ids = sorted(set(node_ids))
+    if not ids:
+        return {}
+    moved = session.execute(
+        update(Node)
+        .where(Node.node_id.in_(ids), Node.status == expected)
+        .values(status=to, changed_at=utcnow())
+        .returning(Node.node_id, Node.id)
+    )
+    return {node_id: pk for node_id, pk in moved}
+
+
 def node_pk(session: Session, node_id: str) -> int | None:
     return session.scalar(select(Node.id).where(Node.node_id == node_id))
 

@@ -52,12 +52,19 @@ class HeartbeatStore:
 
     def mark(self, node_id: str, status: str, *, now: float | None = None) -> None:
         """Mirror a DB status; an online node also gets a fresh heartbeat."""
+        self.mark_many([node_id], status, now=now)
+
+    def mark_many(self, node_ids: Iterable[str], status: str, *, now: float | None = None) -> None:
+        """:meth:`mark` for many nodes in one round trip."""
+        ids = list(node_ids)
+        if not ids:
+            return
         pipe = self._redis.pipeline(transaction=False)
-        pipe.hset(self._status, node_id, status)
+        pipe.hset(self._status, mapping=dict.fromkeys(ids, status))
         if status == "online":
-            pipe.zadd(self._seen, {node_id: time.time() if now is None else now})
+            pipe.zadd(self._seen, dict.fromkeys(ids, time.time() if now is None else now))
         else:
-            pipe.zrem(self._seen, node_id)
+            pipe.zrem(self._seen, *ids)
         pipe.execute()
 
     def silent_since(self, cutoff: float) -> list[str]:
@@ -99,14 +106,17 @@ class HeartbeatBatcher:
 
     A heartbeat then costs the gRPC handler a set look-up and a dict insert. Each flush also reads
     the status mirror of the nodes it wrote: a node found offline (expired by the sweep meanwhile)
-    or unknown (Redis lost) is handed to ``revive``, which runs the slow path, and is no longer
-    batched until that succeeds. Unknown nodes are never batched: their first heartbeat takes the
-    slow path, so an unregistered node gets its answer at once.
+    or unknown (Redis lost) is handed to ``revive`` with the others of its flush, which runs the
+    slow path for all of them at once, and is no longer batched until that succeeds. Unknown
+    nodes are never batched: their first heartbeat takes the slow path, so an unregistered node
+    gets its answer at once.
     """
 
-    def __init__(self, store: HeartbeatStore, revive: Callable[[str, str], None], *, interval: float = 0.05) -> None:
+    def __init__(
+        self, store: HeartbeatStore, revive: Callable[[dict[str, str]], set[str]], *, interval: float = 0.05
+    ) -> None:
         self._store = store
-        self._revive = revive
+        self._revive = revive  # {node_id: message} -> the nodes now online
         self._interval = interval
         self._online: set[str] = set()
         self._pending: dict[str, tuple[float, str]] = {}
@@ -138,14 +148,14 @@ class HeartbeatBatcher:
             with self._lock:  # keep them for the next flush, newer ones win
                 self._pending = {**batch, **self._pending}
             return
-        for node_id, status in statuses.items():
-            if status != "online":
-                self._online.discard(node_id)
-                try:
-                    self._revive(node_id, batch[node_id][1])
-                    self._online.add(node_id)
-                except Exception:  # the node may be gone; its next heartbeat takes the slow path
-                    log.info("heartbeat of %s not applied", node_id, exc_info=True)
+        fallen = {node_id: batch[node_id][1] for node_id, status in statuses.items() if status != "online"}
+        if not fallen:
+            return
+        self._online.difference_update(fallen)
+        try:  # all at once: one by one, a mass expiry would hold up every other node's heartbeat
+            self._online.update(self._revive(fallen))
+        except Exception:  # their next heartbeats take the slow path
+            log.warning("heartbeats of %d node(s) not applied", len(fallen), exc_info=True)
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval):

@@ -186,15 +186,23 @@ def heartbeat(
 
 def revive(db: Database, store: HeartbeatStore, node_id: str, message: str = "") -> None:
     """The slow path of a heartbeat: make sure the node exists and is online in the DB and in Redis."""
-    with db.reading() as session:
-        record = nodes.get(session, node_id)
-    if record is None:
+    if node_id not in revive_many(db, store, {node_id: message}):
         raise NotFound(f"node {node_id} is not registered; call RegisterWorkerNode first")
-    if record.status == "offline" and db.transaction(
-        lambda s: nodes.set_status(s, node_id, to="online", expected="offline")
-    ):
+
+
+def revive_many(db: Database, store: HeartbeatStore, beats: dict[str, str]) -> set[str]:
+    """:func:`revive` for many nodes at once (one read, one transaction, one Redis round trip),
+    so that a flush of heartbeats finding hundreds of expired nodes does not stall on them.
+    The nodes that are registered (and now online); the others are left alone."""
+    with db.reading() as session:
+        known = set(nodes.get_many(session, beats))
+    if not known:
+        return known
+    back = db.transaction(lambda s: nodes.set_status_many(s, known, to="online", expected="offline"))
+    for node_id in sorted(back):
         log.info("Node %s is back online", node_id, extra={"event": "node_online", "node_id": node_id})
-    store.mark(node_id, "online")
+    store.mark_many(known, "online")
+    return known
 
 
 @dataclass(frozen=True)
@@ -223,10 +231,18 @@ def list_nodes(db: Database, store: HeartbeatStore, *, timeout: float, now: floa
     return listings
 
 
+EXPIRY_CHUNK = 200  # nodes taken offline per transaction
+
+
 def expire_silent_nodes(
     db: Database, store: HeartbeatStore, *, timeout: float, now: float | None = None
 ) -> list[allocation.Released]:
-    """Nodes silent for longer than ``timeout`` go offline and give back what they held."""
+    """Nodes silent for longer than ``timeout`` go offline and give back what they held.
+
+    Many nodes may fall silent at once (a network split, a pool that was busy): they are taken
+    offline a chunk per transaction, and each chunk's heartbeats are read again just before, so
+    a node whose heartbeat arrived while the sweep worked on earlier chunks stays online.
+    """
     now = time.time() if now is None else now
     with db.reading() as session:
         online = nodes.online_node_ids(session)
@@ -234,23 +250,29 @@ def expire_silent_nodes(
         log.warning("heartbeat state was missing from Redis; gave %d online nodes a fresh start", len(online))
         return []
     released: list[allocation.Released] = []
-    for node_id in store.silent_since(now - timeout):
+    silent = store.silent_since(now - timeout)
+    for start in range(0, len(silent), EXPIRY_CHUNK):
+        seen = store.last_seen(silent[start : start + EXPIRY_CHUNK])
+        cutoff = time.time() - timeout
+        chunk = [node_id for node_id, at in seen.items() if at < cutoff]
 
-        def work(session: Session, node_id: str = node_id) -> list[allocation.Released]:
-            if not nodes.set_status(session, node_id, to="offline", expected="online"):
-                return []
-            pk = nodes.node_pk(session, node_id)
-            return allocation.release_node(session, pk, "node offline") if pk else []
+        def work(session: Session, chunk: list[str] = chunk) -> tuple[dict[str, int], list[allocation.Released]]:
+            moved = nodes.set_status_many(session, chunk, to="offline", expected="online")
+            return moved, allocation.release_nodes(session, moved.values(), "node offline")
 
-        freed = db.transaction(work)
-        store.mark(node_id, "offline")
+        moved, freed = db.transaction(work) if chunk else ({}, [])
+        store.mark_many(chunk, "offline")
         released += freed
-        log.warning(
-            "Node %s went offline: no heartbeat for %.0f s",
-            node_id,
-            timeout,
-            extra={"event": "node_offline", "node_id": node_id, "released": len(freed)},
-        )
+        per_node = {pk: 0 for pk in moved.values()}
+        for item in freed:
+            per_node[item.node_pk] = per_node.get(item.node_pk, 0) + 1
+        for node_id, pk in sorted(moved.items()):
+            log.warning(
+                "Node %s went offline: no heartbeat for %.0f s",
+                node_id,
+                timeout,
+                extra={"event": "node_offline", "node_id": node_id, "released": per_node[pk]},
+            )
     return released
 
 
