@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import cast
 
 import bcrypt
-from sqlalchemy import Table, bindparam, func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models import ledger
 from models.db import Database
 from models.errors import InvalidArgument, NotFound, Refused
-from models.tables import Account, JournalEntry, User
+from models.tables import Account, JournalEntry, User, table_of
 
 USERNAME_RE = re.compile(r"[A-Za-z0-9_.-]{3,32}")
 IDEMPOTENCY_KEY_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
@@ -69,7 +68,7 @@ def user_id(session: Session, username: str) -> int | None:
 
 # built once, reused
 _USER_BY_NAME = select(User).where(func.lower(User.username) == bindparam("name"))
-_users = cast(Table, User.__table__)
+_users = table_of(User)
 _USER_ID_BY_NAME = select(_users.c.id).where(func.lower(_users.c.username) == bindparam("name"))
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import cast
 
-from sqlalchemy import Table, and_, bindparam, func, or_, select, update
+from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models.tables import RESOURCE_DIMENSIONS, Allocation, Node, utcnow
+from models.tables import RESOURCE_DIMENSIONS, Allocation, Node, table_of, utcnow
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ def allocate(session: Session, *, node_pk: int, task_id: str, attempt: int, need
 
 
 # Built once (a reused statement keeps its cache key): matching runs it for every placed task.
-_nodes = cast(Table, Node.__table__)
+_nodes = table_of(Node)
 _HOLD = (
     update(_nodes)
     .where(

@@ -8,13 +8,12 @@ accounts and changed only by conditional updates in the same transaction as the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
 
-from sqlalchemy import Table, bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from models.errors import InsufficientBalance
-from models.tables import Account, JournalEntry, Posting
+from models.tables import Account, JournalEntry, Posting, table_of
 
 MINT_KEY = "mint"
 
@@ -25,7 +24,7 @@ def balance_key(user_id: int) -> str:
 
 # Statements built once and reused (a reused statement keeps its cache key), on the tables rather
 # than the ORM classes: these run for every task, and plain Core statements skip the ORM's layers.
-_accounts = cast(Table, Account.__table__)
+_accounts = table_of(Account)
 _ACCOUNT_BY_KEY = select(Account).where(Account.key == bindparam("key"))
 _ACCOUNT_ID_BY_KEY = select(_accounts.c.id).where(_accounts.c.key == bindparam("key"))
 _CREDIT = (
@@ -40,8 +39,8 @@ _DEBIT = (
 )
 _DEBIT_COVERED = _DEBIT.where(_accounts.c.balance >= bindparam("amount"))
 _NEW_ACCOUNT = insert(_accounts).returning(_accounts.c.id)
-_NEW_ENTRY = insert(cast(Table, JournalEntry.__table__)).returning(cast(Table, JournalEntry.__table__).c.id)
-_NEW_POSTINGS = insert(cast(Table, Posting.__table__))
+_NEW_ENTRY = insert(table_of(JournalEntry)).returning(table_of(JournalEntry).c.id)
+_NEW_POSTINGS = insert(table_of(Posting))
 
 
 def get_or_create_account(session: Session, key: str, kind: str, user_id: int | None = None) -> Account:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import cast
 
 from sqlalchemy import (
     BigInteger,
@@ -13,6 +14,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     TypeDecorator,
     UniqueConstraint,
     func,
@@ -48,6 +50,11 @@ class UtcDateTime(TypeDecorator[datetime]):
         if value is not None and value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value
+
+
+def table_of(model: type[Base]) -> Table:
+    """A mapped class's Core table, for statements built once and reused (no ORM layers per call)."""
+    return cast(Table, model.__table__)
 
 
 class Base(DeclarativeBase):

@@ -1,4 +1,4 @@
-"""Tasks in the system of record: guarded state transitions with an event per change, output, logs.
+"""Tasks in the system of record: guarded state transitions with an event per change.
 
 ``PENDING → ASSIGNED → RUNNING → COMPLETED | FAILED``; ``STOPPING → STOPPED`` on a user stop;
 ``ASSIGNED/RUNNING → PENDING`` for the next attempt when dispatch fails or the node is lost.
@@ -11,18 +11,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, bindparam, func, insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from models.tables import Node, Task, TaskEvent, TaskLog, TaskOutput, User, utcnow
+from models.tables import Node, Task, TaskEvent, User, table_of, utcnow
 
 PENDING, ASSIGNED, RUNNING = "PENDING", "ASSIGNED", "RUNNING"
 COMPLETED, FAILED, STOPPING, STOPPED = "COMPLETED", "FAILED", "STOPPING", "STOPPED"
 TERMINAL = frozenset({COMPLETED, FAILED, STOPPED})
 ACTIVE = frozenset({ASSIGNED, RUNNING})  # on a node
-TRUNCATION_MARKER = "[output truncated: the pool keeps at most {limit} lines per task]"
 
 
 @dataclass(frozen=True)
@@ -59,11 +58,6 @@ class TaskView:
 NEED_FIELDS = ("cpu_score", "memory_gb", "gpu_score", "gpu_memory_gb")
 
 
-def storable(text: str) -> str:
-    """``text`` as the database can keep it: PostgreSQL text holds no NUL, so NUL becomes U+FFFD."""
-    return text.replace("\x00", "\ufffd")
-
-
 _TASK_COLUMNS = (
     "id", "task_id", "status", "attempt", "node_pk", *NEED_FIELDS, "gpu_name", "location", "max_minutes",
     "zip_sha256", "excluded_nodes", "pending_reason", "message", "reported_outcome", "result_sha256",
@@ -71,7 +65,7 @@ _TASK_COLUMNS = (
 )  # fmt: skip
 
 
-_tasks, _users, _nodes = (cast(Table, t.__table__) for t in (Task, User, Node))
+_tasks, _users, _nodes = (table_of(t) for t in (Task, User, Node))
 
 
 def _select():  # type: ignore[no-untyped-def]
@@ -187,7 +181,7 @@ def create(
 
 
 _NEW_TASK = insert(_tasks).returning(_tasks.c.id)
-_NEW_EVENT = insert(cast(Table, TaskEvent.__table__))
+_NEW_EVENT = insert(table_of(TaskEvent))
 
 
 def transition(
@@ -289,54 +283,6 @@ def set_fields(session: Session, task_pk: int, **values: object) -> None:
 
 def events(session: Session, task_pk: int) -> list[TaskEvent]:
     return list(session.scalars(select(TaskEvent).where(TaskEvent.task_pk == task_pk).order_by(TaskEvent.id)))
-
-
-_OUTPUT_COUNT = (
-    select(_tasks.c.output_lines, _tasks.c.output_truncated).where(_tasks.c.id == bindparam("pk")).with_for_update()
-)
-
-
-def append_output(session: Session, task_pk: int, attempt: int, lines: list[str], *, max_lines: int) -> int:
-    """Append lines, keeping at most ``max_lines`` per task and marking the cut once. Lines kept."""
-    current, truncated = session.execute(_OUTPUT_COUNT, {"pk": task_pk}).one()
-    room = max(0, max_lines - current)
-    kept = [storable(line[:4000]) for line in lines[:room]]
-    rows = [{"task_pk": task_pk, "attempt": attempt, "line": line} for line in kept]
-    cut = len(kept) < len(lines) and not truncated
-    if cut:
-        rows.append({"task_pk": task_pk, "attempt": attempt, "line": TRUNCATION_MARKER.format(limit=max_lines)})
-    if rows:
-        session.execute(_NEW_OUTPUT, rows)
-    session.execute(_OUTPUT_KEPT, {"pk": task_pk, "lines": current + len(kept), "cut": truncated or cut})
-    return len(kept)
-
-
-_NEW_OUTPUT = insert(cast(Table, TaskOutput.__table__))
-_OUTPUT_KEPT = (
-    update(_tasks)
-    .where(_tasks.c.id == bindparam("pk"))
-    .values(output_lines=bindparam("lines"), output_truncated=bindparam("cut"))
-)
-
-
-def output(session: Session, task_pk: int) -> list[str]:
-    return list(session.scalars(select(TaskOutput.line).where(TaskOutput.task_pk == task_pk).order_by(TaskOutput.id)))
-
-
-def append_logs(
-    session: Session, task_pk: int, attempt: int, records: list[tuple[float, str, str]], *, max_records: int
-) -> int:
-    count = session.scalar(select(func.count()).select_from(TaskLog).where(TaskLog.task_pk == task_pk)) or 0
-    kept = records[: max(0, max_records - count)]
-    session.add_all(
-        TaskLog(task_pk=task_pk, attempt=attempt, ts=ts, level=storable(level[:16]), message=storable(message[:4000]))
-        for ts, level, message in kept
-    )
-    return len(kept)
-
-
-def logs(session: Session, task_pk: int) -> list[TaskLog]:
-    return list(session.scalars(select(TaskLog).where(TaskLog.task_pk == task_pk).order_by(TaskLog.id)))
 
 
 def due_pending(session: Session, now: datetime, limit: int) -> list[TaskView]:

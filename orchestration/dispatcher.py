@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from models import nodes, tasks
+from models import nodes, task_output, tasks
 from models.db import Database
 from orchestration.nodes import own_addresses, resolve_host
 from orchestration.policies.addresses import check_target
@@ -43,7 +43,7 @@ class Channels:
 
 def said(message: str) -> str:
     """What a node answered, as the pool keeps it: 200 characters at most, NUL made storable."""
-    return tasks.storable(message[:200])
+    return task_output.storable(message[:200])
 
 
 @dataclass(frozen=True)

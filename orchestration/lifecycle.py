@@ -14,7 +14,7 @@ from datetime import timedelta
 import redis
 from sqlalchemy.orm import Session
 
-from models import tasks
+from models import task_output, tasks
 from models.db import Database
 from models.errors import NotFound, PermissionDenied, Refused
 from models.tables import utcnow
@@ -126,14 +126,14 @@ class Lifecycle:
     def poll(self, caller: Asker, task_id: str) -> tuple[tasks.TaskView, list[str]]:
         with self.db.reading() as session:
             task = self.owned(session, caller, task_id)
-            return task, tasks.output(session, task.pk)
+            return task, task_output.output(session, task.pk)
 
     def logs(self, caller: Asker, task_id: str) -> str:
         with self.db.reading() as session:
             task = self.owned(session, caller, task_id)
             records = [
                 {"ts": r.ts, "level": r.level, "message": r.message, "attempt": r.attempt}
-                for r in tasks.logs(session, task.pk)
+                for r in task_output.logs(session, task.pk)
             ]
         return json.dumps(records)
 

@@ -10,16 +10,15 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from typing import cast
 
 import redis
-from sqlalchemy import Table, bindparam, update
+from sqlalchemy import bindparam, update
 from sqlalchemy.orm import Session
 
-from models import tasks
+from models import task_output, tasks
 from models.db import Database
 from models.errors import InvalidArgument, NotFound, PermissionDenied, Refused
-from models.tables import Task, utcnow
+from models.tables import Task, table_of, utcnow
 from orchestration import economy
 from orchestration.storage import validate_task_id
 
@@ -61,7 +60,7 @@ def store_output(db: Database, reporter: Reporter, task_id: str, output: str, *,
 
     def work(session: Session) -> int:
         task = authorize(session, reporter, task_id)
-        return tasks.append_output(session, task.pk, task.attempt, lines, max_lines=max_lines)
+        return task_output.append_output(session, task.pk, task.attempt, lines, max_lines=max_lines)
 
     return db.transaction(work)
 
@@ -106,7 +105,7 @@ def store_logs(db: Database, reporter: Reporter, task_id: str, raw: str, timesta
 
     def work(session: Session) -> int:
         task = authorize(session, reporter, task_id)
-        return tasks.append_logs(session, task.pk, task.attempt, records, max_records=max_records)
+        return task_output.append_logs(session, task.pk, task.attempt, records, max_records=max_records)
 
     return db.transaction(work)
 
@@ -116,7 +115,7 @@ def check_result_owner(db: Database, reporter: Reporter, task_id: str) -> tasks.
         return authorize(session, reporter, task_id)
 
 
-_tasks = cast(Table, Task.__table__)
+_tasks = table_of(Task)
 _RECORD_OUTCOME = (  # the first verdict wins
     update(_tasks)
     .where(_tasks.c.id == bindparam("pk"), _tasks.c.attempt == bindparam("b_attempt"), _tasks.c.reported_outcome == "")
@@ -137,7 +136,7 @@ def record_completion(db: Database, reporter: Reporter, task_id: str, success: b
                 "pk": task.pk,
                 "b_attempt": task.attempt,
                 "outcome": "success" if success else "failure",
-                "b_message": tasks.storable(message[:500]),
+                "b_message": task_output.storable(message[:500]),
                 "now": utcnow(),  # the recovery sweep leaves fresh reports to their archival job
             },
         )

@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from models import ledger, tasks
@@ -34,6 +34,7 @@ from models.tables import (
     Task,
     TaskEvent,
     User,
+    table_of,
     utcnow,
 )
 from orchestration.economy import escrow_key, pending_key
@@ -256,7 +257,7 @@ def _release(session: Session, reason_of: dict[str, str], now: datetime) -> None
         for d in RESOURCE_DIMENSIONS:
             back[a.node_pk][d] += getattr(a, d)
         back[a.node_pk]["tasks"] += 1
-    table = cast(Table, Node.__table__)
+    table = table_of(Node)
     give_back = (
         update(table)
         .where(table.c.id == bindparam("b_node"))

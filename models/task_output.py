@@ -1,0 +1,68 @@
+"""What a task printed and logged: output lines and log records, capped per task.
+
+Output lines count against ``OUTPUT_MAX_LINES`` and the cut is marked once in the output itself;
+log records past ``LOG_MAX_RECORDS`` are dropped. Text is stored as the database can keep it.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from models.tables import Task, TaskLog, TaskOutput, table_of
+
+TRUNCATION_MARKER = "[output truncated: the pool keeps at most {limit} lines per task]"
+_tasks = table_of(Task)
+
+
+def storable(text: str) -> str:
+    """``text`` as the database can keep it: PostgreSQL text holds no NUL, so NUL becomes U+FFFD."""
+    return text.replace("\x00", "\ufffd")
+
+
+_OUTPUT_COUNT = (
+    select(_tasks.c.output_lines, _tasks.c.output_truncated).where(_tasks.c.id == bindparam("pk")).with_for_update()
+)
+
+
+def append_output(session: Session, task_pk: int, attempt: int, lines: list[str], *, max_lines: int) -> int:
+    """Append lines, keeping at most ``max_lines`` per task and marking the cut once. Lines kept."""
+    current, truncated = session.execute(_OUTPUT_COUNT, {"pk": task_pk}).one()
+    room = max(0, max_lines - current)
+    kept = [storable(line[:4000]) for line in lines[:room]]
+    rows = [{"task_pk": task_pk, "attempt": attempt, "line": line} for line in kept]
+    cut = len(kept) < len(lines) and not truncated
+    if cut:
+        rows.append({"task_pk": task_pk, "attempt": attempt, "line": TRUNCATION_MARKER.format(limit=max_lines)})
+    if rows:
+        session.execute(_NEW_OUTPUT, rows)
+    session.execute(_OUTPUT_KEPT, {"pk": task_pk, "lines": current + len(kept), "cut": truncated or cut})
+    return len(kept)
+
+
+_NEW_OUTPUT = insert(table_of(TaskOutput))
+_OUTPUT_KEPT = (
+    update(_tasks)
+    .where(_tasks.c.id == bindparam("pk"))
+    .values(output_lines=bindparam("lines"), output_truncated=bindparam("cut"))
+)
+
+
+def output(session: Session, task_pk: int) -> list[str]:
+    return list(session.scalars(select(TaskOutput.line).where(TaskOutput.task_pk == task_pk).order_by(TaskOutput.id)))
+
+
+def append_logs(
+    session: Session, task_pk: int, attempt: int, records: list[tuple[float, str, str]], *, max_records: int
+) -> int:
+    count = session.scalar(select(func.count()).select_from(TaskLog).where(TaskLog.task_pk == task_pk)) or 0
+    kept = records[: max(0, max_records - count)]
+    session.add_all(
+        TaskLog(task_pk=task_pk, attempt=attempt, ts=ts, level=storable(level[:16]), message=storable(message[:4000]))
+        for ts, level, message in kept
+    )
+    return len(kept)
+
+
+def logs(session: Session, task_pk: int) -> list[TaskLog]:
+    return list(session.scalars(select(TaskLog).where(TaskLog.task_pk == task_pk).order_by(TaskLog.id)))
