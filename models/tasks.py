@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
+from models import bulk
 from models.tables import Node, Task, TaskEvent, User, table_of, utcnow
 
 PENDING, ASSIGNED, RUNNING = "PENDING", "ASSIGNED", "RUNNING"
@@ -256,11 +257,12 @@ def transition_many(session: Session, moves: list[Move], *, to: str, expected: I
     if not made:
         return []
     now = utcnow()
-    session.execute(
-        update(Task), [{"id": m.task.pk, "status": to, "updated_at": now, **(m.values or {})} for m in made]
+    bulk.update_rows(
+        session, Task, [{"id": m.task.pk, "status": to, "updated_at": now, **(m.values or {})} for m in made]
     )
-    session.execute(
-        insert(TaskEvent),
+    bulk.insert_rows(
+        session,
+        TaskEvent,
         [
             {
                 "task_pk": m.task.pk,

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 
-from sqlalchemy import insert, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models import allocation, tasks
+from models import allocation, bulk, tasks
 from models.db import Database
-from models.tables import RESOURCE_DIMENSIONS, Allocation, Node, utcnow
+from models.tables import RESOURCE_DIMENSIONS, Allocation, Node, table_of, utcnow
 from orchestration.nodes import thresholds
 from orchestration.policies.index import CandidateIndex
 from orchestration.policies.matching import NodeView, Resources, TaskNeeds, explain_pending
@@ -34,8 +34,29 @@ CANDIDATES_PER_TASK = 6
 EXPLANATIONS_PER_BATCH = 20
 
 
-def _resources(node: Node, prefix: str) -> Resources:
+def _resources(node: object, prefix: str) -> Resources:
     return Resources(*(getattr(node, f"{prefix}_{d}") for d in RESOURCE_DIMENSIONS))
+
+
+_nodes = table_of(Node)
+_CATALOG_COLUMNS = select(  # the columns a NodeView needs, as plain rows: no ORM objects per node
+    *(
+        _nodes.c[name]
+        for name in (
+            "id",
+            "node_id",
+            "tier",
+            "status",
+            "gpu_name",
+            "location",
+            "running_tasks",
+            "max_tasks",
+            "changed_at",
+            *(f"{prefix}_{d}" for prefix in ("cap", "avail") for d in RESOURCE_DIMENSIONS),
+        )
+    )
+)
+_CHANGED_SINCE = _CATALOG_COLUMNS.where(_nodes.c.changed_at >= bindparam("since"))
 
 
 @dataclass
@@ -46,11 +67,12 @@ class NodeCatalog:
 
     def refresh(self, session: Session) -> int:
         """Load nodes changed since the last refresh (all of them the first time); how many."""
-        query = select(Node).execution_options(populate_existing=True)  # not the session's older copies
-        if self.since is not None:
-            query = query.where(Node.changed_at >= self.since - timedelta(seconds=2))
+        if self.since is None:
+            rows = session.execute(_CATALOG_COLUMNS)
+        else:
+            rows = session.execute(_CHANGED_SINCE, {"since": self.since - timedelta(seconds=2)})
         count = 0
-        for node in session.scalars(query):
+        for node in rows:
             self.pks[node.node_id] = node.id
             self.index.upsert(
                 NodeView(
@@ -191,8 +213,9 @@ def _place_batch(
         lambda task, _node, node_pk: allocation.hold(session, node_pk, allocation.Need(**task.needs)),
     )
     if placed:
-        session.execute(
-            insert(Allocation),
+        bulk.insert_rows(
+            session,
+            Allocation,
             [
                 {
                     "node_pk": catalog.pks[node.node_id],

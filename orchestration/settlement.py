@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from models import ledger, tasks
+from models import bulk, ledger, tasks
 from models.tables import (
     RESOURCE_DIMENSIONS,
     Account,
@@ -142,8 +142,8 @@ def settle(
         reasons[view.task_id] = to.lower()
 
     if task_rows:
-        session.execute(update(Task), task_rows)
-        session.execute(insert(TaskEvent), event_rows)
+        bulk.update_rows(session, Task, task_rows)
+        bulk.insert_rows(session, TaskEvent, event_rows)
         _write_books(session, books)
         _release(session, reasons, now)
         _credit(session, settings, credits, now)
@@ -162,7 +162,7 @@ def accrue_many(session: Session, task_ids: list[str], now: datetime) -> int:
             metered.append({"id": view.pk, "accrued_until": now})
     _write_books(session, books)
     if metered:
-        session.execute(update(Task), metered)
+        bulk.update_rows(session, Task, metered)
     return sum(amount for _, _, _, amount, _ in books.entries)
 
 
@@ -212,18 +212,23 @@ def _accrue(books: _Books, view: tasks.TaskView, now: datetime) -> datetime | No
     return now
 
 
+_accounts, _entries = table_of(Account), table_of(JournalEntry)
+_NEW_ACCOUNTS = insert(_accounts).returning(_accounts.c.key, _accounts.c.id, sort_by_parameter_order=True)
+_NEW_ENTRIES = insert(_entries).returning(_entries.c.id, sort_by_parameter_order=True)
+
+
 def _write_books(session: Session, books: _Books) -> None:
     if books.created:
         keys = list(books.created)
         inserted = session.execute(
-            insert(Account).returning(Account.key, Account.id, sort_by_parameter_order=True),
+            _NEW_ACCOUNTS,
             [{"key": k, "kind": books.created[k][0], "user_id": books.created[k][1], "balance": 0} for k in keys],
         ).all()
         books.ids.update(dict(inserted))
     if not books.entries:
         return
     entry_ids = session.scalars(
-        insert(JournalEntry).returning(JournalEntry.id, sort_by_parameter_order=True),
+        _NEW_ENTRIES,
         [{"kind": kind, "memo": memo[:200]} for kind, _, _, _, memo in books.entries],
     ).all()
     postings = []
@@ -234,8 +239,8 @@ def _write_books(session: Session, books: _Books) -> None:
             {"entry_id": entry_id, "account_id": books.ids[credit], "amount": amount},
         ]
         touched |= {debit, credit}
-    session.execute(insert(Posting), postings)
-    session.execute(update(Account), [{"id": books.ids[k], "balance": books.balances[k]} for k in sorted(touched)])
+    bulk.insert_rows(session, Posting, postings)
+    bulk.update_rows(session, Account, [{"id": books.ids[k], "balance": books.balances[k]} for k in sorted(touched)])
 
 
 def _release(session: Session, reason_of: dict[str, str], now: datetime) -> None:
@@ -248,8 +253,9 @@ def _release(session: Session, reason_of: dict[str, str], now: datetime) -> None
     ).all()
     if not held:
         return
-    session.execute(
-        update(Allocation),
+    bulk.update_rows(
+        session,
+        Allocation,
         [{"id": a.id, "released_at": now, "release_reason": reason_of[a.task_id][:64]} for a in held],
     )
     back: dict[int, dict[str, int]] = defaultdict(lambda: dict.fromkeys((*RESOURCE_DIMENSIONS, "tasks"), 0))
@@ -297,8 +303,8 @@ def _credit(session: Session, settings: Settings, credits: dict[int, list[str]],
         scores[user_id] = credit
     if not scores:
         return
-    session.execute(update(User), [{"id": user_id, "credit_score": credit} for user_id, credit in scores.items()])
-    session.execute(insert(CreditEvent), events)
+    bulk.update_rows(session, User, [{"id": user_id, "credit_score": credit} for user_id, credit in scores.items()])
+    bulk.insert_rows(session, CreditEvent, events)
     t = thresholds(settings)
     retiered = [
         {"id": pk, "tier": tier, "changed_at": now}
@@ -308,4 +314,4 @@ def _credit(session: Session, settings: Settings, credits: dict[int, list[str]],
         if (tier := tier_label(scores[owner_id], docker, t)) != current
     ]
     if retiered:
-        session.execute(update(Node), retiered)
+        bulk.update_rows(session, Node, retiered)
