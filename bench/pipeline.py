@@ -37,7 +37,7 @@ from bench.stage import CpuTimes, Fleet, embedded, percentile, postgres, seed_ac
 from models.tables import Task
 from orchestration.app import create_celery
 from pool.settings import Settings
-from pool.up import children
+from pool.up import WORKER_PROCESSES, children
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
 
@@ -45,6 +45,9 @@ CLIENTS = 8
 IN_FLIGHT_PER_CLIENT = 4
 NOOP_QUEUE = "bench-noop"
 STEADY_SECONDS = 6  # of offered load per steady round
+CONCURRENCY = int(
+    os.environ.get("BENCH_CONCURRENCY", str(WORKER_PROCESSES))
+)  # `up`'s worker processes, pool and no-op alike
 
 
 async def _upload(
@@ -142,7 +145,7 @@ def noop_round(redis_url: str, jobs: int) -> float:
 def worker_argv(app: str, queues: str, name: str) -> list[str]:
     argv = next(
         c.argv
-        for c in children(Settings(_env_file=None), flower=False, flower_port=0, concurrency=2)  # type: ignore[call-arg]
+        for c in children(Settings(_env_file=None), flower=False, flower_port=0, concurrency=CONCURRENCY)  # type: ignore[call-arg]
         if c.name == "worker"
     )
     argv = [sys.executable if a == argv[0] else a for a in argv]
@@ -196,7 +199,7 @@ def run_backend(
                     Settings(_env_file=None, DATA_DIR=work),  # type: ignore[call-arg]
                     flower=False,
                     flower_port=0,
-                    concurrency=2,
+                    concurrency=CONCURRENCY,
                 )
             }
             server = stack.enter_context(process(pool_children["grpc"].argv, env, work / "grpc.log"))

@@ -57,6 +57,53 @@ def open_account(session: Session, key: str, kind: str, user_id: int | None = No
     return int(session.execute(_NEW_ACCOUNT, {"key": key, "kind": kind, "user_id": user_id, "balance": 0}).scalar_one())
 
 
+_DEBIT_COVERED_BY_KEY = (
+    update(_accounts)
+    .where(_accounts.c.key == bindparam("b_key"), _accounts.c.balance >= bindparam("b_amount"))
+    .values(balance=_accounts.c.balance - bindparam("b_amount"))
+    .returning(_accounts.c.id)
+)
+
+
+def fund_new_account(
+    session: Session,
+    *,
+    payer_key: str,
+    key: str,
+    kind: str,
+    user_id: int | None,
+    amount: int,
+    entry_kind: str,
+    memo: str,
+) -> int:
+    """Open the account ``key`` (it cannot exist yet) holding ``amount`` taken from ``payer_key``,
+    as one journal entry, in four statements; the new account's id.
+
+    The same entry and postings as ``open_account`` then ``post``; the new account is this
+    transaction's own, so only the payer's row is locked. Raises :class:`InsufficientBalance`
+    when the payer cannot cover ``amount`` (or has no account).
+    """
+    if amount <= 0:
+        raise ValueError("amount must be positive")
+    entry_id: int = session.execute(
+        _NEW_ENTRY, {"kind": entry_kind, "memo": memo, "initiator_id": user_id}
+    ).scalar_one()
+    payer = session.execute(_DEBIT_COVERED_BY_KEY, {"b_key": payer_key, "b_amount": amount}).scalar()
+    if payer is None:
+        raise InsufficientBalance(f"insufficient balance: {amount} CPT needed")
+    account = int(
+        session.execute(_NEW_ACCOUNT, {"key": key, "kind": kind, "user_id": user_id, "balance": amount}).scalar_one()
+    )
+    session.execute(
+        _NEW_POSTINGS,
+        [
+            {"entry_id": entry_id, "account_id": payer, "amount": -amount},
+            {"entry_id": entry_id, "account_id": account, "amount": amount},
+        ],
+    )
+    return account
+
+
 def account_id(session: Session, key: str) -> int:
     found = session.scalar(_ACCOUNT_ID_BY_KEY, {"key": key})
     if found is None:

@@ -33,19 +33,19 @@ def _balance(session: Session, key: str) -> int:
 
 def escrow(session: Session, *, task_pk: int, task_id: str, owner_id: int, amount: int) -> None:
     """Move ``amount`` from the owner's balance into the task's escrow; InsufficientBalance if short."""
-    account = ledger.open_account(session, escrow_key(task_pk), "escrow", owner_id)  # the task is new
     if amount <= 0:
+        ledger.open_account(session, escrow_key(task_pk), "escrow", owner_id)  # the task is new
         return
-    balance = ledger.account_id(session, ledger.balance_key(owner_id))
     try:
-        ledger.post(
+        ledger.fund_new_account(
             session,
+            payer_key=ledger.balance_key(owner_id),
+            key=escrow_key(task_pk),
             kind="escrow",
-            debit=balance,
-            credit=account,
+            user_id=owner_id,
             amount=amount,
+            entry_kind="escrow",
             memo=f"escrow for task {task_id}",
-            initiator_id=owner_id,
         )
     except InsufficientBalance as error:
         have = _balance(session, ledger.balance_key(owner_id))

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 
 import redis
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models import task_output, tasks
@@ -98,22 +100,35 @@ class Lifecycle:
         request = uploads.validate(request, caller.username, self.settings)
         with self.db.reading() as session:
             existing = tasks.get(session, request.task_id)
-        if existing is not None and existing.owner_id != caller.user_id:
-            raise PermissionDenied(f"task id {request.task_id!r} is taken by another user")
+        if existing is not None:  # a repeat: the task's stored zip is left as it is
+            uploads.check_repeat(existing, request, caller.user_id)
+            return request.task_id, False
         path = self.storage.task_zip(request.task_id)
-        if existing is None:
-            self.storage.write(path, request.task_zip)
+        staged = self.storage.stage(path, request.task_zip)
+
+        def work(session: Session) -> None:
+            uploads.insert(session, request, caller.username, self.settings)
+            if staged.exists():  # only the upload that inserted the task puts its zip in place
+                os.replace(staged, path)
+
         try:
-            created = self.db.transaction(lambda s: uploads.insert(s, request, caller.username, self.settings))
-        except Exception:
+            self.db.transaction(work)
+        except IntegrityError:  # the same task id was inserted meanwhile: a repeat after all?
+            with self.db.reading() as session:
+                existing = tasks.get(session, request.task_id)
             if existing is None:
-                with self.db.reading() as session:
-                    if tasks.get(session, request.task_id) is None:
-                        path.unlink(missing_ok=True)
+                raise
+            uploads.check_repeat(existing, request, caller.user_id)
+            return request.task_id, False
+        except Exception:
+            with self.db.reading() as session:
+                if tasks.get(session, request.task_id) is None:
+                    path.unlink(missing_ok=True)
             raise
-        if created:
-            self.request_matching()
-        return request.task_id, created
+        finally:
+            staged.unlink(missing_ok=True)
+        self.request_matching()
+        return request.task_id, True
 
     def owned(self, session: Session, caller: Asker, task_id: str) -> tasks.TaskView:
         task = tasks.get(session, validate_task_id(task_id))

@@ -45,9 +45,14 @@ class TaskStorage:
     def archived_result(self, task_id: str) -> Path:
         return self._dir("archive", task_id) / "result.zip"
 
-    @staticmethod
-    def write(path: Path, data: bytes | memoryview) -> None:
+    @classmethod
+    def write(cls, path: Path, data: bytes | memoryview) -> None:
         """Write durably and atomically: a reader sees the old file or the whole new one."""
+        os.replace(cls.stage(path, data), path)
+
+    @staticmethod
+    def stage(path: Path, data: bytes | memoryview) -> Path:
+        """Write ``data`` durably to a new hidden file beside ``path``; ``os.replace`` it into place."""
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
         view = memoryview(data)
@@ -60,7 +65,7 @@ class TaskStorage:
                     handle.flush()
                     os.posix_fadvise(handle.fileno(), start, WRITE_CHUNK, os.POSIX_FADV_DONTNEED)
             os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        return temporary
 
     def archive_result(self, task_id: str) -> tuple[str, int] | None:
         """Move the stored result into the archive; (sha256, size) of the archived file, or None.

@@ -114,29 +114,32 @@ def validate(request: UploadRequest, caller: str, settings: Settings) -> UploadR
     )
 
 
-def insert(session: Session, request: UploadRequest, caller: str, settings: Settings) -> bool:
-    """Insert the task and escrow its maximum price. False when this exact upload exists already.
+def check_repeat(existing: tasks.TaskView, request: UploadRequest, owner_id: int) -> None:
+    """An upload under a task id that exists already is accepted (and changes nothing) only when
+    it is the same upload by the same user: PermissionDenied or Refused otherwise."""
+    if existing.owner_id != owner_id:
+        raise PermissionDenied(f"task id {request.task_id!r} is taken by another user")
+    digest = request.zip_sha256.hexdigest() if request.zip_sha256 else sha256(request.task_zip)
+    same = (
+        existing.zip_sha256 == digest
+        and existing.needs == request.needs
+        and existing.gpu_name == request.gpu_name
+        and existing.location == request.location
+    )
+    if not same:
+        raise Refused(f"you already uploaded a different task as {request.task_id!r}; choose another task_id")
 
-    PermissionDenied when the id belongs to someone else; Refused when it is yours but for a
-    different upload; InsufficientBalance when the balance does not cover the escrow.
+
+def insert(session: Session, request: UploadRequest, caller: str, settings: Settings) -> None:
+    """Insert the task and escrow its maximum price; the caller has looked for the task id already.
+
+    IntegrityError when the task id was taken meanwhile (see :func:`check_repeat`);
+    InsufficientBalance when the balance does not cover the escrow.
     """
     owner_id = accounts.user_id(session, caller)
     if owner_id is None:
         raise NotFound("your account no longer exists")
     digest = request.zip_sha256.hexdigest() if request.zip_sha256 else sha256(request.task_zip)
-    existing = tasks.get(session, request.task_id)
-    if existing is not None:
-        if existing.owner_id != owner_id:
-            raise PermissionDenied(f"task id {request.task_id!r} is taken by another user")
-        same = (
-            existing.zip_sha256 == digest
-            and existing.needs == request.needs
-            and existing.gpu_name == request.gpu_name
-            and existing.location == request.location
-        )
-        if not same:
-            raise Refused(f"you already uploaded a different task as {request.task_id!r}; choose another task_id")
-        return False
     per_minute = price_per_minute(request.needs, prices(settings))
     pk = tasks.create(
         session,
@@ -161,4 +164,3 @@ def insert(session: Session, request: UploadRequest, caller: str, settings: Sett
         len(request.task_zip),
         extra={"event": "task_uploaded", "task_id": request.task_id},
     )
-    return True

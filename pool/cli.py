@@ -22,12 +22,15 @@ def _settings() -> Settings:
 def up(
     flower: bool = typer.Option(False, "--flower", help="Also run Flower (Celery monitoring)."),
     flower_port: int = typer.Option(5555, help="Flower's HTTP port."),
-    concurrency: int = typer.Option(2, help="Celery worker processes."),
+    concurrency: int = typer.Option(
+        0, help="Celery worker processes; 0 means 4 (the jobs mostly wait on the database and on nodes)."
+    ),
 ) -> None:
     """Run the whole pool: gRPC server, Celery worker and beat (private Redis and SQLite by default)."""
-    from pool.up import run
+    from pool.up import WORKER_PROCESSES, run
 
-    raise typer.Exit(run(_settings(), flower=flower, flower_port=flower_port, concurrency=concurrency))
+    processes = concurrency or WORKER_PROCESSES
+    raise typer.Exit(run(_settings(), flower=flower, flower_port=flower_port, concurrency=processes))
 
 
 @app.command()

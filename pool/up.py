@@ -20,6 +20,10 @@ from pool.settings import Settings
 from pool.supervisor import Child, Supervisor
 
 FLOWER_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "flowerconfig.py"
+# Celery worker processes. The jobs wait on the database and on nodes' ExecuteTask answers more
+# than they compute, so twice the two cores of a small machine: with two, a matching run and an
+# archival run took both and dispatch waited behind them (bench/notes.md).
+WORKER_PROCESSES = 4
 
 
 def children(settings: Settings, *, flower: bool, flower_port: int, concurrency: int) -> list[Child]:
@@ -72,7 +76,9 @@ def children(settings: Settings, *, flower: bool, flower_port: int, concurrency:
     return found
 
 
-def run(settings: Settings, *, flower: bool = False, flower_port: int = 5555, concurrency: int = 2) -> int:
+def run(
+    settings: Settings, *, flower: bool = False, flower_port: int = 5555, concurrency: int = WORKER_PROCESSES
+) -> int:
     """Run the pool until a signal; returns the exit code for the command."""
     settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
