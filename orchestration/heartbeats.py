@@ -113,7 +113,7 @@ class HeartbeatBatcher:
     """
 
     def __init__(
-        self, store: HeartbeatStore, revive: Callable[[dict[str, str]], set[str]], *, interval: float = 0.05
+        self, store: HeartbeatStore, revive: Callable[[dict[str, str]], set[str]], *, interval: float = 0.25
     ) -> None:
         self._store = store
         self._revive = revive  # {node_id: message} -> the nodes now online

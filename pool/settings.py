@@ -59,7 +59,7 @@ class Settings(BaseSettings):
 
     # --- nodes and trust
     NODE_HEARTBEAT_TIMEOUT: float = Field(default=30.0, gt=0)  # seconds of silence before a node is offline
-    HEARTBEAT_FLUSH_SECONDS: float = Field(default=0.05, gt=0)  # heartbeats are written to Redis in batches
+    HEARTBEAT_FLUSH_SECONDS: float = Field(default=0.25, gt=0)  # heartbeats are written to Redis in batches
     NODE_ADDRESS_POLICY: Literal["any", "public"] = "any"  # "public" refuses private/loopback targets
     MAX_NODES_PER_OWNER: int = Field(default=64, ge=1)
     TRUST_HIGH: int = 100  # credit for the high tier (with Docker)
