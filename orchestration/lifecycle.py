@@ -105,11 +105,14 @@ class Lifecycle:
             return request.task_id, False
         path = self.storage.task_zip(request.task_id)
         staged = self.storage.stage(path, request.task_zip)
+        placed = False
 
         def work(session: Session) -> None:
+            nonlocal placed
             uploads.insert(session, request, caller.username, self.settings)
             if staged.exists():  # only the upload that inserted the task puts its zip in place
                 os.replace(staged, path)
+                placed = True
 
         try:
             self.db.transaction(work)
@@ -121,9 +124,10 @@ class Lifecycle:
             uploads.check_repeat(existing, request, caller.user_id)
             return request.task_id, False
         except Exception:
-            with self.db.reading() as session:
-                if tasks.get(session, request.task_id) is None:
-                    path.unlink(missing_ok=True)
+            if placed:  # the commit failed after the zip was put in place
+                with self.db.reading() as session:
+                    if tasks.get(session, request.task_id) is None:
+                        path.unlink(missing_ok=True)
             raise
         finally:
             staged.unlink(missing_ok=True)
