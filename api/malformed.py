@@ -41,7 +41,14 @@ def _refusing(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable
 
 
 class MalformedRequests(grpc.ServerInterceptor):
-    """Server interceptor: unparsable unary requests → INVALID_ARGUMENT instead of INTERNAL."""
+    """Server interceptor: unparsable unary requests → INVALID_ARGUMENT instead of INTERNAL.
+
+    grpc asks the interceptor on every call; the wrapped handler of each method is built once
+    (the services are fixed when the server starts) and handed out from then on.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}  # method: (inner, ours)
 
     def intercept_service(
         self,
@@ -51,8 +58,14 @@ class MalformedRequests(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None or handler.request_streaming:
             return handler
+        method = handler_call_details.method  # type: ignore[attr-defined]
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
         kind = "unary_stream" if handler.response_streaming else "unary_unary"
-        return handler._replace(  # type: ignore[attr-defined,no-any-return]
+        wrapped = handler._replace(  # type: ignore[attr-defined]
             request_deserializer=_lenient(handler.request_deserializer),
             **{kind: _refusing(getattr(handler, kind))},
         )
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped  # type: ignore[no-any-return]

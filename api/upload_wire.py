@@ -107,6 +107,9 @@ class ZeroCopyUploads(grpc.ServerInterceptor):
     other unparsable request.
     """
 
+    def __init__(self) -> None:
+        self._wrapped: tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler] | None = None  # (inner, ours)
+
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
@@ -115,4 +118,6 @@ class ZeroCopyUploads(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method != METHOD:  # type: ignore[attr-defined]
             return handler
-        return handler._replace(request_deserializer=parse_upload)  # type: ignore[attr-defined,no-any-return]
+        if self._wrapped is None or self._wrapped[0] is not handler:  # built once (see MalformedRequests)
+            self._wrapped = (handler, handler._replace(request_deserializer=parse_upload))  # type: ignore[attr-defined]
+        return self._wrapped[1]

@@ -140,6 +140,15 @@ def get_many(session: Session, node_ids: Iterable[str]) -> dict[str, NodeRecord]
     return {node.node_id: _record(node, owner) for node, owner in rows}
 
 
+def statuses(session: Session, node_ids: Iterable[str]) -> dict[str, str]:
+    """The status of each of these nodes that is registered."""
+    ids = sorted(set(node_ids))
+    if not ids:
+        return {}
+    rows = session.execute(select(Node.node_id, Node.status).where(Node.node_id.in_(ids)))
+    return {node_id: status for node_id, status in rows}
+
+
 def set_status(session: Session, node_id: str, *, to: str, expected: str) -> bool:
     """Guarded transition ``expected → to``; True when this call made it."""
     result = session.execute(

@@ -195,14 +195,15 @@ def revive_many(db: Database, store: HeartbeatStore, beats: dict[str, str]) -> s
     so that a flush of heartbeats finding hundreds of expired nodes does not stall on them.
     The nodes that are registered (and now online); the others are left alone."""
     with db.reading() as session:
-        known = set(nodes.get_many(session, beats))
-    if not known:
-        return known
-    back = db.transaction(lambda s: nodes.set_status_many(s, known, to="online", expected="offline"))
+        known = nodes.statuses(session, beats)
+    offline = [node_id for node_id, status in known.items() if status == "offline"]
+    back = (
+        db.transaction(lambda s: nodes.set_status_many(s, offline, to="online", expected="offline")) if offline else {}
+    )
     for node_id in sorted(back):
         log.info("Node %s is back online", node_id, extra={"event": "node_online", "node_id": node_id})
     store.mark_many(known, "online")
-    return known
+    return set(known)
 
 
 @dataclass(frozen=True)
