@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.errors import Unavailable
@@ -50,7 +50,35 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
-def create_db_engine(url: str, *, pool_size: int = 10) -> Engine:
+IDLE_PING_SECONDS = 10.0
+
+
+def _ping_when_idle(engine: Engine, idle_seconds: float) -> None:
+    """Check a pooled connection before use only when it sat idle for ``idle_seconds``.
+
+    ``pool_pre_ping`` pings on every checkout: a round trip and a few percent of the server's CPU
+    on every call of a busy pool. A connection in steady use has just proven itself; one that sat
+    idle may have been dropped (a database restart, a firewall's idle timeout) and is pinged. A
+    failed ping makes the pool connect afresh (DisconnectionError). A busy connection broken under
+    the pool fails its statement once, and SQLAlchemy then replaces every pooled connection.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.pop("idle_since", None)
+        if since is None or time.monotonic() - since < idle_seconds:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as error:
+            raise DisconnectionError(f"stale pooled connection: {error}") from error
+
+
+def create_db_engine(url: str, *, pool_size: int = 10, idle_ping_seconds: float = IDLE_PING_SECONDS) -> Engine:
     """Create an engine for ``url`` with the pragmas and pool settings this project relies on."""
     if url.startswith("sqlite"):
         engine = create_engine(
@@ -61,15 +89,17 @@ def create_db_engine(url: str, *, pool_size: int = 10) -> Engine:
         )
         _configure_sqlite(engine)
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=20, pool_pre_ping=True)
+    engine = create_engine(url, pool_size=pool_size, max_overflow=20)
+    _ping_when_idle(engine, idle_ping_seconds)
+    return engine
 
 
 class Database:
     """Session factories for one process: ``transaction()`` to write, ``reading()`` to read."""
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, idle_ping_seconds: float = IDLE_PING_SECONDS) -> None:
         self.url = url
-        self.engine = create_db_engine(url, pool_size=pool_size)
+        self.engine = create_db_engine(url, pool_size=pool_size, idle_ping_seconds=idle_ping_seconds)
         self.is_sqlite = url.startswith("sqlite")
         read_engine = self.engine.execution_options(sqlite_begin="DEFERRED")
         self._write = sessionmaker(self.engine, expire_on_commit=False)
