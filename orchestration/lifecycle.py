@@ -96,26 +96,28 @@ class Lifecycle:
     # ------------------------------------------------------------------ users
 
     def upload(self, caller: Asker, request: uploads.UploadRequest) -> tuple[str, bool]:
-        """Store and record a task, escrow its price, then ask for matching. (task_id, newly created)."""
+        """Store and record a task, escrow its price, then ask for matching. (task_id, newly created).
+
+        The zip is written (durably) to a staging file first, outside the transaction; the
+        transaction that inserts the task moves it into place, so neither a repeat nor an upload
+        that loses a race for the task id touches the stored zip.
+        """
         request = uploads.validate(request, caller.username, self.settings)
-        with self.db.reading() as session:
-            existing = tasks.get(session, request.task_id)
-        if existing is not None:  # a repeat: the task's stored zip is left as it is
-            uploads.check_repeat(existing, request, caller.user_id)
-            return request.task_id, False
         path = self.storage.task_zip(request.task_id)
         staged = self.storage.stage(path, request.task_zip)
         placed = False
 
-        def work(session: Session) -> None:
+        def work(session: Session) -> bool:
             nonlocal placed
-            uploads.insert(session, request, caller.username, self.settings)
-            if staged.exists():  # only the upload that inserted the task puts its zip in place
+            if not uploads.insert(session, request, caller.username, self.settings):
+                return False  # a repeat of an upload that was accepted before
+            if staged.exists():
                 os.replace(staged, path)
                 placed = True
+            return True
 
         try:
-            self.db.transaction(work)
+            created = self.db.transaction(work)
         except IntegrityError:  # the same task id was inserted meanwhile: a repeat after all?
             with self.db.reading() as session:
                 existing = tasks.get(session, request.task_id)
@@ -131,8 +133,9 @@ class Lifecycle:
             raise
         finally:
             staged.unlink(missing_ok=True)
-        self.request_matching()
-        return request.task_id, True
+        if created:
+            self.request_matching()
+        return request.task_id, created
 
     def owned(self, session: Session, caller: Asker, task_id: str) -> tasks.TaskView:
         task = tasks.get(session, validate_task_id(task_id))
