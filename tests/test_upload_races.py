@@ -54,7 +54,8 @@ def test_the_same_upload_sent_at_once_makes_one_task_and_one_escrow(pool: PoolHa
     before = pool.balance(token)
     task_id = f"race-{uuid.uuid4().hex[:8]}"
 
-    outcomes = race(pool, [(token, request(task_id))] * RACERS)
+    same = request(task_id)
+    outcomes = race(pool, [(token, same)] * RACERS)
 
     assert all(isinstance(o, pb.UploadTaskResponse) and o.success for o in outcomes), outcomes
     assert listed(pool, name) == [task_id]
@@ -63,7 +64,7 @@ def test_the_same_upload_sent_at_once_makes_one_task_and_one_escrow(pool: PoolHa
     with pool.ctx.db.reading() as session:
         assert ledger.audit(session).ok
     # one escrow: a second upload of the same task charges nothing more
-    assert race(pool, [(token, request(task_id))])[0].success  # type: ignore[union-attr]
+    assert race(pool, [(token, same)])[0].success  # type: ignore[union-attr]
     assert before - pool.balance(token) == spent
 
 
@@ -71,7 +72,8 @@ def test_different_users_racing_for_one_id_one_wins_the_others_are_told(pool: Po
     users = [pool.new_user() for _ in range(RACERS)]
     task_id = f"race-{uuid.uuid4().hex[:8]}"
 
-    outcomes = race(pool, [(token, request(task_id, f"print({i})\n")) for i, (_, token) in enumerate(users)])
+    sent = [(token, request(task_id, f"print({i})\n")) for i, (_, token) in enumerate(users)]
+    outcomes = race(pool, sent)
 
     won = [i for i, o in enumerate(outcomes) if isinstance(o, pb.UploadTaskResponse) and o.success]
     assert len(won) == 1, outcomes
@@ -79,7 +81,7 @@ def test_different_users_racing_for_one_id_one_wins_the_others_are_told(pool: Po
     winner_name, winner_token = users[won[0]]
     assert listed(pool, winner_name) == [task_id]
     stored = pool.ctx.lifecycle.storage.task_zip(task_id).read_bytes()
-    assert stored == request(task_id, f"print({won[0]})\n").task_zip  # the winner's zip, not a loser's
+    assert stored == sent[won[0]][1].task_zip  # the winner's zip, not a loser's
     charged = {token for _, token in users if pool.balance(token) != pool.ctx.settings.INITIAL_BALANCE}
     assert charged == {winner_token}  # the losers paid nothing
     with pool.ctx.db.reading() as session:
