@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import nodes
+from models import bulk, nodes
 from models.accounts import find_user
 from models.db import Database
 from models.errors import InvalidArgument, NotFound
+from models.tables import CreditEvent, Node, User
 from orchestration import economy
 from orchestration.nodes import thresholds, tier_label
+from orchestration.policies.pricing import credit_after
 from pool.settings import Settings
 
 
@@ -38,3 +43,43 @@ def set_credit(db: Database, settings: Settings, username: str, value: int, reas
         return old, value
 
     return db.transaction(work)
+
+
+def credit_completions(session: Session, settings: Settings, credits: dict[int, list[str]], now: datetime) -> None:
+    """In the caller's transaction: :func:`change_credit` by +CREDIT_FOR_COMPLETION once per
+    completed task in ``credits`` ({owner id: task ids}), with a fixed number of statements; the
+    owners' nodes re-tiered."""
+    change = settings.CREDIT_FOR_COMPLETION
+    if not credits or change == 0:
+        return
+    users = session.execute(
+        select(User.id, User.credit_score).where(User.id.in_(list(credits))).order_by(User.id).with_for_update()
+    ).all()
+    events, scores = [], {}
+    for user_id, credit in users:
+        for task_id in credits[user_id]:
+            credit = credit_after(credit, change)
+            events.append(
+                {
+                    "user_id": user_id,
+                    "at": now,
+                    "change": change,
+                    "credit_after": credit,
+                    "reason": f"completed task {task_id}",
+                }
+            )
+        scores[user_id] = credit
+    if not scores:
+        return
+    bulk.update_rows(session, User, [{"id": user_id, "credit_score": credit} for user_id, credit in scores.items()])
+    bulk.insert_rows(session, CreditEvent, events)
+    t = thresholds(settings)
+    retiered = [
+        {"id": pk, "tier": tier, "changed_at": now}
+        for pk, owner_id, docker, current in session.execute(
+            select(Node.id, Node.owner_id, Node.docker_status, Node.tier).where(Node.owner_id.in_(list(scores)))
+        ).all()
+        if (tier := tier_label(scores[owner_id], docker, t)) != current
+    ]
+    if retiered:
+        bulk.update_rows(session, Node, retiered)

@@ -36,7 +36,7 @@ class Explanation:
 
 
 def node_view(record: nodes.NodeRecord) -> NodeView:
-    """The scheduler's view of a node record (as ``scheduler.NodeCatalog.refresh`` builds it)."""
+    """The scheduler's view of a node record (as ``catalog.NodeCatalog.refresh`` builds it)."""
     return NodeView(
         node_id=record.node_id,
         tier=Tier[record.tier.upper()],

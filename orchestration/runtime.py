@@ -10,11 +10,11 @@ import redis
 from celery import Celery
 
 from models.db import Database
+from orchestration.catalog import NodeCatalog
 from orchestration.dispatcher import Channels
 from orchestration.enqueue import JobQueue
 from orchestration.heartbeats import HeartbeatStore
 from orchestration.lifecycle import Lifecycle
-from orchestration.scheduler import NodeCatalog
 from orchestration.signing import PoolSigner
 from orchestration.storage import TaskStorage
 from pool.settings import Settings

@@ -1,6 +1,6 @@
 """Matching: place due PENDING tasks on nodes, in batches, through an in-memory candidate index.
 
-Each worker process keeps a :class:`NodeCatalog` (a CandidateIndex refreshed from the nodes
+Each worker process keeps a :class:`~orchestration.catalog.NodeCatalog` (a CandidateIndex refreshed from the nodes
 changed since its last look), so a decision does not scan every node. The index is advisory:
 the database's conditional allocation decides, and a stale view only costs a retry with the
 next candidate.
@@ -11,105 +11,25 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import partial
 
-from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models import allocation, bulk, tasks
 from models.db import Database
-from models.tables import RESOURCE_DIMENSIONS, Allocation, Node, table_of, utcnow
+from models.tables import RESOURCE_DIMENSIONS, Allocation, utcnow
+from orchestration.catalog import NodeCatalog
 from orchestration.nodes import thresholds
-from orchestration.policies.index import CandidateIndex
 from orchestration.policies.matching import NodeView, Resources, TaskNeeds, explain_pending
-from orchestration.policies.trust import Tier, TrustThresholds
+from orchestration.policies.trust import TrustThresholds
 from pool.settings import Settings
 
 log = logging.getLogger("orchestration.scheduler")
 
 CANDIDATES_PER_TASK = 6
 EXPLANATIONS_PER_BATCH = 20
-
-
-def _resources(node: object, prefix: str) -> Resources:
-    return Resources(*(getattr(node, f"{prefix}_{d}") for d in RESOURCE_DIMENSIONS))
-
-
-_nodes = table_of(Node)
-_CATALOG_COLUMNS = select(  # the columns a NodeView needs, as plain rows: no ORM objects per node
-    *(
-        _nodes.c[name]
-        for name in (
-            "id",
-            "node_id",
-            "tier",
-            "status",
-            "gpu_name",
-            "location",
-            "running_tasks",
-            "max_tasks",
-            "changed_at",
-            *(f"{prefix}_{d}" for prefix in ("cap", "avail") for d in RESOURCE_DIMENSIONS),
-        )
-    )
-)
-_CHANGED_SINCE = _CATALOG_COLUMNS.where(_nodes.c.changed_at >= bindparam("since"))
-
-
-@dataclass
-class NodeCatalog:
-    index: CandidateIndex = field(default_factory=CandidateIndex)
-    pks: dict[str, int] = field(default_factory=dict)
-    since: datetime | None = None
-
-    def refresh(self, session: Session) -> int:
-        """Load nodes changed since the last refresh (all of them the first time); how many."""
-        if self.since is None:
-            rows = session.execute(_CATALOG_COLUMNS)
-        else:
-            rows = session.execute(_CHANGED_SINCE, {"since": self.since - timedelta(seconds=2)})
-        count = 0
-        for node in rows:
-            self.pks[node.node_id] = node.id
-            self.index.upsert(
-                NodeView(
-                    node_id=node.node_id,
-                    tier=Tier[node.tier.upper()],
-                    online=node.status == "online",
-                    capacity=_resources(node, "cap"),
-                    available=_resources(node, "avail"),
-                    gpu_name=node.gpu_name,
-                    location=node.location,
-                    running_tasks=node.running_tasks,
-                    max_tasks=node.max_tasks,
-                )
-            )
-            self.since = max(self.since or node.changed_at, node.changed_at)
-            count += 1
-        return count
-
-    def forget(self) -> None:
-        """Reload every node at the next refresh (after a rolled-back batch)."""
-        self.since = None
-
-    def took(self, view: NodeView, need: Resources) -> None:
-        """Reflect our own allocation at once, without waiting for the next refresh."""
-        self.index.upsert(
-            NodeView(
-                node_id=view.node_id,
-                tier=view.tier,
-                online=view.online,
-                capacity=view.capacity,
-                available=view.available - need,
-                gpu_name=view.gpu_name,
-                location=view.location,
-                running_tasks=view.running_tasks + 1,
-                max_tasks=view.max_tasks,
-            )
-        )
 
 
 def needs_of(task: tasks.TaskView) -> TaskNeeds:

@@ -27,19 +27,17 @@ from models.tables import (
     RESOURCE_DIMENSIONS,
     Account,
     Allocation,
-    CreditEvent,
     JournalEntry,
     Node,
     Posting,
     Task,
     TaskEvent,
-    User,
     table_of,
     utcnow,
 )
+from orchestration.credit import credit_completions
 from orchestration.economy import escrow_key, pending_key
-from orchestration.nodes import thresholds, tier_label
-from orchestration.policies.pricing import credit_after, owed
+from orchestration.policies.pricing import owed
 from pool.settings import Settings
 
 Key = tuple[str, int]  # (task_id, attempt)
@@ -146,7 +144,7 @@ def settle(
         bulk.insert_rows(session, TaskEvent, event_rows)
         _write_books(session, books)
         _release(session, reasons, now)
-        _credit(session, settings, credits, now)
+        credit_completions(session, settings, credits, now)
     return statuses, left
 
 
@@ -277,41 +275,3 @@ def _release(session: Session, reason_of: dict[str, str], now: datetime) -> None
         give_back,
         [{"b_node": pk, **{f"b_{d}": n for d, n in amounts.items()}} for pk, amounts in sorted(back.items())],
     )
-
-
-def _credit(session: Session, settings: Settings, credits: dict[int, list[str]], now: datetime) -> None:
-    """credit.change_credit(+CREDIT_FOR_COMPLETION) once per completed task, and the owners' nodes re-tiered."""
-    change = settings.CREDIT_FOR_COMPLETION
-    if not credits or change == 0:
-        return
-    users = session.execute(
-        select(User.id, User.credit_score).where(User.id.in_(list(credits))).order_by(User.id).with_for_update()
-    ).all()
-    events, scores = [], {}
-    for user_id, credit in users:
-        for task_id in credits[user_id]:
-            credit = credit_after(credit, change)
-            events.append(
-                {
-                    "user_id": user_id,
-                    "at": now,
-                    "change": change,
-                    "credit_after": credit,
-                    "reason": f"completed task {task_id}",
-                }
-            )
-        scores[user_id] = credit
-    if not scores:
-        return
-    bulk.update_rows(session, User, [{"id": user_id, "credit_score": credit} for user_id, credit in scores.items()])
-    bulk.insert_rows(session, CreditEvent, events)
-    t = thresholds(settings)
-    retiered = [
-        {"id": pk, "tier": tier, "changed_at": now}
-        for pk, owner_id, docker, current in session.execute(
-            select(Node.id, Node.owner_id, Node.docker_status, Node.tier).where(Node.owner_id.in_(list(scores)))
-        ).all()
-        if (tier := tier_label(scores[owner_id], docker, t)) != current
-    ]
-    if retiered:
-        bulk.update_rows(session, Node, retiered)

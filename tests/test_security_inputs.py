@@ -16,6 +16,7 @@ import grpc
 import orchestration.dispatcher
 import orchestration.nodes
 from orchestration import dispatcher, scheduler
+from orchestration.catalog import NodeCatalog
 from protos import nodepool_pb2 as pb
 from tests.adversary import trusted
 from tests.contract_calls import every_method, invoke
@@ -94,7 +95,7 @@ def test_dispatch_rechecks_a_name_that_resolves_elsewhere_now(make_pool, sqlite_
     assert pool.nodes.RegisterWorkerNode(node_request(owner, hostname="rebind.example"), metadata=bearer(token)).success
     _, submitter = pool.new_user()
     task_id = upload(pool, submitter)
-    placed = scheduler.match_pending(pool.ctx.db, scheduler.NodeCatalog(), pool.settings, rng=random.Random(7))
+    placed = scheduler.match_pending(pool.ctx.db, NodeCatalog(), pool.settings, rng=random.Random(7))
     assert placed == [(task_id, 1)]
     monkeypatch.setattr(orchestration.dispatcher, "resolve_host", resolving("rebind.example", ["127.0.0.1"]))
     outcome = dispatcher.execute(pool.ctx.db, pool.ctx.lifecycle.storage, pool.ctx.signer,
