@@ -149,14 +149,6 @@ def statuses(session: Session, node_ids: Iterable[str]) -> dict[str, str]:
     return {node_id: status for node_id, status in rows}
 
 
-def set_status(session: Session, node_id: str, *, to: str, expected: str) -> bool:
-    """Guarded transition ``expected → to``; True when this call made it."""
-    result = session.execute(
-        update(Node).where(Node.node_id == node_id, Node.status == expected).values(status=to, changed_at=utcnow())
-    )
-    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
-
-
 def set_status_many(session: Session, node_ids: Iterable[str], *, to: str, expected: str) -> dict[str, int]:
     """Guarded transition ``expected → to`` for many nodes in one statement; {node_id: pk} of
     the nodes this call moved (the others were not in ``expected``)."""
@@ -170,10 +162,6 @@ def set_status_many(session: Session, node_ids: Iterable[str], *, to: str, expec
         .returning(Node.node_id, Node.id)
     )
     return {node_id: pk for node_id, pk in moved}
-
-
-def node_pk(session: Session, node_id: str) -> int | None:
-    return session.scalar(select(Node.id).where(Node.node_id == node_id))
 
 
 def list_all(session: Session) -> list[NodeRecord]:

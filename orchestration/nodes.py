@@ -6,6 +6,7 @@ import logging
 import re
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
@@ -244,7 +245,8 @@ def expire_silent_nodes(
     offline a chunk per transaction, and each chunk's heartbeats are read again just before, so
     a node whose heartbeat arrived while the sweep worked on earlier chunks stays online.
     """
-    now = time.time() if now is None else now
+    started = time.time()
+    now = started if now is None else now
     with db.reading() as session:
         online = nodes.online_node_ids(session)
     if store.reseed_if_lost(online, now=now):
@@ -254,7 +256,7 @@ def expire_silent_nodes(
     silent = store.silent_since(now - timeout)
     for start in range(0, len(silent), EXPIRY_CHUNK):
         seen = store.last_seen(silent[start : start + EXPIRY_CHUNK])
-        cutoff = time.time() - timeout
+        cutoff = now + (time.time() - started) - timeout  # the sweep's clock, moved on by its own work
         chunk = [node_id for node_id, at in seen.items() if at < cutoff]
 
         def work(session: Session, chunk: list[str] = chunk) -> tuple[dict[str, int], list[allocation.Released]]:
@@ -264,9 +266,7 @@ def expire_silent_nodes(
         moved, freed = db.transaction(work) if chunk else ({}, [])
         store.mark_many(chunk, "offline")
         released += freed
-        per_node = {pk: 0 for pk in moved.values()}
-        for item in freed:
-            per_node[item.node_pk] = per_node.get(item.node_pk, 0) + 1
+        per_node = Counter(item.node_pk for item in freed)
         for node_id, pk in sorted(moved.items()):
             log.warning(
                 "Node %s went offline: no heartbeat for %.0f s",
@@ -282,7 +282,7 @@ def reclaim(db: Database) -> tuple[list[allocation.Released], list[str]]:
 
     def work(session: Session) -> tuple[list[allocation.Released], list[str]]:
         offline = session.scalars(select(Node.id).where(Node.status == "offline")).all()
-        freed = [r for pk in offline for r in allocation.release_node(session, pk, "reclaimed: node offline")]
+        freed = allocation.release_nodes(session, offline, "reclaimed: node offline")
         freed += allocation.release_finished(session)
         return freed, allocation.repair_drift(session)
 

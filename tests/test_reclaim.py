@@ -22,7 +22,7 @@ def test_reclaim_releases_offline_nodes_and_repairs_drift(pool: PoolHarness, cel
     assert db.transaction(lambda s: allocation.allocate(s, node_pk=node_b.pk, task_id=f"{b}-1", attempt=1, need=need))
 
     # Node a vanishes without the heartbeat sweep noticing; node b's bookkeeping drifts.
-    db.transaction(lambda s: nodes.set_status(s, a, to="offline", expected="online"))
+    db.transaction(lambda s: nodes.set_status_many(s, [a], to="offline", expected="online"))
     db.transaction(
         lambda s: s.execute(
             sa.text("UPDATE nodes SET avail_memory_gb = 1, running_tasks = 5 WHERE node_id = :n"), {"n": b}
