@@ -94,13 +94,7 @@ def fund_new_account(
     account = int(
         session.execute(_NEW_ACCOUNT, {"key": key, "kind": kind, "user_id": user_id, "balance": amount}).scalar_one()
     )
-    session.execute(
-        _NEW_POSTINGS,
-        [
-            {"entry_id": entry_id, "account_id": payer, "amount": -amount},
-            {"entry_id": entry_id, "account_id": account, "amount": amount},
-        ],
-    )
+    _write_postings(session, entry_id, debit=payer, credit=account, amount=amount)
     return account
 
 
@@ -148,6 +142,12 @@ def post(
             _credit(session, account, amount)
         elif not _debit(session, account, amount, allow_negative=allow_negative):
             raise InsufficientBalance(f"insufficient balance: {amount} CPT needed")
+    _write_postings(session, entry_id, debit=debit, credit=credit, amount=amount)
+    return entry_id
+
+
+def _write_postings(session: Session, entry_id: int, *, debit: int, credit: int, amount: int) -> None:
+    """The two postings of an entry: ``-amount`` on ``debit``, ``+amount`` on ``credit``."""
     session.execute(
         _NEW_POSTINGS,
         [
@@ -155,7 +155,6 @@ def post(
             {"entry_id": entry_id, "account_id": credit, "amount": amount},
         ],
     )
-    return entry_id
 
 
 def mint(session: Session, *, to_account: int, amount: int, memo: str) -> int:
