@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.metrics import JobEvents, MetricsEndpoint, PoolCollector, start_metrics
+from api.job_events import JobEvents
+from api.metrics import MetricsEndpoint, PoolCollector, start_metrics
 from models import ledger
 from models.db import Database
 from protos import nodepool_pb2 as pb
