@@ -17,7 +17,7 @@ import pytest
 import typer
 import yaml
 
-from api import metrics
+from api import job_events, metrics
 from pool.settings import Settings
 from tests.harness import REPO
 
@@ -149,5 +149,6 @@ def test_the_dashboard_plots_only_metrics_we_export() -> None:
     dashboard = json.loads((REPO / "deploy" / "grafana" / "hivemind-pool.json").read_text())
     exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
     used = {re.sub(r"_(bucket|count|sum)$", "", name) for e in exprs for name in re.findall(r"hivemind_\w+", e)}
-    exported = set(re.findall(r'"(hivemind_\w+)"', Path(metrics.__file__).read_text()))
+    sources = "".join(Path(module.__file__).read_text() for module in (metrics, job_events))  # type: ignore[arg-type]
+    exported = set(re.findall(r'"(hivemind_\w+)"', sources))
     assert used and used <= {name.removesuffix("_total") for name in exported} | exported, used - exported
