@@ -37,6 +37,8 @@ class PoolContext:
 
     def close(self) -> None:
         self.batcher.close()
+        if self.lifecycle.followups is not None:
+            self.lifecycle.followups.close()
         self.db.dispose()
         self.redis.close()
 
@@ -54,6 +56,8 @@ def build_context(settings: Settings) -> PoolContext:
     db = Database(settings.database_url, pool_size=settings.GRPC_MAX_WORKERS)
     store = HeartbeatStore(client, settings.REDIS_KEY_PREFIX)
     jobs = JobQueue.from_settings(settings)
+    lifecycle = Lifecycle(db, TaskStorage(settings.task_storage_path), settings, jobs, client)
+    lifecycle.send_followups_in_batches()  # many handler threads: their Redis follow-ups share round trips
     return PoolContext(
         settings=settings,
         db=db,
@@ -73,5 +77,5 @@ def build_context(settings: Settings) -> PoolContext:
             interval=settings.HEARTBEAT_FLUSH_SECONDS,
         ),
         signer=PoolSigner.load_or_create(settings.signing_key_path),
-        lifecycle=Lifecycle(db, TaskStorage(settings.task_storage_path), settings, jobs, client),
+        lifecycle=lifecycle,
     )

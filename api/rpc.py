@@ -61,8 +61,11 @@ class Call:
     """The parts of a gRPC call a handler may use."""
 
     caller: Caller | None
-    peer: str
     context: grpc.ServicerContext
+
+    @functools.cached_property
+    def peer(self) -> str:  # asked only by the few handlers that limit by address
+        return peer_address(self.context)
 
     @property
     def user(self) -> Caller:
@@ -120,13 +123,12 @@ def rpc(
 
         @functools.wraps(method)
         def handler(self: HasContext, request: Any, context: grpc.ServicerContext) -> R:
-            peer = peer_address(context)
             try:
                 caller = authenticate(self, request, context) if auth else None
-                return method(self, request, Call(caller, peer, context))
+                return method(self, request, Call(caller, context))
             except Refused as error:
                 if in_band:
-                    log.info("%s refused for %s: %s", name, peer, error)
+                    log.info("%s refused for %s: %s", name, peer_address(context), error)
                     return response(success=False, message=str(error))  # type: ignore[call-arg]
                 failure: PoolError = error
             except PoolError as error:
@@ -137,7 +139,7 @@ def rpc(
                 log.exception("%s failed unexpectedly", name)
                 context.abort(grpc.StatusCode.INTERNAL, "internal error; the operator has been told")
             code = status_for(failure)
-            log.info("%s from %s answered %s: %s", name, peer, code.name, failure)
+            log.info("%s from %s answered %s: %s", name, peer_address(context), code.name, failure)
             if isinstance(failure, RateLimited):
                 context.set_trailing_metadata((("retry-after", str(int(failure.retry_after) + 1)),))
             context.abort(code, str(failure))

@@ -45,15 +45,23 @@ class NodeCatalog:
     index: CandidateIndex = field(default_factory=CandidateIndex)
     pks: dict[str, int] = field(default_factory=dict)
     since: datetime | None = None
+    applied: dict[str, datetime] = field(default_factory=dict)  # node id -> changed_at of the row in the index
 
     def refresh(self, session: Session) -> int:
-        """Load nodes changed since the last refresh (all of them the first time); how many."""
+        """Load nodes changed since the last refresh (all of them the first time); how many.
+
+        The look-back overlaps the last one by two seconds (a transaction may commit after a later
+        one); rows already applied at the same ``changed_at`` are skipped, not rebuilt."""
         if self.since is None:
             rows = session.execute(_CATALOG_COLUMNS)
         else:
             rows = session.execute(_CHANGED_SINCE, {"since": self.since - timedelta(seconds=2)})
         count = 0
+        applied = self.applied
         for node in rows:
+            if applied.get(node.node_id) == node.changed_at:
+                continue
+            applied[node.node_id] = node.changed_at
             self.pks[node.node_id] = node.id
             self.index.upsert(
                 NodeView(
@@ -75,6 +83,7 @@ class NodeCatalog:
     def forget(self) -> None:
         """Reload every node at the next refresh (after a rolled-back batch)."""
         self.since = None
+        self.applied.clear()
 
     def took(self, view: NodeView, need: Resources) -> None:
         """Reflect our own allocation at once, without waiting for the next refresh."""

@@ -7,6 +7,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from redis.client import Pipeline
 
 from orchestration.app import create_celery
 from pool.settings import Settings
@@ -48,14 +49,19 @@ class Coalesced:
     def request(self) -> None:
         try:
             with self.redis.pipeline(transaction=False) as pipe:  # one round trip for both
-                pipe.set(self._wanted, "1", ex=self.ttl * 6)
-                pipe.set(self._flag, "1", nx=True, ex=self.ttl)
+                self.stage_request(pipe)
                 _, took_flag = pipe.execute()
             if not took_flag:
                 return
         except redis.RedisError:
             pass
         self.jobs.send(self.job)
+
+    def stage_request(self, pipe: Pipeline) -> None:
+        """Add the request's two commands to ``pipe``; the second's reply says whether it took the
+        flag, and so must send the job (:class:`~orchestration.followups.FollowupSender`)."""
+        pipe.set(self._wanted, "1", ex=self.ttl * 6)
+        pipe.set(self._flag, "1", nx=True, ex=self.ttl)
 
     def started(self) -> None:
         with contextlib.suppress(redis.RedisError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -22,6 +23,7 @@ from models.errors import NotFound, PermissionDenied, Refused
 from models.tables import utcnow
 from orchestration import outcomes, reports, uploads
 from orchestration.enqueue import Coalesced, JobQueue
+from orchestration.followups import FollowupSender
 from orchestration.storage import TaskStorage, sha256, validate_task_id
 from pool.settings import Settings
 
@@ -34,6 +36,16 @@ STOP = "pool.dispatch.stop"
 ARCHIVE = "pool.archival.archive"
 ARCHIVE_MANY = "pool.archival.archive_many"
 ARCHIVE_BATCH = 100
+
+
+def _outcomes(items: Iterable[str | bytes]) -> list[tuple[str, int]]:
+    """(task_id, attempt) of each well-formed ``attempt:task_id`` item of the to-archive list."""
+    found = []
+    for item in items:
+        attempt, _, task_id = (item.decode() if isinstance(item, bytes) else str(item)).partition(":")
+        if attempt.isdigit() and task_id:
+            found.append((task_id, int(attempt)))
+    return found
 
 
 @dataclass(frozen=True)
@@ -53,13 +65,23 @@ class Lifecycle:
         self.matching = Coalesced(client, jobs, MATCH, f"{settings.REDIS_KEY_PREFIX}:matching")
         self.archival = Coalesced(client, jobs, ARCHIVE_MANY, f"{settings.REDIS_KEY_PREFIX}:archival")
         self._to_archive = f"{settings.REDIS_KEY_PREFIX}:to-archive"
+        self.followups: FollowupSender | None = None
+        self._accounts_seen: set[tuple[str, int]] = set()  # (username, id) pairs found in the database
 
     # ------------------------------------------------------------------ enqueueing
+
+    def send_followups_in_batches(self) -> FollowupSender:
+        """From now on, matching requests and queued outcomes of concurrent callers share Redis
+        round trips (the gRPC server's many handler threads); close the sender when done."""
+        self.followups = FollowupSender(self.redis, on_push_failure=self._archive_by_jobs)
+        return self.followups
 
     def request_matching(self, countdown: float | None = None) -> None:
         """Ask for a matching job (many uploads, one job); ``countdown``: a separate one, later."""
         if countdown is not None:
             self.jobs.send(MATCH, countdown=countdown)
+        elif self.followups is not None:
+            self.followups.request(self.matching)
         else:
             self.matching.request()
 
@@ -67,12 +89,20 @@ class Lifecycle:
         """Queue a reported outcome for the next archival batch (one job for many completions).
 
         Should Redis lose the entry, the recovery sweep finds the task by its reported outcome."""
+        item = f"{attempt}:{task_id}"
+        if self.followups is not None:
+            self.followups.request(self.archival, push=(self._to_archive, item))
+            return
         try:
-            self.redis.rpush(self._to_archive, f"{attempt}:{task_id}")
+            self.redis.rpush(self._to_archive, item)
         except redis.RedisError:
-            self.jobs.send(ARCHIVE, task_id, attempt)  # the broker may still be there
+            self._archive_by_jobs(self._to_archive, [item])  # the broker may still be there
             return
         self.archival.request()
+
+    def _archive_by_jobs(self, _key: str, items: list[str]) -> None:
+        for task_id, attempt in _outcomes(items):
+            self.jobs.send(ARCHIVE, task_id, attempt)
 
     def archival_batch(self) -> list[tuple[str, int]]:
         """Take up to ARCHIVE_BATCH queued outcomes."""
@@ -80,12 +110,7 @@ class Lifecycle:
             taken = self.redis.lpop(self._to_archive, ARCHIVE_BATCH) or []
         except redis.RedisError:
             return []
-        batch: dict[tuple[str, int], None] = {}
-        for item in taken:
-            attempt, _, task_id = (item.decode() if isinstance(item, bytes) else str(item)).partition(":")
-            if attempt.isdigit() and task_id:
-                batch[(task_id, int(attempt))] = None
-        return list(batch)
+        return list(dict.fromkeys(_outcomes(taken if isinstance(taken, list) else [taken])))
 
     def archival_pending(self) -> bool:
         try:
@@ -106,19 +131,19 @@ class Lifecycle:
         path = self.storage.task_zip(request.task_id)
         staged = self.storage.stage(path, request.task_zip)
         placed = False
+        known = caller.user_id if (caller.username.lower(), caller.user_id) in self._accounts_seen else None
 
-        def work(session: Session) -> bool:
+        def work(session: Session) -> int:
             nonlocal placed
-            if not uploads.insert(session, request, caller.username, self.settings):
-                return False  # a repeat of an upload that was accepted before
+            owner_id = uploads.insert(session, request, caller.username, self.settings, owner_id=known)
             if staged.exists():
                 os.replace(staged, path)
                 placed = True
-            return True
+            return owner_id
 
         try:
-            created = self.db.transaction(work)
-        except IntegrityError:  # the same task id was inserted meanwhile: a repeat after all?
+            owner_id = self.db.transaction(work)
+        except IntegrityError:  # the task id exists: a repeat of this upload, or another one?
             with self.db.reading() as session:
                 existing = tasks.get(session, request.task_id)
             if existing is None:
@@ -133,9 +158,10 @@ class Lifecycle:
             raise
         finally:
             staged.unlink(missing_ok=True)
-        if created:
-            self.request_matching()
-        return request.task_id, created
+        if owner_id == caller.user_id:  # accounts are never deleted: no need to look this one up again
+            self._accounts_seen.add((caller.username.lower(), caller.user_id))
+        self.request_matching()
+        return request.task_id, True
 
     def owned(self, session: Session, caller: Asker, task_id: str) -> tasks.TaskView:
         task = tasks.get(session, validate_task_id(task_id))
@@ -221,7 +247,8 @@ class Lifecycle:
         """Archive the results of attempts whose node reported their outcome and settle them all
         in one transaction; each one's status afterwards."""
         with self.db.reading() as session:
-            found = {key: tasks.get(session, key[0]) for key in attempts}
+            by_id = {task.task_id: task for task in tasks.get_many(session, {task_id for task_id, _ in attempts})}
+        found = {key: by_id.get(key[0]) for key in attempts}
         statuses: dict[tuple[str, int], str] = {}
         archived: dict[tuple[str, int], tuple[str, int] | None] = {}
         for (task_id, attempt), task in found.items():

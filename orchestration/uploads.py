@@ -130,20 +130,21 @@ def check_repeat(existing: tasks.TaskView, request: UploadRequest, owner_id: int
         raise Refused(f"you already uploaded a different task as {request.task_id!r}; choose another task_id")
 
 
-def insert(session: Session, request: UploadRequest, caller: str, settings: Settings) -> bool:
-    """Insert the task and escrow its maximum price. False when this exact upload exists already.
+def insert(
+    session: Session, request: UploadRequest, caller: str, settings: Settings, *, owner_id: int | None = None
+) -> int:
+    """Insert the task and escrow its maximum price; the owner's user id.
 
-    PermissionDenied or Refused for another upload under an existing task id (:func:`check_repeat`);
-    IntegrityError when the task id was taken by a transaction that committed meanwhile;
+    ``owner_id``: the caller's id when already confirmed to exist, else it is looked up (NotFound
+    when the account is gone). The task id is not looked up first: when it exists (a repeat of
+    this upload, another one under the same id, or one that committed meanwhile) the insert
+    raises IntegrityError, and the caller reads the existing task (:func:`check_repeat`).
     InsufficientBalance when the balance does not cover the escrow.
     """
-    owner_id = accounts.user_id(session, caller)
     if owner_id is None:
-        raise NotFound("your account no longer exists")
-    existing = tasks.get(session, request.task_id)
-    if existing is not None:
-        check_repeat(existing, request, owner_id)
-        return False
+        owner_id = accounts.user_id(session, caller)
+        if owner_id is None:
+            raise NotFound("your account no longer exists")
     digest = request.zip_sha256.hexdigest() if request.zip_sha256 else sha256(request.task_zip)
     per_minute = price_per_minute(request.needs, prices(settings))
     pk = tasks.create(
@@ -169,4 +170,4 @@ def insert(session: Session, request: UploadRequest, caller: str, settings: Sett
         len(request.task_zip),
         extra={"event": "task_uploaded", "task_id": request.task_id},
     )
-    return True
+    return owner_id
