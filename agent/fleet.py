@@ -60,6 +60,7 @@ class FleetSpec:
     task_seconds: float = 0.0
     heartbeat_seconds: float = 0.0  # 0: every 5 s, slower for big fleets (see heartbeat_interval)
     heartbeat_threads: int = 4
+    report_threads: int = 16  # tasks reporting their end at once (output, result, TaskCompleted)
     login_workers: int = 8
     create_accounts: bool = True
     cpu_cores: int = 4
@@ -85,7 +86,9 @@ class Fleet:
         self.users = pb_grpc.UserServiceStub(channel)
         self.nodes_stub = pb_grpc.NodeManagerServiceStub(channel)
         self.nodes = {f"{spec.prefix}{i:05d}": VirtualNode(f"{spec.prefix}{i:05d}") for i in range(spec.count)}
-        self.tasks = SimulatedTasks(pb_grpc.MasterNodeServiceStub(channel), self.nodes, spec.task_seconds)
+        self.tasks = SimulatedTasks(
+            pb_grpc.MasterNodeServiceStub(channel), self.nodes, spec.task_seconds, report_threads=spec.report_threads
+        )
         self._logins = ThreadPoolExecutor(spec.login_workers, thread_name_prefix="fleet-login")
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []

@@ -47,7 +47,14 @@ def tiny_result(node_id: str, task_id: str) -> bytes:
 class SimulatedTasks:
     """The running simulated tasks of a fleet's ``nodes`` (by node id)."""
 
-    def __init__(self, master: pb_grpc.MasterNodeServiceStub, nodes: dict[str, Any], task_seconds: float) -> None:
+    def __init__(
+        self,
+        master: pb_grpc.MasterNodeServiceStub,
+        nodes: dict[str, Any],
+        task_seconds: float,
+        *,
+        report_threads: int = 16,
+    ) -> None:
         self.master = master
         self.nodes: dict[str, Node] = nodes
         self.task_seconds = task_seconds
@@ -55,7 +62,9 @@ class SimulatedTasks:
         self._running: dict[Key, str] = {}  # -> node_id
         self._wake = threading.Condition()
         self._closing = threading.Event()
-        self._reports = ThreadPoolExecutor(4, thread_name_prefix="fleet-report")
+        # Each task's three reports are sequential calls; a fleet stands for many machines
+        # reporting at once, so many tasks report side by side.
+        self._reports = ThreadPoolExecutor(report_threads, thread_name_prefix="fleet-report")
         self._thread = threading.Thread(target=self._timetable, name="fleet-timetable", daemon=True)
         self._completed = 0
         self._count_lock = threading.Lock()

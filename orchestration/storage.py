@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -75,10 +76,17 @@ class TaskStorage:
         source, target = self.result_zip(task_id), self.archived_result(task_id)
         if source.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
-            shutil.copyfile(source, temporary)
-            os.replace(temporary, target)
-            source.unlink(missing_ok=True)
+            try:
+                os.replace(source, target)  # written durably when it was stored; one file system
+            except FileNotFoundError:
+                pass  # another run of this archival moved it first
+            except OSError as error:
+                if error.errno != errno.EXDEV:  # the archive on another file system: copy it there
+                    raise
+                temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+                shutil.copyfile(source, temporary)
+                os.replace(temporary, target)
+                source.unlink(missing_ok=True)
         if not target.exists():
             return None
         data = target.read_bytes()
