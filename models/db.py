@@ -8,6 +8,8 @@ transactions start with ``BEGIN IMMEDIATE`` so two writers queue instead of fail
 from __future__ import annotations
 
 import logging
+import random
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,13 +44,44 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        if mode == "IMMEDIATE":
+            begin_immediate(conn.connection.dbapi_connection)
+        else:
+            conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+BUSY_TIMEOUT_MS = 30_000
+_MAX_WRITER_POLL = 0.004
+
+
+def begin_immediate(dbapi_connection: Any, *, timeout: float = BUSY_TIMEOUT_MS / 1000) -> None:
+    """``BEGIN IMMEDIATE`` on a SQLite connection, waiting for another process's writer.
+
+    SQLite's own busy handler sleeps ever longer between tries (up to 100 ms at a time), so a
+    writer freed after a millisecond could wait a hundred: under a burst the pool's processes
+    took turns at a fraction of what the database allows. Here the wait is polled at most a few
+    milliseconds apart. Raises SQLAlchemy's OperationalError ("database is locked") after ``timeout``.
+    """
+    dbapi_connection.execute("PRAGMA busy_timeout=0")
+    try:
+        deadline, delay = time.monotonic() + timeout, 0.0005
+        while True:
+            try:
+                dbapi_connection.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() >= deadline:
+                    raise OperationalError("BEGIN IMMEDIATE", None, error) from error
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, _MAX_WRITER_POLL)
+    finally:
+        dbapi_connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
 
 IDLE_PING_SECONDS = 10.0

@@ -1,15 +1,19 @@
 """SQLite takes one writer at a time: a process's write transactions queue for its one writer
-connection, while reads go on beside a write in progress."""
+connection, reads go on beside a write in progress, and a write waits for another process's
+writer (polling, not SQLite's ever longer sleeps) until its timeout."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import sqlalchemy as sa
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from models.db import Database
+from models.db import Database, begin_immediate
 
 
 def test_concurrent_writes_of_a_process_take_turns_on_one_connection_and_all_commit(sqlite_url: str) -> None:
@@ -60,4 +64,29 @@ def test_a_read_goes_on_while_a_write_is_open(sqlite_url: str) -> None:
     finally:
         release.set()
         writer.join()
+        db.dispose()
+
+
+def test_a_write_waits_for_another_processes_writer_and_gives_up_only_after_its_timeout(sqlite_url: str) -> None:
+    db = Database(sqlite_url, pool_size=2)
+    db.transaction(lambda s: s.execute(sa.text("CREATE TABLE things (n INTEGER NOT NULL)")))
+    path = sqlite_url.removeprefix("sqlite:///")
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)  # as another process would
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        threading.Timer(0.3, other.execute, ("COMMIT",)).start()
+        db.transaction(lambda s: s.execute(sa.text("INSERT INTO things VALUES (1)")))  # waited, then wrote
+        with db.reading() as session:
+            assert session.execute(sa.text("SELECT count(*) FROM things")).scalar_one() == 1
+
+        other.execute("BEGIN IMMEDIATE")
+        mine = sqlite3.connect(path, isolation_level=None)
+        with pytest.raises(OperationalError, match="database is locked"):
+            begin_immediate(mine, timeout=0.2)
+        assert mine.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000  # restored for the next statements
+        mine.close()
+    finally:
+        if other.in_transaction:
+            other.execute("ROLLBACK")
+        other.close()
         db.dispose()
