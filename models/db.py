@@ -147,7 +147,11 @@ class Database:
         self.url = url
         self.engine = create_db_engine(url, pool_size=pool_size, idle_ping_seconds=idle_ping_seconds)
         self.is_sqlite = url.startswith("sqlite")
-        read_engine = self.engine.execution_options(sqlite_begin="DEFERRED")
+        # PostgreSQL reads in autocommit: under READ COMMITTED each statement takes its own snapshot
+        # inside a transaction too, so BEGIN and ROLLBACK bought two round trips and nothing else.
+        read_engine = self.engine.execution_options(
+            **({"sqlite_begin": "DEFERRED"} if self.is_sqlite else {"isolation_level": "AUTOCOMMIT"})
+        )
         self._writer = create_db_engine(url, pool_size=1, max_overflow=0) if self.is_sqlite else self.engine
         self._write = sessionmaker(self._writer, expire_on_commit=False)
         self._read = sessionmaker(read_engine, expire_on_commit=False)
