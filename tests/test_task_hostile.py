@@ -123,13 +123,13 @@ def test_ids_and_billing_belong_to_the_caller(pool: PoolHarness) -> None:
     assert not reply.success and "different task" in reply.message
 
 
-def test_upload_beyond_balance_says_how_much_is_needed(sqlite_pool: PoolHarness) -> None:
-    _, token = sqlite_pool.new_user()
+def test_upload_beyond_balance_says_how_much_is_needed(pool: PoolHarness) -> None:
+    _, token = pool.new_user()
     request = pb.UploadTaskRequest(task_id="pricey", task_zip=task_zip(), cpu_score=100_000, gpu_score=50_000)
-    reply = sqlite_pool.master.UploadTask(request, metadata=bearer(token))
+    reply = pool.master.UploadTask(request, metadata=bearer(token))
     assert not reply.success and "insufficient balance" in reply.message and "1000 CPT" in reply.message
-    assert sqlite_pool.balance(token) == 1000
-    assert code_of(sqlite_pool.master.PollTaskStatus, pb.PollTaskStatusRequest(task_id="pricey"),
+    assert pool.balance(token) == 1000
+    assert code_of(pool.master.PollTaskStatus, pb.PollTaskStatusRequest(task_id="pricey"),
                    metadata=bearer(token)) == grpc.StatusCode.NOT_FOUND
 
 
