@@ -11,7 +11,6 @@ import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import timedelta
 
 import redis
 from sqlalchemy.exc import IntegrityError
@@ -20,7 +19,6 @@ from sqlalchemy.orm import Session
 from models import task_output, tasks
 from models.db import Database
 from models.errors import NotFound, PermissionDenied, Refused
-from models.tables import utcnow
 from orchestration import outcomes, reports, uploads
 from orchestration.enqueue import Coalesced, JobQueue
 from orchestration.followups import FollowupSender
@@ -274,43 +272,3 @@ class Lifecycle:
         if released:
             self.request_matching()
         return retrying
-
-    def recover(self) -> dict[str, int]:
-        """Beat: re-drive work whose job was lost (crash, broker restart). Safe to run any time."""
-        now = utcnow()
-        stale = now - timedelta(seconds=self.settings.STALE_ASSIGNED_SECONDS)
-        with self.db.reading() as session:
-            due = tasks.due_pending(session, now, 1)
-            assigned = tasks.in_status(session, [tasks.ASSIGNED], updated_before=stale)
-            # outcomes reported a while ago and still not settled (their archival job was lost)
-            finishing = [t for t in tasks.in_status(session, tasks.ACTIVE, updated_before=stale) if t.reported_outcome]
-            stopping = tasks.in_status(session, [tasks.STOPPING], updated_before=stale)
-            overdue = [
-                t
-                for t in tasks.in_status(session, [tasks.RUNNING])
-                if t.started_at and now - t.started_at > timedelta(minutes=t.max_minutes + 2)
-            ]
-        if due:
-            self.request_matching()
-        for task in assigned:
-            self.jobs.send(DISPATCH, task.task_id, task.attempt)
-        for task in finishing:
-            self.request_archival(task.task_id, task.attempt)
-        for task in stopping:
-            self.jobs.send(STOP, task.task_id)
-        for task in overdue:
-            outcomes.requeue(
-                self.db,
-                self.settings,
-                task.task_id,
-                task.attempt,
-                f"timed out after {task.max_minutes} min",
-                node_caused=True,
-            )
-        return {
-            "assigned": len(assigned),
-            "finishing": len(finishing),
-            "stopping": len(stopping),
-            "overdue": len(overdue),
-            "pending": len(due),
-        }

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from models import accounts, tasks
+from models import accounts, new_tasks, tasks
 from models.errors import InvalidArgument, NotFound, PermissionDenied, Refused, TooLarge
 from orchestration import economy
 from orchestration.policies.pricing import PriceList, price_per_minute
@@ -147,7 +147,7 @@ def insert(
             raise NotFound("your account no longer exists")
     digest = request.zip_sha256.hexdigest() if request.zip_sha256 else sha256(request.task_zip)
     per_minute = price_per_minute(request.needs, prices(settings))
-    pk = tasks.create(
+    pk = new_tasks.create(
         session,
         task_id=request.task_id,
         owner_id=owner_id,

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from models import ledger, tasks
 from models.tables import Task as TaskRow
 from models.tables import utcnow
-from orchestration import nodes, settlement
+from orchestration import nodes, recovery, settlement
 from orchestration.runtime import runtime
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def reclaim_resources(self: Task) -> dict[str, int]:
 @shared_task(name="pool.maintenance.recover_tasks", bind=True)
 def recover_tasks(self: Task) -> dict[str, int]:
     """Re-drive tasks whose job was lost: re-match, re-dispatch, re-archive, re-stop, time out."""
-    return runtime(self.app).lifecycle.recover()
+    return recovery.recover(runtime(self.app).lifecycle)
 
 
 ACCRUAL_BATCH = 200
