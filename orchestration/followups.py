@@ -10,15 +10,12 @@ when it sent the request itself; alone, a handler waits for one round trip, as b
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 
 import redis
 
 from orchestration.enqueue import Coalesced
-
-log = logging.getLogger("orchestration.followups")
 
 
 class _Batch:
