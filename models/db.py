@@ -85,7 +85,6 @@ def begin_immediate(dbapi_connection: Any, *, timeout: float = BUSY_TIMEOUT_MS /
 
 
 IDLE_PING_SECONDS = 10.0
-WRITER_WAIT_SECONDS = 30.0  # SQLite: how long a write waits for the process's writer connection
 
 
 def _ping_when_idle(engine: Engine, idle_seconds: float) -> None:
@@ -123,7 +122,6 @@ def create_db_engine(
             connect_args={"check_same_thread": False, "timeout": 30},
             pool_size=pool_size,
             max_overflow=max_overflow,
-            pool_timeout=WRITER_WAIT_SECONDS,
         )
         _configure_sqlite(engine)
         return engine
@@ -139,8 +137,8 @@ class Database:
     connection and queue for it in the process: a thread waiting to write is woken as soon as the
     writer before it commits, instead of sleeping in SQLite's busy handler (whose back-off sleeps
     grow to 100 ms, while the lock may be free), and that connection's page cache stays warm
-    instead of being reloaded by each of the pool's connections in turn. Other processes' writers
-    still queue through SQLite's busy handler. PostgreSQL writes on the whole pool.
+    instead of being reloaded by each of the pool's connections in turn. A write that finds another
+    process's writer polls for it (:func:`begin_immediate`). PostgreSQL writes on the whole pool.
     """
 
     def __init__(self, url: str, *, pool_size: int = 10, idle_ping_seconds: float = IDLE_PING_SECONDS) -> None:
@@ -177,7 +175,7 @@ class Database:
             try:
                 with self._write() as session, session.begin():
                     return work(session)
-            except PoolTimeout as error:  # SQLite: the process's writer was busy all that time
+            except PoolTimeout as error:  # SQLite: the process's writer stayed busy past the pool's 30 s
                 raise Unavailable("the database is busy; try again shortly") from error
             except DBAPIError as error:
                 if attempt < attempts and _is_retryable(error):
