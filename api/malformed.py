@@ -2,16 +2,19 @@
 
 grpc answers INTERNAL ("Exception deserializing request!") when a request cannot be parsed, but a
 client sending bad bytes is malformed input, not a server fault (SPEC §2). This interceptor gives
-every unary method a deserializer that turns a parse failure into a marker, and a behaviour that
-answers the marker with INVALID_ARGUMENT before any servicer code runs.
+every method a deserializer that turns a parse failure into a marker, and a behaviour that
+answers the marker with INVALID_ARGUMENT before any servicer code runs. In a request stream the
+marker becomes InvalidArgument where the handler reads it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+
+from models.errors import InvalidArgument
 
 
 class _Unparsable:
@@ -40,8 +43,27 @@ def _refusing(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable
     return handle
 
 
+def _checked(requests: Iterator[Any]) -> Iterator[Any]:
+    for number, request in enumerate(requests, start=1):
+        if isinstance(request, _Unparsable):
+            raise InvalidArgument(f"message {number} of the request stream is not a valid message ({request.reason})")
+        yield request
+
+
+def _refusing_stream(
+    behaviour: Callable[[Iterator[Any], grpc.ServicerContext], Any],
+) -> Callable[[Iterator[Any], grpc.ServicerContext], Any]:
+    """The handler meets an unparsable message as InvalidArgument when it reads that far (it may
+    have begun its work: it answers the error as it answers its own)."""
+
+    def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        return behaviour(_checked(requests), context)
+
+    return handle
+
+
 class MalformedRequests(grpc.ServerInterceptor):
-    """Server interceptor: unparsable unary requests → INVALID_ARGUMENT instead of INTERNAL.
+    """Server interceptor: unparsable requests → INVALID_ARGUMENT instead of INTERNAL.
 
     grpc asks the interceptor on every call; the wrapped handler of each method is built once
     (the services are fixed when the server starts) and handed out from then on.
@@ -56,16 +78,19 @@ class MalformedRequests(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None or handler.request_streaming:
+        if handler is None or handler.request_deserializer is None:
             return handler
         method = handler_call_details.method  # type: ignore[attr-defined]
         known = self._wrapped.get(method)
         if known is not None and known[0] is handler:
             return known[1]
-        kind = "unary_stream" if handler.response_streaming else "unary_unary"
+        kind = ("stream_" if handler.request_streaming else "unary_") + (
+            "stream" if handler.response_streaming else "unary"
+        )
+        refusing = _refusing_stream if handler.request_streaming else _refusing
         wrapped = handler._replace(  # type: ignore[attr-defined]
             request_deserializer=_lenient(handler.request_deserializer),
-            **{kind: _refusing(getattr(handler, kind))},
+            **{kind: refusing(getattr(handler, kind))},
         )
         self._wrapped[method] = (handler, wrapped)
         return wrapped  # type: ignore[no-any-return]

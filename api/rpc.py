@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 from api.metrics import timed
 from api.tokens import Caller
 from models.errors import (
+    Cancelled,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -42,6 +43,7 @@ STATUS: dict[type[PoolError], grpc.StatusCode] = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     NotFound: grpc.StatusCode.NOT_FOUND,
     Refused: grpc.StatusCode.FAILED_PRECONDITION,
+    Cancelled: grpc.StatusCode.CANCELLED,
 }
 
 
@@ -98,11 +100,12 @@ def bearer_token(context: grpc.ServicerContext) -> str | None:
     return None
 
 
-def authenticate(servicer: HasContext, request: Message, context: grpc.ServicerContext) -> Caller:
+def authenticate(servicer: HasContext, request: Any, context: grpc.ServicerContext) -> Caller:
     """The caller named by the bearer token and/or the message's ``token`` field (they must agree)."""
     tokens = servicer.ctx.tokens
     from_metadata = bearer_token(context)
-    field = getattr(request, "token", "") if "token" in request.DESCRIPTOR.fields_by_name else ""
+    descriptor = getattr(request, "DESCRIPTOR", None)  # None: a request stream, authenticated by metadata only
+    field = getattr(request, "token", "") if descriptor is not None and "token" in descriptor.fields_by_name else ""
     if not from_metadata and not field:
         raise Unauthenticated("missing token: send 'authorization: Bearer <token>' metadata")
     names = {tokens.verify(token) for token in (from_metadata, field) if token}

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import grpc
 
 from api.context import PoolContext
 from api.rpc import Call, rpc
 from api.upload_wire import ReceivedUpload
 from models import tasks
-from models.errors import InvalidArgument
+from models.errors import Cancelled, InvalidArgument
 from orchestration import explain, reports, uploads
 from orchestration.lifecycle import Asker
 from protos import nodepool_pb2 as pb
@@ -40,29 +42,64 @@ def store_output(ctx: PoolContext, who: reports.Reporter, task_id: str, output: 
     return pb.StatusResponse(success=True, message=f"{kept} line(s) stored")
 
 
+Upload = pb.UploadTaskRequest | ReceivedUpload
+
+
+def upload_request(request: Upload) -> uploads.UploadRequest:
+    return uploads.UploadRequest(
+        task_id=request.task_id,
+        task_zip=request.task_zip,
+        needs={
+            "cpu_score": request.cpu_score,
+            "memory_gb": request.memory_gb,
+            "gpu_score": request.gpu_score,
+            "gpu_memory_gb": request.gpu_memory_gb,
+        },
+        gpu_name=request.gpu_name,
+        location=request.location,
+        user_id=request.user_id,
+    )
+
+
+def uploaded(task_id: str, created: bool) -> pb.UploadTaskResponse:
+    message = f"task {task_id} uploaded" if created else f"task {task_id} was already uploaded"
+    return pb.UploadTaskResponse(success=True, message=message)
+
+
+def zip_pieces(first: Upload, rest: Iterator[Upload]) -> Iterator[bytes | memoryview]:
+    """The task zip of an UploadTaskStream, message by message. InvalidArgument when a later
+    message sets a field other than task_zip; Cancelled when the client gives up mid-stream."""
+    yield first.task_zip
+    try:
+        for number, message in enumerate(rest, start=2):
+            extra = [field.name for field, _ in message.ListFields() if field.name != "task_zip"]
+            if extra:
+                raise InvalidArgument(
+                    f"UploadTaskStream message {number} sets {', '.join(extra)}; "
+                    "only the first message carries the task's fields, later ones only task_zip"
+                )
+            yield message.task_zip
+    except grpc.RpcError as error:  # the request stream broke off: cancelled, or past its deadline
+        raise Cancelled("the upload stream ended before the client finished it") from error
+
+
 class MasterNodeService(pb_grpc.MasterNodeServiceServicer):
     def __init__(self, ctx: PoolContext) -> None:
         self.ctx = ctx
         self.lifecycle = ctx.lifecycle
 
     @rpc(pb.UploadTaskResponse)
-    def UploadTask(self, request: pb.UploadTaskRequest | ReceivedUpload, call: Call) -> pb.UploadTaskResponse:
-        upload = uploads.UploadRequest(
-            task_id=request.task_id,
-            task_zip=request.task_zip,
-            needs={
-                "cpu_score": request.cpu_score,
-                "memory_gb": request.memory_gb,
-                "gpu_score": request.gpu_score,
-                "gpu_memory_gb": request.gpu_memory_gb,
-            },
-            gpu_name=request.gpu_name,
-            location=request.location,
-            user_id=request.user_id,
-        )
-        task_id, created = self.lifecycle.upload(asker(call), upload)
-        message = f"task {task_id} uploaded" if created else f"task {task_id} was already uploaded"
-        return pb.UploadTaskResponse(success=True, message=message)
+    def UploadTask(self, request: Upload, call: Call) -> pb.UploadTaskResponse:
+        return uploaded(*self.lifecycle.upload(asker(call), upload_request(request)))
+
+    @rpc(pb.UploadTaskResponse)
+    def UploadTaskStream(self, requests: Iterator[Upload], call: Call) -> pb.UploadTaskResponse:
+        caller = asker(call)  # authenticated from the metadata before a byte of the zip is read
+        first = next(requests, None)
+        if first is None:
+            raise InvalidArgument("UploadTaskStream sent no message; the first one carries the task's fields")
+        pieces = zip_pieces(first, requests)
+        return uploaded(*self.lifecycle.upload_pieces(caller, upload_request(first), pieces))
 
     @rpc(pb.PollTaskStatusResponse)
     def PollTaskStatus(self, request: pb.PollTaskStatusRequest, call: Call) -> pb.PollTaskStatusResponse:

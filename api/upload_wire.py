@@ -19,7 +19,7 @@ import grpc
 
 from protos import nodepool_pb2 as pb
 
-METHOD = "/nodepool.MasterNodeService/UploadTask"
+METHODS = ("/nodepool.MasterNodeService/UploadTask", "/nodepool.MasterNodeService/UploadTaskStream")
 TASK_ZIP = 2  # field number of task_zip in UploadTaskRequest
 LENGTH_DELIMITED, VARINT, FIXED64, FIXED32 = 2, 0, 1, 5
 MAX_FIELDS = 64  # a real request has at most 9; past this the walk is left to protobuf's C parser
@@ -101,14 +101,15 @@ def parse_upload(data: bytes) -> pb.UploadTaskRequest | ReceivedUpload:
 
 
 class ZeroCopyUploads(grpc.ServerInterceptor):
-    """Server interceptor: UploadTask requests are parsed by :func:`parse_upload`.
+    """Server interceptor: UploadTask requests (and each message of UploadTaskStream) are parsed
+    by :func:`parse_upload`.
 
     Place it after MalformedRequests, which then answers unparsable uploads as it answers any
     other unparsable request.
     """
 
     def __init__(self) -> None:
-        self._wrapped: tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler] | None = None  # (inner, ours)
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}  # method: (inner, ours)
 
     def intercept_service(
         self,
@@ -116,8 +117,10 @@ class ZeroCopyUploads(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
-        if handler is None or handler_call_details.method != METHOD:  # type: ignore[attr-defined]
+        method = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None or method not in METHODS:
             return handler
-        if self._wrapped is None or self._wrapped[0] is not handler:  # built once (see MalformedRequests)
-            self._wrapped = (handler, handler._replace(request_deserializer=parse_upload))  # type: ignore[attr-defined]
-        return self._wrapped[1]
+        known = self._wrapped.get(method)
+        if known is None or known[0] is not handler:  # built once (see MalformedRequests)
+            known = self._wrapped[method] = (handler, handler._replace(request_deserializer=parse_upload))  # type: ignore[attr-defined]
+        return known[1]

@@ -167,18 +167,27 @@ def main() -> None:
                 done("heartbeats")
             if "upload" in names:
                 print("upload: a 100 MiB task zip against a bare grpcio server", flush=True)
-                seconds, memory = upload.run(redis_server.url, rounds=5)
+                unary_seconds, unary_memory, stream_seconds, stream_memory = upload.run(redis_server.url, rounds=5)
                 payload = upload.PAYLOAD / 2**20
-                fits = "met" if memory.ours.median <= 2 * upload.PAYLOAD / 2**20 else "**not met**"
-                comparisons += [(seconds, 1.5), (memory, fits)]
-                print(seconds.row(), memory.row(), sep="\n", flush=True)
+
+                def fits(memory: Comparison) -> str:
+                    return "met" if memory.ours.median <= 2 * payload else "**not met**"
+
+                for found in (unary_seconds, unary_memory, stream_seconds, stream_memory):
+                    comparisons.append((found, 1.5 if found.ours.unit == "s" else fits(found)))
+                    print(found.row(), flush=True)
                 sections += [
                     "## Upload",
                     "",
-                    f"Peak RSS growth of the pool's server: {memory.ours.median:.0f} MiB for a {payload:.0f} MiB zip, "
-                    f"{memory.ours.median / payload:.2f}× the payload (target ≤ 2×: "
-                    f"{'met' if memory.ours.median <= 2 * payload else '**not met**'}); the bare server receiving "
-                    f"the same message grows by {memory.raw.median:.0f} MiB ({memory.raw.median / payload:.2f}×).",
+                    f"Peak RSS growth of the pool's server for a {payload:.0f} MiB zip: sent in one UploadTask "
+                    f"message, {unary_memory.ours.median:.0f} MiB ({unary_memory.ours.median / payload:.2f}× the "
+                    f"payload, target ≤ 2×: {fits(unary_memory)}), where the bare server receiving the same message "
+                    f"grows by {unary_memory.raw.median:.0f} MiB ({unary_memory.raw.median / payload:.2f}×); "
+                    f"streamed in UploadTaskStream messages of {upload.PIECE // 2**20} MiB, as `hivemind submit` "
+                    f"sends it, {stream_memory.ours.median:.0f} MiB ({stream_memory.ours.median / payload:.2f}×: "
+                    f"{fits(stream_memory)}), the bare server {stream_memory.raw.median:.0f} MiB. "
+                    "The time of a streamed upload is compared with the bare server receiving the same stream, "
+                    "which keeps nothing: the pool writes the zip to disk durably, hashes it (sha256) and checks it.",
                     "",
                 ]
                 done("upload")

@@ -1,7 +1,7 @@
 """The raw baselines: a bare grpcio server with the pool's server options that answers at once.
 
 ReportStatus returns success without looking at anything; UploadTask receives the bytes and
-returns. Run: ``python -m bench.echo_server PORT``.
+returns; UploadTaskStream receives every piece and returns. Run: ``python -m bench.echo_server PORT``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ class Echo(pb_grpc.NodeManagerServiceServicer, pb_grpc.MasterNodeServiceServicer
 
     def UploadTask(self, request, context):  # type: ignore[no-untyped-def]
         return pb.UploadTaskResponse(success=True, message=f"{len(request.task_zip)} bytes")
+
+    def UploadTaskStream(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        size = sum(len(request.task_zip) for request in request_iterator)
+        return pb.UploadTaskResponse(success=True, message=f"{size} bytes")
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -27,7 +28,9 @@ from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
 
 METHOD = "/nodepool.MasterNodeService/UploadTask"
+STREAM_METHOD = "/nodepool.MasterNodeService/UploadTaskStream"
 MiB = 1 << 20
+PIECE = 1 * MiB  # bytes per UploadTaskStream message, as the CLI sends them
 PAYLOAD = 100 * MiB
 LIMIT = PAYLOAD + 16 * MiB  # room for the zip's headers and the message's other fields
 USER, PASSWORD = "uploader", "bench-password"
@@ -74,21 +77,33 @@ def login(target: str) -> str:
 
 
 class Uploader:
-    """Sends pre-serialized UploadTask requests (a fresh task id each time) to one server."""
+    """Sends pre-serialized UploadTask requests (a fresh task id each time) to one server; with
+    ``pieces``, the same zip as UploadTaskStream messages of that many bytes each."""
 
-    def __init__(self, target: str, pid: int, body: bytes, token: str) -> None:
+    def __init__(self, target: str, pid: int, data: bytes, token: str, *, pieces: int = 0) -> None:
         options = [("grpc.max_send_message_length", LIMIT), ("grpc.max_receive_message_length", LIMIT)]
         self.channel = grpc.insecure_channel(target, options=options)
-        self.call = self.channel.unary_unary(
-            METHOD, request_serializer=None, response_deserializer=pb.UploadTaskResponse.FromString
-        )
-        self.pid, self.body, self.metadata, self.sent = pid, body, [("authorization", f"Bearer {token}")], 0
+        if pieces:
+            self.call = self.channel.stream_unary(
+                STREAM_METHOD, request_serializer=None, response_deserializer=pb.UploadTaskResponse.FromString
+            )
+            self.body = [
+                pb.UploadTaskRequest(task_zip=data[at : at + pieces]).SerializeToString()
+                for at in range(0, len(data), pieces)
+            ]
+        else:
+            self.call = self.channel.unary_unary(
+                METHOD, request_serializer=None, response_deserializer=pb.UploadTaskResponse.FromString
+            )
+            self.body = [pb.UploadTaskRequest(task_zip=data).SerializeToString()]
+        self.pid, self.metadata, self.sent = pid, [("authorization", f"Bearer {token}")], 0
 
     def once(self) -> tuple[float, float]:
         """(seconds for the call, peak RSS growth of the server in MiB)."""
         self.sent += 1
         head = pb.UploadTaskRequest(task_id=f"upload-{self.sent}", cpu_score=100, memory_gb=1).SerializeToString()
-        request = head + self.body  # concatenated messages merge: these fields plus task_zip
+        first = head + self.body[0]  # concatenated messages merge: these fields plus task_zip
+        request: bytes | Iterator[bytes] = first if len(self.body) == 1 else iter([first, *self.body[1:]])
         before = memory_kib(self.pid, "VmRSS")
         reset_peak(self.pid)
         started = time.perf_counter()
@@ -113,7 +128,6 @@ def run(redis_url: str, *, rounds: int = 5) -> list[Comparison]:
 
 def _run(work: Path, redis_url: str, rounds: int) -> list[Comparison]:
     data = task_zip()
-    body = pb.UploadTaskRequest(task_zip=data).SerializeToString()
     pool_port, echo_port = free_port(), free_port()
     env = pool_env(
         work,
@@ -134,28 +148,35 @@ def _run(work: Path, redis_url: str, rounds: int) -> list[Comparison]:
         wait_serving(echo_port, echo, work / "echo.log")
         check_peak_reset(pool.pid)
         token = login(f"127.0.0.1:{pool_port}")
-        ours = Uploader(f"127.0.0.1:{pool_port}", pool.pid, body, token)
-        raw = Uploader(f"127.0.0.1:{echo_port}", echo.pid, body, token)
-        try:
-            ours.once(), raw.once()  # warm-up: first-call allocations, connections
-            samples = []
-            for _ in range(rounds):
-                samples.append((*ours.once(), *raw.once()))
-        finally:
-            ours.close()
-            raw.close()
+        comparisons = []
+        for method, pieces in (("UploadTask", 0), ("UploadTaskStream", PIECE)):
+            ours = Uploader(f"127.0.0.1:{pool_port}", pool.pid, data, token, pieces=pieces)
+            raw = Uploader(f"127.0.0.1:{echo_port}", echo.pid, data, token, pieces=pieces)
+            try:
+                ours.once(), raw.once()  # warm-up: first-call allocations, connections
+                samples = []
+                for _ in range(rounds):
+                    samples.append((*ours.once(), *raw.once()))
+            finally:
+                ours.close()
+                raw.close()
+            comparisons += compared(method, len(data), pieces, samples)
+    return comparisons
+
+
+def compared(method: str, size: int, pieces: int, samples: list[tuple[float, float, float, float]]) -> list[Comparison]:
     seconds_ours, growth_ours, seconds_raw, growth_raw = (tuple(column) for column in zip(*samples, strict=True))
-    size = f"{len(data) / MiB:.0f} MiB"
+    what = f"Upload {size / MiB:.0f} MiB ({method}{f', {pieces // MiB} MiB a message' if pieces else ''})"
     return [
         Comparison(
-            f"Upload {size} (UploadTask), seconds",
+            f"{what}, seconds",
             Figure("pool", "s", seconds_ours),
             Figure("echo", "s", seconds_raw),
             "≤ 1.50×",
             higher_is_better=False,
         ),
         Comparison(
-            f"Upload {size}, server peak RSS growth",
+            f"{what}, server peak RSS growth",
             Figure("pool", "MiB", growth_ours),
             Figure("echo", "MiB", growth_raw),
             f"pool ≤ {2 * PAYLOAD // MiB} MiB (2 × payload)",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,6 +16,7 @@ from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
 
 MAX_MESSAGE_BYTES = 100 * 1024 * 1024
+UPLOAD_PIECE = 1 << 20  # bytes of the zip per UploadTaskStream message
 M = TypeVar("M", bound=Message)
 
 
@@ -104,10 +105,13 @@ class PoolClient:
 
     # ---- tasks
 
-    def upload_request(self, task_id: str, data: bytes, needs: Needs) -> pb.UploadTaskRequest:
-        return pb.UploadTaskRequest(
+    def upload_started(
+        self, task_id: str, data: bytes, needs: Needs, timeout: float, sent: Callable[[int], object] = lambda n: None
+    ) -> grpc.Future:
+        """Start streaming an upload (UploadTaskStream, UPLOAD_PIECE bytes a message); ``sent(n)``
+        is called as grpc takes each piece, and ``upload_finished`` waits for the pool's answer."""
+        head = pb.UploadTaskRequest(
             task_id=task_id,
-            task_zip=data,
             cpu_score=needs.cpu_score,
             memory_gb=needs.memory_gb,
             gpu_score=needs.gpu_score,
@@ -115,10 +119,16 @@ class PoolClient:
             gpu_name=needs.gpu_name,
             location=needs.location,
         )
+        view = memoryview(data)
 
-    def upload_started(self, request: pb.UploadTaskRequest, timeout: float) -> grpc.Future:
-        """Start an upload; ``upload_finished`` waits for it (so a caller can show progress meanwhile)."""
-        future: grpc.Future = self.master.UploadTask.future(request, metadata=self._metadata, timeout=timeout)
+        def messages() -> Iterator[pb.UploadTaskRequest]:
+            yield head
+            for start in range(0, len(view), UPLOAD_PIECE):
+                piece = view[start : start + UPLOAD_PIECE]
+                yield pb.UploadTaskRequest(task_zip=bytes(piece))
+                sent(len(piece))
+
+        future: grpc.Future = self.master.UploadTaskStream.future(messages(), metadata=self._metadata, timeout=timeout)
         return future
 
     def upload_finished(self, future: grpc.Future, timeout: float) -> str:

@@ -62,11 +62,12 @@ def submit(
         packing = bars.add_task(f"packing {path.name}", total=total_size(path) or None)
         packed = pack(path, lambda n: bars.advance(packing, n))
         size = len(packed.data)
-        sending = bars.add_task(f"uploading {task_id}", total=None)  # one unary call: done when the pool says so
-        future = client.upload_started(client.upload_request(task_id, packed.data, needs), upload_timeout)
+        sending = bars.add_task(f"uploading {task_id}", total=size)
+        future = client.upload_started(
+            task_id, packed.data, needs, upload_timeout, sent=lambda n: bars.advance(sending, n)
+        )
         while not future.done():
             time.sleep(0.05)
-        bars.update(sending, total=size, completed=size)
         message = client.upload_finished(future, upload_timeout)
     if packed.skipped_links:
         s.out.note(f"left out {packed.skipped_links} symlink(s): the pool refuses zips that contain links")

@@ -46,3 +46,7 @@ class TooLarge(PoolError):
 
 class Unavailable(PoolError):
     """A backing service (database, Redis) cannot be reached right now; retry later."""
+
+
+class Cancelled(PoolError):
+    """The client gave up on the call before sending all of it (nothing was kept)."""

@@ -10,7 +10,8 @@ import json
 import logging
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import redis
 from sqlalchemy.exc import IntegrityError
@@ -127,7 +128,29 @@ class Lifecycle:
         """
         request = uploads.validate(request, caller.username, self.settings)
         path = self.storage.task_zip(request.task_id)
-        staged = self.storage.stage(path, request.task_zip)
+        return self._record_upload(caller, request, path, self.storage.stage(path, request.task_zip))
+
+    def upload_pieces(
+        self, caller: Asker, request: uploads.UploadRequest, pieces: Iterable[bytes | memoryview]
+    ) -> tuple[str, bool]:
+        """:meth:`upload` of a zip that arrives in ``pieces`` (UploadTaskStream); ``request``'s own
+        task_zip is ignored. The fields are checked before any piece is read; each piece is written
+        as it arrives, and the zip checked once it is whole."""
+        request = uploads.validate_fields(request, caller.username, self.settings)
+        path = self.storage.task_zip(request.task_id)
+        limit = self.settings.MAX_FILE_SIZE
+
+        def check(staged: Path) -> None:
+            uploads.check_zip(staged, limit=limit, settings=self.settings, what="task_zip")
+
+        staged, size, digest = self.storage.stage_pieces(path, pieces, limit=limit, digest=True, check=check)
+        request = replace(request, task_zip=b"", zip_size=size, zip_sha256=uploads.ZipDigest.known(digest))
+        return self._record_upload(caller, request, path, staged)
+
+    def _record_upload(
+        self, caller: Asker, request: uploads.UploadRequest, path: Path, staged: Path
+    ) -> tuple[str, bool]:
+        """Insert the task whose zip is ``staged`` (beside ``path``) and move the zip into place."""
         placed = False
         known = caller.user_id if (caller.username.lower(), caller.user_id) in self._accounts_seen else None
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from models.errors import InvalidArgument
+from models.errors import InvalidArgument, TooLarge
 
 TASK_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 WRITE_CHUNK = 4 << 20
@@ -25,6 +28,12 @@ def validate_task_id(task_id: str) -> str:
 
 def sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@functools.cache
+def background() -> ThreadPoolExecutor:
+    """Threads for the work beside a large upload (hashing, flushing) that releases the GIL."""
+    return ThreadPoolExecutor(max_workers=4, thread_name_prefix="storage")
 
 
 class TaskStorage:
@@ -51,22 +60,67 @@ class TaskStorage:
         """Write durably and atomically: a reader sees the old file or the whole new one."""
         os.replace(cls.stage(path, data), path)
 
-    @staticmethod
-    def stage(path: Path, data: bytes | memoryview) -> Path:
+    @classmethod
+    def stage(cls, path: Path, data: bytes | memoryview) -> Path:
         """Write ``data`` durably to a new hidden file beside ``path``; ``os.replace`` it into place."""
+        view = memoryview(data)
+        staged, _, _ = cls.stage_pieces(
+            path, (view[start : start + WRITE_CHUNK] for start in range(0, len(view), WRITE_CHUNK))
+        )
+        return staged
+
+    @staticmethod
+    def stage_pieces(
+        path: Path,
+        pieces: Iterable[bytes | memoryview],
+        *,
+        limit: int | None = None,
+        digest: bool = False,
+        check: Callable[[Path], object] | None = None,
+    ) -> tuple[Path, int, str]:
+        """Write ``pieces`` one after another, durably, to a new hidden file beside ``path``.
+
+        (the file, its size, its sha256 when ``digest`` else ""). TooLarge as soon as more than
+        ``limit`` bytes arrive. Each piece is hashed on a background thread while the next one
+        is received and written (hashlib and file writes release the GIL), and ``check(file)``,
+        if given, runs while the file is flushed to disk. Whatever goes wrong (the pieces'
+        iterator and ``check`` may raise too), the file is removed before the error propagates.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-        view = memoryview(data)
-        with open(temporary, "wb") as handle:
-            for start in range(0, len(view), WRITE_CHUNK):
-                handle.write(view[start : start + WRITE_CHUNK])
-                if START_WRITEBACK:
-                    # Send this chunk to disk now (DONTNEED starts writeback of dirty pages, which stay
-                    # cached), so the fsync below waits for the tail, not for the whole file.
-                    handle.flush()
-                    os.posix_fadvise(handle.fileno(), start, WRITE_CHUNK, os.POSIX_FADV_DONTNEED)
-            os.fsync(handle.fileno())
-        return temporary
+        hasher = hashlib.sha256() if digest else None
+        hashing: Future[None] | None = None  # at most one piece at a time: the hash keeps their order
+        size = flushed = 0
+        try:
+            with open(temporary, "wb") as handle:
+                for piece in pieces:
+                    size += len(piece)
+                    if limit is not None and size > limit:
+                        raise TooLarge(f"the zip is more than {limit} bytes, the limit")
+                    handle.write(piece)
+                    if hasher is not None:
+                        if hashing is not None:
+                            hashing.result()
+                        hashing = background().submit(hasher.update, piece)
+                    if START_WRITEBACK and size - flushed >= WRITE_CHUNK:
+                        # Send what was written to disk now (DONTNEED starts writeback of dirty pages,
+                        # which stay cached), so the fsync below waits for the tail, not the whole file.
+                        handle.flush()
+                        os.posix_fadvise(handle.fileno(), flushed, size - flushed, os.POSIX_FADV_DONTNEED)
+                        flushed = size
+                handle.flush()
+                syncing = background().submit(os.fsync, handle.fileno())
+                try:
+                    if check is not None:
+                        check(temporary)
+                finally:
+                    syncing.result()
+                    if hashing is not None:
+                        hashing.result()
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        return temporary, size, hasher.hexdigest() if hasher is not None else ""
 
     def archive_result(self, task_id: str) -> tuple[str, int] | None:
         """Move the stored result into the archive; (sha256, size) of the archived file, or None.

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from sqlalchemy.orm import Session
 
@@ -15,18 +15,13 @@ from models.errors import InvalidArgument, NotFound, PermissionDenied, Refused, 
 from orchestration import economy
 from orchestration.policies.pricing import PriceList, price_per_minute
 from orchestration.policies.zips import UnsafeZip, ZipLimits, inspect_zip
-from orchestration.storage import sha256, validate_task_id
+from orchestration.storage import background, sha256, validate_task_id
 from pool.settings import Settings
 
 log = logging.getLogger("orchestration.uploads")
 
 NEED_BOUNDS = {"cpu_score": 10_000_000, "memory_gb": 65536, "gpu_score": 10_000_000, "gpu_memory_gb": 16384}
 BACKGROUND_HASH_BYTES = 1 << 20  # smaller zips are hashed at once: a thread hand-off would cost more
-
-
-@functools.cache
-def _hashing() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="upload-sha256")
 
 
 class ZipDigest:
@@ -38,7 +33,14 @@ class ZipDigest:
 
     def __init__(self, data: bytes | memoryview) -> None:
         self._digest: Future[str] | str
-        self._digest = _hashing().submit(sha256, data) if len(data) >= BACKGROUND_HASH_BYTES else sha256(data)
+        self._digest = background().submit(sha256, data) if len(data) >= BACKGROUND_HASH_BYTES else sha256(data)
+
+    @classmethod
+    def known(cls, hexdigest: str) -> ZipDigest:
+        """The digest of a zip hashed already (as it was received)."""
+        digest = cls.__new__(cls)
+        digest._digest = hexdigest
+        return digest
 
     def hexdigest(self) -> str:
         return self._digest if isinstance(self._digest, str) else self._digest.result()
@@ -47,13 +49,14 @@ class ZipDigest:
 @dataclass(frozen=True)
 class UploadRequest:
     task_id: str
-    task_zip: bytes | memoryview  # a view of the received request, not a copy
+    task_zip: bytes | memoryview  # a view of the received request, not a copy; empty when staged already
     needs: dict[str, int]
     gpu_name: str
     location: str
     user_id: str
     max_minutes: int = 0
-    zip_sha256: ZipDigest | None = None  # set by validate
+    zip_sha256: ZipDigest | None = None  # set by validate, or as a streamed zip is staged
+    zip_size: int = 0  # likewise
 
 
 def prices(settings: Settings) -> PriceList:
@@ -70,14 +73,22 @@ def zip_limits(settings: Settings) -> ZipLimits:
     return ZipLimits(settings.MAX_ZIP_ENTRIES, settings.MAX_UNZIPPED_BYTES, settings.MAX_ZIP_RATIO)
 
 
-def check_zip(data: bytes | memoryview, *, limit: int, settings: Settings, what: str) -> None:
-    """TooLarge past ``limit`` bytes; InvalidArgument for anything the zip checks refuse."""
-    if not data:
+def check_zip(data: bytes | memoryview | Path, *, limit: int, settings: Settings, what: str) -> None:
+    """TooLarge past ``limit`` bytes; InvalidArgument for anything the zip checks refuse.
+
+    ``data``: the zip, or the file it was written to.
+    """
+    size = data.stat().st_size if isinstance(data, Path) else len(data)
+    if not size:
         raise InvalidArgument(f"{what} is empty")
-    if len(data) > limit:
-        raise TooLarge(f"{what} is {len(data)} bytes; the limit is {limit}")
+    if size > limit:
+        raise TooLarge(f"{what} is {size} bytes; the limit is {limit}")
     try:
-        inspect_zip(data, zip_limits(settings))
+        if isinstance(data, Path):
+            with data.open("rb") as handle:
+                inspect_zip(handle, zip_limits(settings))
+        else:
+            inspect_zip(data, zip_limits(settings))
     except UnsafeZip as error:
         raise InvalidArgument(f"{what} refused: {error}") from error
 
@@ -90,7 +101,15 @@ def _clean(value: str, field: str) -> str:
 
 
 def validate(request: UploadRequest, caller: str, settings: Settings) -> UploadRequest:
-    """The request with a task id and defaults filled in; the errors of SPEC §2 otherwise."""
+    """The request with a task id and defaults filled in, its zip checked and being hashed; the
+    errors of SPEC §2 otherwise."""
+    request = validate_fields(request, caller, settings)
+    check_zip(request.task_zip, limit=settings.MAX_FILE_SIZE, settings=settings, what="task_zip")
+    return replace(request, zip_size=len(request.task_zip), zip_sha256=ZipDigest(request.task_zip))
+
+
+def validate_fields(request: UploadRequest, caller: str, settings: Settings) -> UploadRequest:
+    """:func:`validate` without the zip (a streamed zip is checked once it has been staged)."""
     if request.user_id and request.user_id.lower() != caller.lower():
         raise PermissionDenied("user_id names another user; tasks are always billed to the caller")
     task_id = validate_task_id(request.task_id) if request.task_id else uuid.uuid4().hex
@@ -101,7 +120,6 @@ def validate(request: UploadRequest, caller: str, settings: Settings) -> UploadR
     minutes = request.max_minutes or settings.MAX_TASK_MINUTES
     if not 1 <= minutes <= settings.MAX_TASK_MINUTES:
         raise InvalidArgument(f"max_minutes must be between 1 and {settings.MAX_TASK_MINUTES}")
-    check_zip(request.task_zip, limit=settings.MAX_FILE_SIZE, settings=settings, what="task_zip")
     return UploadRequest(
         task_id=task_id,
         task_zip=request.task_zip,
@@ -110,7 +128,6 @@ def validate(request: UploadRequest, caller: str, settings: Settings) -> UploadR
         location=_clean(request.location, "location"),
         user_id=caller,
         max_minutes=minutes,
-        zip_sha256=ZipDigest(request.task_zip),
     )
 
 
@@ -156,7 +173,7 @@ def insert(
         location=request.location,
         max_minutes=request.max_minutes,
         zip_sha256=digest,
-        zip_size=len(request.task_zip),
+        zip_size=request.zip_size or len(request.task_zip),
         price_per_minute=per_minute,
     )
     economy.escrow(
@@ -167,7 +184,7 @@ def insert(
         request.task_id,
         caller,
         per_minute,
-        len(request.task_zip),
+        request.zip_size or len(request.task_zip),
         extra={"event": "task_uploaded", "task_id": request.task_id},
     )
     return owner_id

@@ -554,6 +554,11 @@ class MasterNodeServiceStub:
                 request_serializer=protos_dot_nodepool__pb2.ExplainPendingRequest.SerializeToString,
                 response_deserializer=protos_dot_nodepool__pb2.ExplainPendingResponse.FromString,
                 _registered_method=True)
+        self.UploadTaskStream = channel.stream_unary(
+                '/nodepool.MasterNodeService/UploadTaskStream',
+                request_serializer=protos_dot_nodepool__pb2.UploadTaskRequest.SerializeToString,
+                response_deserializer=protos_dot_nodepool__pb2.UploadTaskResponse.FromString,
+                _registered_method=True)
 
 
 class MasterNodeServiceServicer:
@@ -634,6 +639,15 @@ class MasterNodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadTaskStream(self, request_iterator, context):
+        """Added: UploadTask in pieces, for zips too big to hold in one message. The first message
+        carries the task's fields (and may carry the zip's first bytes); every later one carries only
+        the next bytes of task_zip. Answered as UploadTask.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MasterNodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -696,6 +710,11 @@ def add_MasterNodeServiceServicer_to_server(servicer, server):
                     servicer.ExplainPending,
                     request_deserializer=protos_dot_nodepool__pb2.ExplainPendingRequest.FromString,
                     response_serializer=protos_dot_nodepool__pb2.ExplainPendingResponse.SerializeToString,
+            ),
+            'UploadTaskStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadTaskStream,
+                    request_deserializer=protos_dot_nodepool__pb2.UploadTaskRequest.FromString,
+                    response_serializer=protos_dot_nodepool__pb2.UploadTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1024,6 +1043,33 @@ class MasterNodeService:
             '/nodepool.MasterNodeService/ExplainPending',
             protos_dot_nodepool__pb2.ExplainPendingRequest.SerializeToString,
             protos_dot_nodepool__pb2.ExplainPendingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadTaskStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/nodepool.MasterNodeService/UploadTaskStream',
+            protos_dot_nodepool__pb2.UploadTaskRequest.SerializeToString,
+            protos_dot_nodepool__pb2.UploadTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

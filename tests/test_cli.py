@@ -134,9 +134,11 @@ def test_why_a_task_waits_stop_and_transfer(
     archive = tmp_path / "task.zip"
     with zipfile.ZipFile(archive, "w") as handle:
         handle.writestr("main.py", "print('hi')\n")
+        handle.writestr("data.bin", os.urandom(3 << 20), zipfile.ZIP_STORED)  # several UploadTaskStream pieces
 
     submitted = hivemind(pool, "submit", str(archive), "--memory-gb", "32", "--task-id", "big-one")
     assert submitted.exit_code == 0, submitted.output
+    assert pool.ctx.lifecycle.storage.task_zip("big-one").read_bytes() == archive.read_bytes()
     why = hivemind(pool, "why", "big-one")
     assert why.exit_code == 0 and "no online node has memory_gb ≥ 32" in why.stdout
     assert json.loads(hivemind(pool, "--json", "why", "big-one").stdout)["filters"]["memory_gb"] == 1

@@ -83,6 +83,9 @@ MATRIX: dict[str, tuple[Build, tuple[str, ...]]] = {
                                                           (OK, OK, OK, OK, OK, OK, OK)),
     "MasterNodeService/UploadTask": (upload_billed_to_submitter,
                                                           (UN, UN, UN, PD, PD, OK, PD)),
+    # A stream of one message here (the generic caller sends one); tests/test_upload_stream.py sends many.
+    "MasterNodeService/UploadTaskStream": (upload_billed_to_submitter,
+                                                          (UN, UN, UN, PD, PD, OK, PD)),
     "MasterNodeService/PollTaskStatus": (held(pb.PollTaskStatusRequest),
                                                           (UN, UN, UN, PD, PD, OK, OK)),
     "MasterNodeService/StoreOutput": (held(pb.StoreOutputRequest, output="matrix line"),

@@ -13,7 +13,7 @@ import stat
 import zipfile
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 
 class UnsafeZip(ValueError):
@@ -88,10 +88,11 @@ class BufferReader(io.RawIOBase):
         return len(chunk)
 
 
-def inspect_zip(data: bytes | memoryview, limits: ZipLimits = ZipLimits()) -> ZipSummary:
-    """Check ``data`` as described above; UnsafeZip with a person-readable reason otherwise."""
+def inspect_zip(data: bytes | memoryview | BinaryIO, limits: ZipLimits = ZipLimits()) -> ZipSummary:
+    """Check ``data`` (the zip, or a file open on it) as described above; UnsafeZip with a
+    person-readable reason otherwise."""
     try:
-        archive = zipfile.ZipFile(BufferReader(data))
+        archive = zipfile.ZipFile(data if hasattr(data, "read") else BufferReader(data))  # type: ignore[arg-type]
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as error:
         raise UnsafeZip(f"not a valid zip archive ({error})") from error
     with archive:
