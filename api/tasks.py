@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import grpc
@@ -10,7 +11,7 @@ from api.context import PoolContext
 from api.rpc import Call, rpc
 from api.upload_wire import ReceivedUpload
 from models import tasks
-from models.errors import Cancelled, InvalidArgument
+from models.errors import Cancelled, InvalidArgument, RateLimited
 from orchestration import explain, reports, uploads
 from orchestration.lifecycle import Asker
 from protos import nodepool_pb2 as pb
@@ -87,6 +88,7 @@ class MasterNodeService(pb_grpc.MasterNodeServiceServicer):
     def __init__(self, ctx: PoolContext) -> None:
         self.ctx = ctx
         self.lifecycle = ctx.lifecycle
+        self.upload_streams = threading.BoundedSemaphore(ctx.settings.MAX_UPLOAD_STREAMS)
 
     @rpc(pb.UploadTaskResponse)
     def UploadTask(self, request: Upload, call: Call) -> pb.UploadTaskResponse:
@@ -95,11 +97,19 @@ class MasterNodeService(pb_grpc.MasterNodeServiceServicer):
     @rpc(pb.UploadTaskResponse)
     def UploadTaskStream(self, requests: Iterator[Upload], call: Call) -> pb.UploadTaskResponse:
         caller = asker(call)  # authenticated from the metadata before a byte of the zip is read
-        first = next(requests, None)
-        if first is None:
-            raise InvalidArgument("UploadTaskStream sent no message; the first one carries the task's fields")
-        pieces = zip_pieces(first, requests)
-        return uploaded(*self.lifecycle.upload_pieces(caller, upload_request(first), pieces))
+        if not self.upload_streams.acquire(blocking=False):
+            raise RateLimited(
+                f"{self.ctx.settings.MAX_UPLOAD_STREAMS} streamed uploads are in progress already; try again shortly",
+                retry_after=1,
+            )
+        try:
+            first = next(requests, None)
+            if first is None:
+                raise InvalidArgument("UploadTaskStream sent no message; the first one carries the task's fields")
+            pieces = zip_pieces(first, requests)
+            return uploaded(*self.lifecycle.upload_pieces(caller, upload_request(first), pieces))
+        finally:
+            self.upload_streams.release()
 
     @rpc(pb.PollTaskStatusResponse)
     def PollTaskStatus(self, request: pb.PollTaskStatusRequest, call: Call) -> pb.PollTaskStatusResponse:

@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     LOGIN_LOCKOUT_SECONDS: int = 900
     LOGIN_FAILURE_WINDOW_SECONDS: int = 900
     MAX_FILE_SIZE: int = 10 * 1024 * 1024
+    MAX_UPLOAD_STREAMS: int = Field(default=4, ge=1)  # UploadTaskStreams at once (each holds a server thread)
 
     # --- nodes and trust
     NODE_HEARTBEAT_TIMEOUT: float = Field(default=30.0, gt=0)  # seconds of silence before a node is offline

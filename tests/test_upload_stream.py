@@ -256,3 +256,27 @@ def test_the_same_stream_sent_at_once_makes_one_task_and_one_escrow(pool: PoolHa
     assert before - pool.balance(token) == row.price_per_minute * row.max_minutes
     assert pool.ctx.lifecycle.storage.task_zip(task_id).read_bytes() == data
     assert [p for p in leftovers(pool) if "/." in p] == []
+
+
+def test_streams_past_max_upload_streams_wait_their_turn_and_other_calls_go_on(make_pool, sqlite_url: str) -> None:
+    pool = make_pool(database_url=sqlite_url, MAX_UPLOAD_STREAMS=1)
+    _, token = pool.new_user()
+    release = threading.Event()
+    slow_id, next_id = f"s-{uuid.uuid4().hex[:8]}", f"s-{uuid.uuid4().hex[:8]}"
+    data = large_zip(1 << 20)
+    try:
+        slow = pool.master.UploadTaskStream.future(held_open(pieces(slow_id, data), release), metadata=bearer(token))
+        assert wait_for(lambda: any("/." in p for p in leftovers(pool))), leftovers(pool)  # it holds the one slot
+        with pytest.raises(grpc.RpcError) as raised:
+            pool.master.UploadTaskStream(iter(pieces(next_id, data)), metadata=bearer(token), timeout=30)
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        assert ("retry-after", "2") in raised.value.trailing_metadata()  # type: ignore[attr-defined]
+        # Everything else is served meanwhile, a whole-message upload too.
+        whole = pb.UploadTaskRequest(task_id=next_id, task_zip=task_zip(), cpu_score=1)
+        assert pool.master.UploadTask(whole, metadata=bearer(token), timeout=30).success
+        assert not slow.done()
+    finally:
+        release.set()
+    assert slow.result(timeout=30).success
+    again = pool.master.UploadTaskStream(iter(pieces(f"s-{uuid.uuid4().hex[:8]}", data)), metadata=bearer(token))
+    assert again.success  # the slot was given back
