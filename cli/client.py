@@ -105,11 +105,12 @@ class PoolClient:
 
     # ---- tasks
 
-    def upload_started(
+    def upload(
         self, task_id: str, data: bytes, needs: Needs, timeout: float, sent: Callable[[int], object] = lambda n: None
-    ) -> grpc.Future:
-        """Start streaming an upload (UploadTaskStream, UPLOAD_PIECE bytes a message); ``sent(n)``
-        is called as grpc takes each piece, and ``upload_finished`` waits for the pool's answer."""
+    ) -> str:
+        """Upload a task zip; the pool's message. Streamed (UploadTaskStream, UPLOAD_PIECE bytes a
+        message; ``sent(n)`` as grpc takes each piece), or in one UploadTask message to a pool that
+        has no UploadTaskStream (an older version)."""
         head = pb.UploadTaskRequest(
             task_id=task_id,
             cpu_score=needs.cpu_score,
@@ -128,14 +129,17 @@ class PoolClient:
                 yield pb.UploadTaskRequest(task_zip=bytes(piece))
                 sent(len(piece))
 
-        future: grpc.Future = self.master.UploadTaskStream.future(messages(), metadata=self._metadata, timeout=timeout)
-        return future
-
-    def upload_finished(self, future: grpc.Future, timeout: float) -> str:
         try:
-            reply = future.result()
+            reply = self.master.UploadTaskStream(messages(), metadata=self._metadata, timeout=timeout)
         except grpc.RpcError as error:
-            raise from_rpc(error, self.address, timeout) from None
+            if error.code() != grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+                raise from_rpc(error, self.address, timeout) from None
+            head.task_zip = data
+            try:
+                reply = self.master.UploadTask(head, metadata=self._metadata, timeout=timeout)
+            except grpc.RpcError as again:
+                raise from_rpc(again, self.address, timeout) from None
+            sent(len(data))
         return str(self._checked(reply).message)
 
     def poll(self, task_id: str) -> pb.PollTaskStatusResponse:

@@ -63,12 +63,7 @@ def submit(
         packed = pack(path, lambda n: bars.advance(packing, n))
         size = len(packed.data)
         sending = bars.add_task(f"uploading {task_id}", total=size)
-        future = client.upload_started(
-            task_id, packed.data, needs, upload_timeout, sent=lambda n: bars.advance(sending, n)
-        )
-        while not future.done():
-            time.sleep(0.05)
-        message = client.upload_finished(future, upload_timeout)
+        message = client.upload(task_id, packed.data, needs, upload_timeout, sent=lambda n: bars.advance(sending, n))
     if packed.skipped_links:
         s.out.note(f"left out {packed.skipped_links} symlink(s): the pool refuses zips that contain links")
     s.out.data({"task_id": task_id, "bytes": size, "files": packed.files, "message": message})

@@ -11,8 +11,10 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import Callable
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
 from typer.testing import CliRunner, Result
 
@@ -199,3 +201,49 @@ def _zip() -> bytes:
     with zipfile.ZipFile(buffer, "w") as handle:
         handle.writestr("main.py", "print(1)\n")
     return buffer.getvalue()
+
+
+class OlderPool(grpc.GenericRpcHandler):
+    """A pool of a version without UploadTaskStream: forwards every other call to ``channel``."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.channel = channel
+        self.asked: list[str] = []
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method  # type: ignore[attr-defined]
+        self.asked.append(method.rsplit("/", 1)[-1])
+        if method.endswith("/UploadTaskStream"):
+            return None
+        forward = self.channel.unary_unary(method)  # bytes in, bytes out
+
+        def call(request: bytes, context: grpc.ServicerContext) -> bytes:
+            auth = [(k, v) for k, v in context.invocation_metadata() if k == "authorization"]
+            return forward(request, metadata=auth, timeout=30)  # type: ignore[no-any-return]
+
+        return grpc.unary_unary_rpc_method_handler(call)
+
+
+def test_submit_to_a_pool_without_streamed_uploads_sends_one_message(
+    make_pool: Callable[..., PoolHarness], sqlite_url: str, hivemind: Hivemind, tmp_path: Path
+) -> None:
+    pool = make_pool(database_url=sqlite_url)
+    older = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    proxy = OlderPool(pool.channel)
+    older.add_generic_rpc_handlers((proxy,))
+    port = older.add_insecure_port("127.0.0.1:0")
+    older.start()
+    try:
+        address = f"127.0.0.1:{port}"
+        name = pool.register()
+        assert hivemind(address, "login", name, "--password", "correct-horse-battery").exit_code == 0
+        archive = tmp_path / "task.zip"
+        with zipfile.ZipFile(archive, "w") as handle:
+            handle.writestr("main.py", "print('hi')\n")
+            handle.writestr("data.bin", os.urandom(3 << 20), zipfile.ZIP_STORED)
+        submitted = hivemind(address, "submit", str(archive), "--task-id", "from-an-older-pool")
+        assert submitted.exit_code == 0, submitted.output
+        assert pool.ctx.lifecycle.storage.task_zip("from-an-older-pool").read_bytes() == archive.read_bytes()
+        assert proxy.asked == ["Login", "UploadTaskStream", "UploadTask"], proxy.asked
+    finally:
+        older.stop(0)
