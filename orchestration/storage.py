@@ -108,15 +108,17 @@ class TaskStorage:
                         handle.flush()
                         os.posix_fadvise(handle.fileno(), flushed, size - flushed, os.POSIX_FADV_DONTNEED)
                         flushed = size
-                handle.flush()
-                syncing = background().submit(os.fsync, handle.fileno())
-                try:
-                    if check is not None:
+                handle.flush()  # what the buffer holds, before the fsync
+                if check is None:
+                    os.fsync(handle.fileno())
+                else:
+                    syncing = background().submit(os.fsync, handle.fileno())
+                    try:
                         check(temporary)
-                finally:
-                    syncing.result()
-                    if hashing is not None:
-                        hashing.result()
+                    finally:
+                        syncing.result()
+                if hashing is not None:
+                    hashing.result()
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
