@@ -59,6 +59,12 @@ def code(call: grpc.Future) -> grpc.StatusCode:
     return raised.value.code()  # type: ignore[attr-defined,no-any-return]
 
 
+def newcomer(pool: PoolHarness) -> tuple[str, int, str]:
+    """A new user's token, their balance, and a task id nobody has used."""
+    _, token = pool.new_user()
+    return token, pool.balance(token), f"s-{uuid.uuid4().hex[:8]}"
+
+
 def assert_nothing_kept(pool: PoolHarness, token: str, task_id: str, balance: int) -> None:
     with pool.ctx.db.reading() as session:
         assert tasks.get(session, task_id) is None
@@ -124,9 +130,7 @@ def test_without_a_token_the_stream_is_refused_before_it_ends(sqlite_pool: PoolH
 
 def test_a_later_message_with_other_fields_is_invalid_and_nothing_is_kept(sqlite_pool: PoolHarness) -> None:
     pool = sqlite_pool
-    _, token = pool.new_user()
-    balance = pool.balance(token)
-    task_id = f"s-{uuid.uuid4().hex[:8]}"
+    token, balance, task_id = newcomer(pool)
     messages = pieces(task_id, large_zip(1 << 20))
     messages[3].task_id = "another-task"
     release = threading.Event()
@@ -144,9 +148,7 @@ def test_a_later_message_with_other_fields_is_invalid_and_nothing_is_kept(sqlite
 
 def test_past_max_file_size_is_resource_exhausted_before_the_stream_ends(make_pool, sqlite_url: str) -> None:
     pool = make_pool(database_url=sqlite_url, MAX_FILE_SIZE=300_000)
-    _, token = pool.new_user()
-    balance = pool.balance(token)
-    task_id = f"s-{uuid.uuid4().hex[:8]}"
+    token, balance, task_id = newcomer(pool)
     release = threading.Event()
     try:
         call = pool.master.UploadTaskStream.future(
@@ -179,9 +181,7 @@ def test_an_empty_stream_is_invalid(sqlite_pool: PoolHarness) -> None:
 )
 def test_a_stream_whose_bytes_are_no_zip_is_invalid(sqlite_pool: PoolHarness, zip_bytes: bytes, expected: str) -> None:
     pool = sqlite_pool
-    _, token = pool.new_user()
-    balance = pool.balance(token)
-    task_id = f"s-{uuid.uuid4().hex[:8]}"
+    token, balance, task_id = newcomer(pool)
     call = pool.master.UploadTaskStream.future(iter(pieces(task_id, zip_bytes, first_bytes=10)), metadata=bearer(token))
     with pytest.raises(grpc.RpcError) as raised:
         call.result(timeout=30)
@@ -192,9 +192,7 @@ def test_a_stream_whose_bytes_are_no_zip_is_invalid(sqlite_pool: PoolHarness, zi
 
 def test_bytes_that_are_no_message_mid_stream_are_invalid(sqlite_pool: PoolHarness) -> None:
     pool = sqlite_pool
-    _, token = pool.new_user()
-    balance = pool.balance(token)
-    task_id = f"s-{uuid.uuid4().hex[:8]}"
+    token, balance, task_id = newcomer(pool)
     raw = pool.channel.stream_unary(
         STREAM, request_serializer=None, response_deserializer=pb.UploadTaskResponse.FromString
     )
@@ -209,9 +207,7 @@ def test_bytes_that_are_no_message_mid_stream_are_invalid(sqlite_pool: PoolHarne
 
 def test_a_client_that_gives_up_mid_stream_leaves_nothing(sqlite_pool: PoolHarness) -> None:
     pool = sqlite_pool
-    _, token = pool.new_user()
-    balance = pool.balance(token)
-    task_id = f"s-{uuid.uuid4().hex[:8]}"
+    token, balance, task_id = newcomer(pool)
     release = threading.Event()
     messages = pieces(task_id, large_zip(1 << 20))
     try:
