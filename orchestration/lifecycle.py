@@ -144,7 +144,7 @@ class Lifecycle:
             uploads.check_zip(staged, limit=limit, settings=self.settings, what="task_zip")
 
         staged, size, digest = self.storage.stage_pieces(path, pieces, limit=limit, digest=True, check=check)
-        request = replace(request, task_zip=b"", zip_size=size, zip_sha256=uploads.ZipDigest.known(digest))
+        request = replace(request, task_zip=b"", zip_size=size, zip_sha256=uploads.ZipDigest(digest))
         return self._record_upload(caller, request, path, staged)
 
     def _record_upload(

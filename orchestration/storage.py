@@ -17,6 +17,7 @@ from models.errors import InvalidArgument, TooLarge
 
 TASK_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 WRITE_CHUNK = 4 << 20
+BACKGROUND_HASH_BYTES = 1 << 20  # smaller data is hashed at once: a thread hand-off would cost more
 START_WRITEBACK = hasattr(os, "posix_fadvise")  # Linux; not macOS
 
 
@@ -81,8 +82,8 @@ class TaskStorage:
         """Write ``pieces`` one after another, durably, to a new hidden file beside ``path``.
 
         (the file, its size, its sha256 when ``digest`` else ""). TooLarge as soon as more than
-        ``limit`` bytes arrive. Each piece is hashed on a background thread while the next one
-        is received and written (hashlib and file writes release the GIL), and ``check(file)``,
+        ``limit`` bytes arrive. Each large piece is hashed on a background thread while the next
+        one is received and written (hashlib and file writes release the GIL), and ``check(file)``,
         if given, runs while the file is flushed to disk. Whatever goes wrong (the pieces'
         iterator and ``check`` may raise too), the file is removed before the error propagates.
         """
@@ -101,7 +102,11 @@ class TaskStorage:
                     if hasher is not None:
                         if hashing is not None:
                             hashing.result()
-                        hashing = background().submit(hasher.update, piece)
+                            hashing = None
+                        if len(piece) >= BACKGROUND_HASH_BYTES:
+                            hashing = background().submit(hasher.update, piece)
+                        else:
+                            hasher.update(piece)
                     if START_WRITEBACK and size - flushed >= WRITE_CHUNK:
                         # Send what was written to disk now (DONTNEED starts writeback of dirty pages,
                         # which stay cached), so the fsync below waits for the tail, not the whole file.

@@ -15,13 +15,12 @@ from models.errors import InvalidArgument, NotFound, PermissionDenied, Refused, 
 from orchestration import economy
 from orchestration.policies.pricing import PriceList, price_per_minute
 from orchestration.policies.zips import UnsafeZip, ZipLimits, inspect_zip
-from orchestration.storage import background, sha256, validate_task_id
+from orchestration.storage import BACKGROUND_HASH_BYTES, background, sha256, validate_task_id
 from pool.settings import Settings
 
 log = logging.getLogger("orchestration.uploads")
 
 NEED_BOUNDS = {"cpu_score": 10_000_000, "memory_gb": 65536, "gpu_score": 10_000_000, "gpu_memory_gb": 16384}
-BACKGROUND_HASH_BYTES = 1 << 20  # smaller zips are hashed at once: a thread hand-off would cost more
 
 
 class ZipDigest:
@@ -31,16 +30,12 @@ class ZipDigest:
     is written to storage, instead of in a pass of its own afterwards. ``hexdigest`` waits for it.
     """
 
-    def __init__(self, data: bytes | memoryview) -> None:
-        self._digest: Future[str] | str
-        self._digest = background().submit(sha256, data) if len(data) >= BACKGROUND_HASH_BYTES else sha256(data)
+    def __init__(self, digest: Future[str] | str) -> None:
+        self._digest = digest  # a hex digest, or the hashing under way
 
     @classmethod
-    def known(cls, hexdigest: str) -> ZipDigest:
-        """The digest of a zip hashed already (as it was received)."""
-        digest = cls.__new__(cls)
-        digest._digest = hexdigest
-        return digest
+    def of(cls, data: bytes | memoryview) -> ZipDigest:
+        return cls(background().submit(sha256, data) if len(data) >= BACKGROUND_HASH_BYTES else sha256(data))
 
     def hexdigest(self) -> str:
         return self._digest if isinstance(self._digest, str) else self._digest.result()
@@ -57,6 +52,13 @@ class UploadRequest:
     max_minutes: int = 0
     zip_sha256: ZipDigest | None = None  # set by validate, or as a streamed zip is staged
     zip_size: int = 0  # likewise
+
+    @property
+    def size(self) -> int:
+        return self.zip_size or len(self.task_zip)
+
+    def digest(self) -> str:
+        return self.zip_sha256.hexdigest() if self.zip_sha256 else sha256(self.task_zip)
 
 
 def prices(settings: Settings) -> PriceList:
@@ -105,7 +107,7 @@ def validate(request: UploadRequest, caller: str, settings: Settings) -> UploadR
     errors of SPEC §2 otherwise."""
     request = validate_fields(request, caller, settings)
     check_zip(request.task_zip, limit=settings.MAX_FILE_SIZE, settings=settings, what="task_zip")
-    return replace(request, zip_size=len(request.task_zip), zip_sha256=ZipDigest(request.task_zip))
+    return replace(request, zip_size=len(request.task_zip), zip_sha256=ZipDigest.of(request.task_zip))
 
 
 def validate_fields(request: UploadRequest, caller: str, settings: Settings) -> UploadRequest:
@@ -136,9 +138,8 @@ def check_repeat(existing: tasks.TaskView, request: UploadRequest, owner_id: int
     it is the same upload by the same user: PermissionDenied or Refused otherwise."""
     if existing.owner_id != owner_id:
         raise PermissionDenied(f"task id {request.task_id!r} is taken by another user")
-    digest = request.zip_sha256.hexdigest() if request.zip_sha256 else sha256(request.task_zip)
     same = (
-        existing.zip_sha256 == digest
+        existing.zip_sha256 == request.digest()
         and existing.needs == request.needs
         and existing.gpu_name == request.gpu_name
         and existing.location == request.location
@@ -162,7 +163,7 @@ def insert(
         owner_id = accounts.user_id(session, caller)
         if owner_id is None:
             raise NotFound("your account no longer exists")
-    digest = request.zip_sha256.hexdigest() if request.zip_sha256 else sha256(request.task_zip)
+    digest = request.digest()
     per_minute = price_per_minute(request.needs, prices(settings))
     pk = new_tasks.create(
         session,
@@ -173,7 +174,7 @@ def insert(
         location=request.location,
         max_minutes=request.max_minutes,
         zip_sha256=digest,
-        zip_size=request.zip_size or len(request.task_zip),
+        zip_size=request.size,
         price_per_minute=per_minute,
     )
     economy.escrow(
@@ -184,7 +185,7 @@ def insert(
         request.task_id,
         caller,
         per_minute,
-        request.zip_size or len(request.task_zip),
+        request.size,
         extra={"event": "task_uploaded", "task_id": request.task_id},
     )
     return owner_id

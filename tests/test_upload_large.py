@@ -8,8 +8,7 @@ import os
 import zipfile
 
 from models import tasks
-from orchestration.storage import WRITE_CHUNK
-from orchestration.uploads import BACKGROUND_HASH_BYTES
+from orchestration.storage import BACKGROUND_HASH_BYTES, WRITE_CHUNK
 from protos import nodepool_pb2 as pb
 from tests.harness import PoolHarness, bearer
 from tests.tasks_support import upload

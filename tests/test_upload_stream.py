@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from models import ledger, tasks
+from orchestration.storage import BACKGROUND_HASH_BYTES
 from protos import nodepool_pb2 as pb
 from tests.harness import PoolHarness, bearer
 from tests.tasks_support import task_zip
@@ -26,10 +27,10 @@ PIECE = 64 << 10
 STREAM = "/nodepool.MasterNodeService/UploadTaskStream"
 
 
-def pieces(task_id: str, data: bytes, *, first_bytes: int = PIECE) -> list[pb.UploadTaskRequest]:
-    """The first message: the task's fields and ``first_bytes`` of the zip; then PIECE bytes each."""
+def pieces(task_id: str, data: bytes, *, first_bytes: int = PIECE, piece: int = PIECE) -> list[pb.UploadTaskRequest]:
+    """The first message: the task's fields and ``first_bytes`` of the zip; then ``piece`` bytes each."""
     head = pb.UploadTaskRequest(task_id=task_id, task_zip=data[:first_bytes], cpu_score=100, memory_gb=1)
-    rest = [pb.UploadTaskRequest(task_zip=data[at : at + PIECE]) for at in range(first_bytes, len(data), PIECE)]
+    rest = [pb.UploadTaskRequest(task_zip=data[at : at + piece]) for at in range(first_bytes, len(data), piece)]
     return [head, *rest]
 
 
@@ -79,7 +80,9 @@ def test_a_streamed_zip_is_kept_exactly_and_escrowed_once(pool: PoolHarness) -> 
     data = large_zip(3 << 20)
     task_id = f"s-{uuid.uuid4().hex[:8]}"
 
-    reply = pool.master.UploadTaskStream(iter(pieces(task_id, data)), metadata=bearer(token), timeout=60)
+    # Pieces of BACKGROUND_HASH_BYTES are hashed on another thread, smaller ones (the repeat below) at once.
+    big = pieces(task_id, data, first_bytes=BACKGROUND_HASH_BYTES, piece=BACKGROUND_HASH_BYTES)
+    reply = pool.master.UploadTaskStream(iter(big), metadata=bearer(token), timeout=60)
 
     assert reply.success and reply.message == f"task {task_id} uploaded"
     assert pool.ctx.lifecycle.storage.task_zip(task_id).read_bytes() == data
