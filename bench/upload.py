@@ -24,13 +24,13 @@ from pathlib import Path
 import grpc
 
 from bench.common import Comparison, Figure, free_port, pool_env, process, wait_serving
+from cli.client import UPLOAD_PIECE as PIECE  # bytes per UploadTaskStream message, as the CLI sends them
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
 
 METHOD = "/nodepool.MasterNodeService/UploadTask"
 STREAM_METHOD = "/nodepool.MasterNodeService/UploadTaskStream"
 MiB = 1 << 20
-PIECE = 1 * MiB  # bytes per UploadTaskStream message, as the CLI sends them
 PAYLOAD = 100 * MiB
 LIMIT = PAYLOAD + 16 * MiB  # room for the zip's headers and the message's other fields
 USER, PASSWORD = "uploader", "bench-password"
