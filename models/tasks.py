@@ -246,6 +246,11 @@ def due_pending(session: Session, now: datetime, limit: int) -> list[TaskView]:
     return [_view(row) for row in session.execute(query).all()]
 
 
+def any_pending(session: Session) -> bool:
+    """Whether some task is PENDING, due or not (one index look-up)."""
+    return session.execute(select(Task.id).where(Task.status == PENDING).limit(1)).first() is not None
+
+
 def in_status(
     session: Session, statuses: Iterable[str], *, updated_before: datetime | None = None, limit: int = 1000
 ) -> list[TaskView]:

@@ -282,9 +282,16 @@ class Lifecycle:
         ended = [task_id for (task_id, _), status in finished.items() if status in tasks.TERMINAL]
         for task_id in ended:
             self.storage.discard_task(task_id)
-        if ended:
+        if ended and self._waiting():
             self.request_matching()  # capacity came back
         return statuses
+
+    def _waiting(self) -> bool:
+        """Whether a task waits for a node. Matching is asked for when capacity comes back only
+        then: a task that arrives later asks for its own (:meth:`upload`), so none is forgotten,
+        and a burst's archival does not send a matching job per batch that finds nothing to do."""
+        with self.db.reading() as session:
+            return tasks.any_pending(session)
 
     def ended_early(self, released: list[tuple[str, int]], reason: str, *, node_caused: bool) -> int:
         """Attempts whose node is gone: each to its next attempt (or FAILED). How many will retry."""

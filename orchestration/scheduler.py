@@ -193,10 +193,10 @@ def match_pending(
     now = now or utcnow()
     t = thresholds(settings)
     with db.reading() as session:
-        catalog.refresh(session)
         due = tasks.due_pending(session, now, settings.MATCH_BATCH)
-    if not due:
-        return []
+        if not due:  # common: a job asked for by returned capacity, or whose tasks an earlier one took
+            return []
+        catalog.refresh(session)  # only for a job with work: a refresh reads every node changed lately
 
     tries = 0
 

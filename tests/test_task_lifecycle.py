@@ -130,6 +130,23 @@ def test_task_waits_pending_until_a_fitting_node_registers(fast_pool: PoolHarnes
     assert [t for t, _ in big.executed] == [task_id]
 
 
+def test_a_waiting_task_is_placed_when_capacity_comes_back(fast_pool: PoolHarness, workers: list) -> None:
+    """Nothing sweeps here: the second task is matched because archiving the first one returned
+    the node's memory while a task was PENDING, and asked for matching."""
+    pool = fast_pool
+    worker = ScriptedWorker(pool, script=Script(run_seconds=1.0), memory_gb=8)
+    workers.append(worker)
+    _, token = pool.new_user()
+    first = upload(pool, token, memory_gb=8)
+    wait_status(pool, token, first, "RUNNING")
+    second = upload(pool, token, memory_gb=8)
+    waiting = wait_status(pool, token, second, "PENDING")
+    assert waiting.status == "PENDING"
+    wait_status(pool, token, first, "COMPLETED")
+    wait_status(pool, token, second, "COMPLETED", timeout=30)
+    assert [t for t, _ in worker.executed] == [first, second]
+
+
 def test_stop_running_task_and_unreachable_node(fast_pool: PoolHarness, workers: list) -> None:
     pool = fast_pool
     worker = ScriptedWorker(pool, script=Script(mode="hold"))
