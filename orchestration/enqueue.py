@@ -37,13 +37,17 @@ class Coalesced:
     ``request`` marks work as wanted and sends the job unless one holds the flag. The job calls
     ``started`` (the wants so far are its to serve) and ``finished``, which drops the flag and
     sends the next job if work was wanted meanwhile. Under a burst, jobs thus take ever larger
-    batches instead of many jobs taking one item each. The flag expires after ``ttl`` seconds,
-    so a job killed mid-way delays the next by that much at most. Without Redis every request
-    sends a job: better a duplicate than none.
+    batches instead of many jobs taking one item each. With a ``pause``, that next job starts
+    so many seconds later (unless a full batch waits already), to gather a larger batch: for
+    work nobody waits on, where fewer jobs matter more than a few tenths of a second. The flag
+    expires after ``ttl`` seconds, so a job killed mid-way delays the next by that much at most.
+    Without Redis every request sends a job: better a duplicate than none.
     """
 
-    def __init__(self, client: redis.Redis, jobs: JobQueue, job: str, key: str, ttl: int = 10) -> None:
-        self.redis, self.jobs, self.job, self.ttl = client, jobs, job, ttl
+    def __init__(
+        self, client: redis.Redis, jobs: JobQueue, job: str, key: str, ttl: int = 10, pause: float = 0.0
+    ) -> None:
+        self.redis, self.jobs, self.job, self.ttl, self.pause = client, jobs, job, ttl, pause
         self._flag, self._wanted = f"{key}:job", f"{key}:wanted"
 
     def request(self) -> None:
@@ -67,13 +71,15 @@ class Coalesced:
         with contextlib.suppress(redis.RedisError):
             self.redis.delete(self._wanted)
 
-    def finished(self, *, more: bool = False) -> None:
+    def finished(self, *, more: bool = False, waiting: bool = False) -> None:
+        """Drop the flag, and send the next job if work was wanted meanwhile or ``waiting`` says
+        some waits: at once if ``more`` says a full batch waits, else after the pause."""
         try:
             self.redis.delete(self._flag)
-            wanted = more or bool(self.redis.exists(self._wanted))
+            wanted = more or waiting or bool(self.redis.exists(self._wanted))
             if not wanted or not self.redis.set(self._flag, "1", nx=True, ex=self.ttl):
                 return
         except redis.RedisError:
-            if not more:
+            if not (more or waiting):
                 return
-        self.jobs.send(self.job)
+        self.jobs.send(self.job, countdown=None if more or not self.pause else self.pause)

@@ -4,9 +4,11 @@ a Redis that is gone reaches the callers as the error their RPC answers with."""
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -103,3 +105,35 @@ def test_with_redis_gone_outcomes_go_to_the_fallback_and_a_failing_send_reaches_
         sender.close()
     sender.request(matching)  # after close a caller sends its own
     assert jobs.sent == ["match", "match", "match"]
+
+
+def test_a_coalesced_job_with_a_pause_sends_its_follow_on_later_unless_a_full_batch_waits(
+    client: redis.Redis, redis_url: str
+) -> None:
+    prefix = f"t-{uuid.uuid4().hex[:8]}"
+    settings = Settings(_env_file=None, REDIS_URL=redis_url, CELERY_KEY_PREFIX=f"{prefix}:")  # type: ignore[call-arg]
+    archival = Coalesced(client, JobQueue.from_settings(settings), "pool.archival.archive_many", prefix, pause=5)
+    queue = f"{prefix}:archival"
+
+    def etas() -> list[object]:
+        return [json.loads(m)["headers"]["eta"] for m in client.lrange(queue, 0, -1)]
+
+    archival.request()  # nothing running: the job goes at once
+    assert etas() == [None]
+    client.delete(queue)  # a worker took it
+    archival.started()
+    archival.request()  # work arrives while it runs: folded into one follow-on job, sent when it ends
+    archival.request()
+    assert etas() == []
+    archival.finished()
+    (eta,) = etas()
+    assert eta is not None and 4 < (datetime.fromisoformat(str(eta)) - datetime.now(UTC)).total_seconds() <= 5
+    client.delete(queue)
+    archival.started()
+    archival.finished()  # nothing wanted meanwhile, nothing waiting: no job
+    assert etas() == []
+    archival.finished(waiting=True)  # the job saw work left: the next one after the pause
+    assert len(etas()) == 1 and etas()[0] is not None
+    client.delete(queue)
+    archival.finished(more=True)  # a full batch waits: at once
+    assert etas() == [None]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import Task, shared_task
 
+from orchestration.lifecycle import ARCHIVE_BATCH
 from orchestration.runtime import runtime
 
 
@@ -21,7 +22,8 @@ def archive_many(self: Task) -> dict[str, int]:
     try:
         statuses = lifecycle.archive_many(lifecycle.archival_batch())
     finally:
-        lifecycle.archival.finished(more=lifecycle.archival_pending())
+        backlog = lifecycle.archival_backlog()
+        lifecycle.archival.finished(more=backlog >= ARCHIVE_BATCH, waiting=backlog > 0)
     counts: dict[str, int] = {}
     for status in statuses.values():
         counts[status] = counts.get(status, 0) + 1
