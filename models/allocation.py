@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import Integer, and_, bindparam, column, func, or_, select, update, values
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -82,6 +82,41 @@ def hold(session: Session, node_pk: int, need: Need) -> bool:
     transaction (``allocate`` does; matching inserts a batch of them at once)."""
     params = {"node": node_pk, "now": utcnow(), **{f"need_{d}": n for d, n in need.as_dict().items()}}
     return bool(session.execute(_HOLD, params).rowcount == 1)  # type: ignore[attr-defined]
+
+
+def hold_many(session: Session, holds: dict[int, tuple[Need, int]]) -> set[int]:
+    """:func:`hold` for many nodes in one statement: node pk -> (the needs of its tasks summed,
+    how many tasks). Each node takes all of its share or none of it, under the same conditions
+    (online, room in every dimension, below its task cap counting them all); the pks that took it."""
+    if not holds:
+        return set()
+    rows = [(pk, count, *need.as_dict().values()) for pk, (need, count) in sorted(holds.items())]
+    shares = (
+        values(
+            column("node", Integer),
+            column("tasks", Integer),
+            *(column(f"need_{d}", Integer) for d in RESOURCE_DIMENSIONS),
+            name="share",
+        )
+        .data(rows)
+        .cte("share")
+    )
+    statement = (
+        update(_nodes)
+        .where(
+            _nodes.c.id == shares.c.node,
+            _nodes.c.status == "online",
+            *[_nodes.c[f"avail_{d}"] >= shares.c[f"need_{d}"] for d in RESOURCE_DIMENSIONS],
+            or_(_nodes.c.max_tasks.is_(None), _nodes.c.running_tasks + shares.c.tasks <= _nodes.c.max_tasks),
+        )
+        .values(
+            **{f"avail_{d}": _nodes.c[f"avail_{d}"] - shares.c[f"need_{d}"] for d in RESOURCE_DIMENSIONS},
+            running_tasks=_nodes.c.running_tasks + shares.c.tasks,
+            changed_at=utcnow(),
+        )
+        .returning(_nodes.c.id)
+    )
+    return set(session.execute(statement).scalars())
 
 
 def _give_back(session: Session, node_pk: int, amounts: dict[str, int]) -> None:

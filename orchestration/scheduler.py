@@ -116,21 +116,58 @@ def _place_each(
     return _place(session, catalog, due, t, rng, partial(_assign_in, session))
 
 
+def _hold_first_choices(
+    session: Session, catalog: NodeCatalog, due: list[tasks.TaskView], t: TrustThresholds, rng: random.Random
+) -> Placement:
+    """Each task on its best node, all of them held in one statement (:func:`allocation.hold_many`,
+    a node's tasks together); the tasks of a node that could not take its share then go through
+    :func:`_place` one at a time, as do none but those."""
+    chosen: list[tuple[tasks.TaskView, NodeView]] = []
+    shares: dict[int, tuple[allocation.Need, int]] = {}
+    before: dict[int, NodeView] = {}  # node pk -> its view before this batch chose it
+    unplaced: list[tasks.TaskView] = []
+    for task in due:
+        options = candidates(catalog, task, t, rng)
+        if not options:
+            unplaced.append(task)
+            continue
+        node, pk = options[0], catalog.pks[options[0].node_id]
+        before.setdefault(pk, node)
+        catalog.took(node, needs_of(task).resources)  # the next task of the batch sees the room left
+        total, count = shares.get(pk, (allocation.Need(), 0))
+        shares[pk] = (allocation.Need(**{d: n + task.needs[d] for d, n in total.as_dict().items()}), count + 1)
+        chosen.append((task, node))
+    held = allocation.hold_many(session, shares)
+    placed = [(task, node) for task, node in chosen if catalog.pks[node.node_id] in held]
+    missed = [task for task, node in chosen if catalog.pks[node.node_id] not in held]
+    if missed:
+        for pk, view in before.items():
+            if pk not in held:
+                catalog.index.upsert(view)  # what it took for them did not happen
+        catalog.refresh(session)  # our view of those nodes was stale
+        more, still = _place(session, catalog, missed, t, rng, partial(_hold_one, session))
+        placed, unplaced = placed + more, unplaced + still
+    return placed, unplaced
+
+
+def _hold_one(session: Session, task: tasks.TaskView, _node: NodeView, node_pk: int) -> bool:
+    return allocation.hold(session, node_pk, allocation.Need(**task.needs))
+
+
 def _place_batch(
     session: Session, catalog: NodeCatalog, due: list[tasks.TaskView], t: TrustThresholds, rng: random.Random
 ) -> Placement:
-    """Place the whole batch with one conditional UPDATE per placed task and a few statements in
-    all: lock the tasks still PENDING at their attempt, hold resources node by node, then insert
-    the allocations and move the tasks to ASSIGNED in two multi-row statements."""
+    """Place the whole batch in a few statements: lock the tasks still PENDING at their attempt,
+    hold resources on their nodes (:func:`_hold_first_choices`), then insert the allocations and
+    move the tasks to ASSIGNED in two multi-row statements."""
     current = tasks.lock(session, [task.pk for task in due])
     still_pending = [task for task in due if current.get(task.pk) == (tasks.PENDING, task.attempt)]
-    placed, unplaced = _place(
+    placed, unplaced = _hold_first_choices(
         session,
         catalog,
-        still_pending,  # the others were moved first by another scheduler
+        still_pending,
         t,
-        rng,
-        lambda task, _node, node_pk: allocation.hold(session, node_pk, allocation.Need(**task.needs)),
+        rng,  # the others were moved first by another scheduler
     )
     if placed:
         bulk.insert_rows(

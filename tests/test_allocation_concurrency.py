@@ -13,10 +13,11 @@ import threading
 import time
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 
 from models import allocation, schema
 from models.db import Database
-from models.tables import Node, User
+from models.tables import Allocation, Node, User
 
 PROCESSES = 4
 NODES = 50
@@ -60,6 +61,22 @@ def _seed(db: Database, run: str) -> list[int]:
     return db.transaction(work)
 
 
+def _allocate_group(session: sa.orm.Session, group: list[tuple[str, int, allocation.Need]]) -> list[int]:
+    shares: dict[int, tuple[allocation.Need, int]] = {}
+    for _, node_pk, need in group:
+        total, count = shares.get(node_pk, (allocation.Need(), 0))
+        shares[node_pk] = (allocation.Need(**{d: n + getattr(need, d) for d, n in total.as_dict().items()}), count + 1)
+    held = allocation.hold_many(session, shares)
+    rows = [
+        Allocation(node_pk=node_pk, task_id=task_id, attempt=1, **need.as_dict())
+        for task_id, node_pk, need in group
+        if node_pk in held
+    ]
+    session.add_all(rows)
+    session.flush()
+    return [row.id for row in rows]
+
+
 def _worker(url: str, run: str, node_pks: list[int], seed: int, results: multiprocessing.Queue) -> None:
     db = Database(url, pool_size=2)
     rng = random.Random(seed)
@@ -82,6 +99,17 @@ def _worker(url: str, run: str, node_pks: list[int], seed: int, results: multipr
         # Every process races for the same small set of task attempts: at most one may win each.
         task_id = f"{run}-t{rng.randrange(OPS // 2)}"
         node = rng.choice(node_pks)
+        if rng.random() < 0.3:  # as matching does: a batch's holds in one statement, then its rows
+            group = [(f"{run}-t{rng.randrange(OPS // 2)}", rng.choice(node_pks[:5]), need) for _ in range(3)]
+            try:
+                ids = db.transaction(lambda s, g=group: _allocate_group(s, g))
+            except IntegrityError:  # an attempt of the group was allocated first: all of it rolled back
+                refused += len(group)
+                continue
+            allocated += len(ids)
+            refused += len(group) - len(ids)
+            held.extend(ids)
+            continue
         got = db.transaction(
             lambda s, n=node, t=task_id, nd=need: allocation.allocate(s, node_pk=n, task_id=t, attempt=1, need=nd)
         )
@@ -140,4 +168,44 @@ def test_concurrent_processes_never_over_allocate(database_url: str) -> None:
         ).all()
         assert doubles == []
         assert allocation.invariant_violations(session) == []
+    db.dispose()
+
+
+def test_a_node_takes_all_of_its_share_of_a_batch_or_none(database_url: str) -> None:
+    db = Database(database_url)
+    schema.upgrade(db.engine)
+    run = f"{random.randrange(10**9)}"
+    pks = _seed(db, run)[:4]
+    roomy, offline, capped, small = pks
+
+    def setup(session: sa.orm.Session) -> None:
+        for pk in pks:
+            session.execute(
+                sa.update(Node)
+                .where(Node.id == pk)
+                .values(
+                    status="offline" if pk == offline else "online",
+                    max_tasks=1 if pk == capped else None,
+                    **{f"cap_{d}": 100 for d in ("cpu_score", "memory_gb")},
+                    **{f"avail_{d}": 10 if pk == small else 100 for d in ("cpu_score", "memory_gb")},
+                    cap_gpu_score=0,
+                    avail_gpu_score=0,
+                    cap_gpu_memory_gb=0,
+                    avail_gpu_memory_gb=0,
+                )
+            )
+
+    db.transaction(setup)
+    each = allocation.Need(cpu_score=6, memory_gb=6)
+    two = allocation.Need(cpu_score=12, memory_gb=12)
+    held = db.transaction(
+        lambda s: allocation.hold_many(s, {roomy: (two, 2), offline: (each, 1), capped: (two, 2), small: (two, 2)})
+    )
+    assert held == {roomy}  # offline; two tasks past a cap of one; 12 where 10 are free
+    with db.reading() as session:
+        query = sa.select(Node.id, Node.avail_cpu_score, Node.avail_memory_gb, Node.running_tasks)
+        rows = {row.id: tuple(row)[1:] for row in session.execute(query.where(Node.id.in_(pks)))}
+    assert rows == {roomy: (88, 88, 2), offline: (100, 100, 0), capped: (100, 100, 0), small: (10, 10, 0)}
+    assert db.transaction(lambda s: allocation.hold_many(s, {small: (each, 1), capped: (each, 1)})) == {small, capped}
+    assert db.transaction(lambda s: allocation.hold_many(s, {})) == set()
     db.dispose()
