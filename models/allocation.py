@@ -28,6 +28,9 @@ class Need:
     def as_dict(self) -> dict[str, int]:
         return {d: getattr(self, d) for d in RESOURCE_DIMENSIONS}
 
+    def plus(self, other: Need) -> Need:
+        return Need(**{d: getattr(self, d) + getattr(other, d) for d in RESOURCE_DIMENSIONS})
+
 
 @dataclass(frozen=True)
 class Released:

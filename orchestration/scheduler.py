@@ -120,8 +120,8 @@ def _hold_first_choices(
     session: Session, catalog: NodeCatalog, due: list[tasks.TaskView], t: TrustThresholds, rng: random.Random
 ) -> Placement:
     """Each task on its best node, all of them held in one statement (:func:`allocation.hold_many`,
-    a node's tasks together); the tasks of a node that could not take its share then go through
-    :func:`_place` one at a time, as do none but those."""
+    a node's tasks together). Only the tasks of a node that could not take its share go on to
+    their next candidates, one at a time (:func:`_place`)."""
     chosen: list[tuple[tasks.TaskView, NodeView]] = []
     shares: dict[int, tuple[allocation.Need, int]] = {}
     before: dict[int, NodeView] = {}  # node pk -> its view before this batch chose it
@@ -135,7 +135,7 @@ def _hold_first_choices(
         before.setdefault(pk, node)
         catalog.took(node, needs_of(task).resources)  # the next task of the batch sees the room left
         total, count = shares.get(pk, (allocation.Need(), 0))
-        shares[pk] = (allocation.Need(**{d: n + task.needs[d] for d, n in total.as_dict().items()}), count + 1)
+        shares[pk] = (total.plus(allocation.Need(**task.needs)), count + 1)
         chosen.append((task, node))
     held = allocation.hold_many(session, shares)
     placed = [(task, node) for task, node in chosen if catalog.pks[node.node_id] in held]
@@ -162,13 +162,8 @@ def _place_batch(
     move the tasks to ASSIGNED in two multi-row statements."""
     current = tasks.lock(session, [task.pk for task in due])
     still_pending = [task for task in due if current.get(task.pk) == (tasks.PENDING, task.attempt)]
-    placed, unplaced = _hold_first_choices(
-        session,
-        catalog,
-        still_pending,
-        t,
-        rng,  # the others were moved first by another scheduler
-    )
+    # the others were moved first by another scheduler
+    placed, unplaced = _hold_first_choices(session, catalog, still_pending, t, rng)
     if placed:
         bulk.insert_rows(
             session,

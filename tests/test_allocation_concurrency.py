@@ -65,7 +65,7 @@ def _allocate_group(session: sa.orm.Session, group: list[tuple[str, int, allocat
     shares: dict[int, tuple[allocation.Need, int]] = {}
     for _, node_pk, need in group:
         total, count = shares.get(node_pk, (allocation.Need(), 0))
-        shares[node_pk] = (allocation.Need(**{d: n + getattr(need, d) for d, n in total.as_dict().items()}), count + 1)
+        shares[node_pk] = (total.plus(need), count + 1)
     held = allocation.hold_many(session, shares)
     rows = [
         Allocation(node_pk=node_pk, task_id=task_id, attempt=1, **need.as_dict())
