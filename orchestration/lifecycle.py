@@ -21,6 +21,7 @@ from models import task_output, tasks
 from models.db import Database
 from models.errors import NotFound, PermissionDenied, Refused
 from orchestration import outcomes, reports, uploads
+from orchestration.archival_queue import ArchivalQueue
 from orchestration.enqueue import Coalesced, JobQueue
 from orchestration.followups import FollowupSender
 from orchestration.storage import TaskStorage, sha256, validate_task_id
@@ -32,22 +33,6 @@ MATCH = "pool.scheduling.match"
 DISPATCH = "pool.dispatch.execute"
 DISPATCH_MANY = "pool.dispatch.execute_many"
 STOP = "pool.dispatch.stop"
-ARCHIVE = "pool.archival.archive"
-ARCHIVE_MANY = "pool.archival.archive_many"
-ARCHIVE_BATCH = 100
-# An archival job that follows another while completions keep coming waits this long first, so
-# a burst's completions are settled in batches of dozens, not of the few that came in meanwhile.
-ARCHIVAL_PAUSE_SECONDS = 0.1
-
-
-def _outcomes(items: Iterable[str | bytes]) -> list[tuple[str, int]]:
-    """(task_id, attempt) of each well-formed ``attempt:task_id`` item of the to-archive list."""
-    found = []
-    for item in items:
-        attempt, _, task_id = (item.decode() if isinstance(item, bytes) else str(item)).partition(":")
-        if attempt.isdigit() and task_id:
-            found.append((task_id, int(attempt)))
-    return found
 
 
 @dataclass(frozen=True)
@@ -65,10 +50,7 @@ class Lifecycle:
     ) -> None:
         self.db, self.storage, self.settings, self.jobs, self.redis = db, storage, settings, jobs, client
         self.matching = Coalesced(client, jobs, MATCH, f"{settings.REDIS_KEY_PREFIX}:matching")
-        self.archival = Coalesced(
-            client, jobs, ARCHIVE_MANY, f"{settings.REDIS_KEY_PREFIX}:archival", pause=ARCHIVAL_PAUSE_SECONDS
-        )
-        self._to_archive = f"{settings.REDIS_KEY_PREFIX}:to-archive"
+        self.archival = ArchivalQueue(client, jobs, settings.REDIS_KEY_PREFIX)
         self.followups: FollowupSender | None = None
         self._accounts_seen: set[tuple[str, int]] = set()  # (username, id) pairs found in the database
 
@@ -77,7 +59,7 @@ class Lifecycle:
     def send_followups_in_batches(self) -> FollowupSender:
         """From now on, matching requests and queued outcomes of concurrent callers share Redis
         round trips (the gRPC server's many handler threads); close the sender when done."""
-        self.followups = FollowupSender(self.redis, on_push_failure=self._archive_by_jobs)
+        self.followups = FollowupSender(self.redis, on_push_failure=self.archival.by_jobs)
         return self.followups
 
     def request_matching(self, countdown: float | None = None) -> None:
@@ -90,38 +72,11 @@ class Lifecycle:
             self.matching.request()
 
     def request_archival(self, task_id: str, attempt: int) -> None:
-        """Queue a reported outcome for the next archival batch (one job for many completions).
-
-        Should Redis lose the entry, the recovery sweep finds the task by its reported outcome."""
-        item = f"{attempt}:{task_id}"
+        """Queue a reported outcome for the next archival batch (one job for many completions)."""
         if self.followups is not None:
-            self.followups.request(self.archival, push=(self._to_archive, item))
-            return
-        try:
-            self.redis.rpush(self._to_archive, item)
-        except redis.RedisError:
-            self._archive_by_jobs(self._to_archive, [item])  # the broker may still be there
-            return
-        self.archival.request()
-
-    def _archive_by_jobs(self, _key: str, items: list[str]) -> None:
-        for task_id, attempt in _outcomes(items):
-            self.jobs.send(ARCHIVE, task_id, attempt)
-
-    def archival_batch(self) -> list[tuple[str, int]]:
-        """Take up to ARCHIVE_BATCH queued outcomes."""
-        try:
-            taken = self.redis.lpop(self._to_archive, ARCHIVE_BATCH) or []
-        except redis.RedisError:
-            return []
-        return list(dict.fromkeys(_outcomes(taken if isinstance(taken, list) else [taken])))
-
-    def archival_backlog(self) -> int:
-        """How many reported outcomes wait for archival (0 when Redis cannot say)."""
-        try:
-            return int(self.redis.llen(self._to_archive))
-        except redis.RedisError:
-            return 0
+            self.followups.request(self.archival.job, push=(self.archival.key, self.archival.item(task_id, attempt)))
+        else:
+            self.archival.push(task_id, attempt)
 
     # ------------------------------------------------------------------ users
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import grpc
 import redis
 
-from orchestration.lifecycle import ARCHIVE, MATCH
+from orchestration.archival_queue import ARCHIVE
+from orchestration.lifecycle import MATCH
 from protos import nodepool_pb2 as pb
 from tests.adversary import trusted
 from tests.books import assert_books_close, rewards_paid

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from celery import Task, shared_task
 
-from orchestration.lifecycle import ARCHIVE_BATCH
 from orchestration.runtime import runtime
 
 
@@ -20,10 +19,9 @@ def archive_many(self: Task) -> dict[str, int]:
     lifecycle = runtime(self.app).lifecycle
     lifecycle.archival.started()
     try:
-        statuses = lifecycle.archive_many(lifecycle.archival_batch())
+        statuses = lifecycle.archive_many(lifecycle.archival.take())
     finally:
-        backlog = lifecycle.archival_backlog()
-        lifecycle.archival.finished(more=backlog >= ARCHIVE_BATCH, waiting=backlog > 0)
+        lifecycle.archival.finished()
     counts: dict[str, int] = {}
     for status in statuses.values():
         counts[status] = counts.get(status, 0) + 1
