@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import redis
 
 from orchestration.enqueue import Coalesced, JobQueue
+from orchestration.followups import FollowupSender
 
 ARCHIVE = "pool.archival.archive"
 ARCHIVE_MANY = "pool.archival.archive_many"
@@ -37,13 +38,13 @@ class ArchivalQueue:
         self.job = Coalesced(client, jobs, ARCHIVE_MANY, f"{prefix}:archival", pause=PAUSE_SECONDS)
         self.key = f"{prefix}:to-archive"
 
-    @staticmethod
-    def item(task_id: str, attempt: int) -> str:
-        return f"{attempt}:{task_id}"
-
-    def push(self, task_id: str, attempt: int) -> None:
-        """Queue one outcome and ask for the job (one Redis round trip of its own)."""
-        item = self.item(task_id, attempt)
+    def push(self, task_id: str, attempt: int, followups: FollowupSender | None = None) -> None:
+        """Queue one outcome and ask for the job: through ``followups`` (a round trip shared with
+        other callers) if given, else in a round trip of its own."""
+        item = f"{attempt}:{task_id}"
+        if followups is not None:
+            followups.request(self.job, push=(self.key, item))
+            return
         try:
             self.redis.rpush(self.key, item)
         except redis.RedisError:

@@ -73,10 +73,7 @@ class Lifecycle:
 
     def request_archival(self, task_id: str, attempt: int) -> None:
         """Queue a reported outcome for the next archival batch (one job for many completions)."""
-        if self.followups is not None:
-            self.followups.request(self.archival.job, push=(self.archival.key, self.archival.item(task_id, attempt)))
-        else:
-            self.archival.push(task_id, attempt)
+        self.archival.push(task_id, attempt, self.followups)
 
     # ------------------------------------------------------------------ users
 

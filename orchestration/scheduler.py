@@ -122,7 +122,7 @@ def _hold_first_choices(
     """Each task on its best node, all of them held in one statement (:func:`allocation.hold_many`,
     a node's tasks together). Only the tasks of a node that could not take its share go on to
     their next candidates, one at a time (:func:`_place`)."""
-    chosen: list[tuple[tasks.TaskView, NodeView]] = []
+    chosen: list[tuple[tasks.TaskView, NodeView, int]] = []  # (task, node, node pk)
     shares: dict[int, tuple[allocation.Need, int]] = {}
     before: dict[int, NodeView] = {}  # node pk -> its view before this batch chose it
     unplaced: list[tasks.TaskView] = []
@@ -136,10 +136,10 @@ def _hold_first_choices(
         catalog.took(node, needs_of(task).resources)  # the next task of the batch sees the room left
         total, count = shares.get(pk, (allocation.Need(), 0))
         shares[pk] = (total.plus(allocation.Need(**task.needs)), count + 1)
-        chosen.append((task, node))
+        chosen.append((task, node, pk))
     held = allocation.hold_many(session, shares)
-    placed = [(task, node) for task, node in chosen if catalog.pks[node.node_id] in held]
-    missed = [task for task, node in chosen if catalog.pks[node.node_id] not in held]
+    placed = [(task, node) for task, node, pk in chosen if pk in held]
+    missed = [task for task, _, pk in chosen if pk not in held]
     if missed:
         for pk, view in before.items():
             if pk not in held:
