@@ -8,10 +8,11 @@ concurrent schedulers keep ``avail + Σ active allocations = capacity`` at every
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import Integer, and_, bindparam, column, func, or_, select, update, values
+from sqlalchemy import Integer, Update, and_, bindparam, column, func, or_, select, update, values
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -91,20 +92,35 @@ def hold_many(session: Session, holds: dict[int, tuple[Need, int]]) -> set[int]:
     """:func:`hold` for many nodes in one statement: node pk -> (the needs of its tasks summed,
     how many tasks). Each node takes all of its share or none of it, under the same conditions
     (online, room in every dimension, below its task cap counting them all); the pks that took it."""
-    if not holds:
-        return set()
     rows = [(pk, count, *need.as_dict().values()) for pk, (need, count) in sorted(holds.items())]
+    held: set[int] = set()
+    now = utcnow()
+    for start in range(0, len(rows), _MAX_SHARES):
+        chunk = rows[start : start + _MAX_SHARES]
+        size = 1 << (len(chunk) - 1).bit_length()  # padded, so a few statements serve every batch
+        params: dict[str, object] = {"now": now}
+        for i, row in enumerate(chunk + [_NO_SHARE] * (size - len(chunk))):
+            params.update(zip((f"{name}_{i}" for name in _SHARE_COLUMNS), row, strict=True))
+        held.update(session.execute(_hold_many_statement(size), params).scalars())
+    return held
+
+
+_SHARE_COLUMNS = ("node", "tasks", *(f"need_{d}" for d in RESOURCE_DIMENSIONS))
+_NO_SHARE = (0, 0, *(0 for _ in RESOURCE_DIMENSIONS))  # node pk 0 matches no node
+_MAX_SHARES = 512  # rows of one statement (six parameters each)
+
+
+@functools.cache
+def _hold_many_statement(size: int) -> Update:
+    """The UPDATE of :func:`hold_many` for ``size`` shares, all of them bound parameters: one
+    statement object per size keeps one compiled form in SQLAlchemy's cache (a VALUES list of
+    literal rows made every batch a new statement, compiled afresh)."""
     shares = (
-        values(
-            column("node", Integer),
-            column("tasks", Integer),
-            *(column(f"need_{d}", Integer) for d in RESOURCE_DIMENSIONS),
-            name="share",
-        )
-        .data(rows)
+        values(*(column(name, Integer) for name in _SHARE_COLUMNS), name="share")
+        .data([tuple(bindparam(f"{name}_{i}", type_=Integer) for name in _SHARE_COLUMNS) for i in range(size)])
         .cte("share")
     )
-    statement = (
+    return (
         update(_nodes)
         .where(
             _nodes.c.id == shares.c.node,
@@ -115,11 +131,10 @@ def hold_many(session: Session, holds: dict[int, tuple[Need, int]]) -> set[int]:
         .values(
             **{f"avail_{d}": _nodes.c[f"avail_{d}"] - shares.c[f"need_{d}"] for d in RESOURCE_DIMENSIONS},
             running_tasks=_nodes.c.running_tasks + shares.c.tasks,
-            changed_at=utcnow(),
+            changed_at=bindparam("now", type_=_nodes.c.changed_at.type),
         )
         .returning(_nodes.c.id)
     )
-    return set(session.execute(statement).scalars())
 
 
 def _give_back(session: Session, node_pk: int, amounts: dict[str, int]) -> None:

@@ -209,3 +209,53 @@ def test_a_node_takes_all_of_its_share_of_a_batch_or_none(database_url: str) -> 
     assert db.transaction(lambda s: allocation.hold_many(s, {small: (each, 1), capped: (each, 1)})) == {small, capped}
     assert db.transaction(lambda s: allocation.hold_many(s, {})) == set()
     db.dispose()
+
+
+def test_holds_for_more_nodes_than_one_statement_takes(database_url: str) -> None:
+    """hold_many splits its shares into statements of at most _MAX_SHARES rows, each padded to a
+    power of two with rows that match no node: every node still takes its own share exactly once."""
+    db = Database(database_url)
+    schema.upgrade(db.engine)
+    run = f"{random.randrange(10**9)}"
+    count = allocation._MAX_SHARES + 77  # two statements: 512 rows, then 77 padded to 128
+
+    def seed(session: sa.orm.Session) -> list[int]:
+        owner = User(username=f"many{run}", password_hash="x", credit_score=50)
+        session.add(owner)
+        session.flush()
+        dimensions = {"cpu_score": 100, "memory_gb": 100, "gpu_score": 0, "gpu_memory_gb": 0}
+        session.execute(
+            sa.insert(Node),
+            [
+                {
+                    "node_id": f"many{run}/n{i}",
+                    "owner_id": owner.id,
+                    "hostname": "127.0.0.1",
+                    "port": 1,
+                    "cpu_cores": 4,
+                    "gpu_name": "",
+                    "location": "",
+                    "docker_status": "enabled",
+                    "tier": "normal",
+                    "status": "offline" if i % 10 == 0 else "online",
+                    "running_tasks": 0,
+                    **{f"{k}_{d}": v for k in ("cap", "avail") for d, v in dimensions.items()},
+                }
+                for i in range(count)
+            ],
+        )
+        return list(session.scalars(sa.select(Node.id).where(Node.owner_id == owner.id).order_by(Node.id)))
+
+    pks = db.transaction(seed)
+    shares = {pk: (allocation.Need(cpu_score=1 + i % 7, memory_gb=2), 1 + i % 3) for i, pk in enumerate(pks)}
+    held = db.transaction(lambda s: allocation.hold_many(s, shares))
+    assert held == {pk for i, pk in enumerate(pks) if i % 10}
+    with db.reading() as session:
+        rows = session.execute(
+            sa.select(Node.id, Node.avail_cpu_score, Node.avail_memory_gb, Node.running_tasks).where(Node.id.in_(pks))
+        ).all()
+    for pk, cpu, memory, running in rows:
+        need, tasks = shares[pk]
+        expected = (100 - need.cpu_score, 98, tasks) if pk in held else (100, 100, 0)
+        assert (cpu, memory, running) == expected
+    db.dispose()
