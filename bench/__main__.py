@@ -95,6 +95,31 @@ def pipeline_lines(results: list[pipeline.Result]) -> list[str]:
     ]
     for r in results:
         lines += [f"- {r.backend}: " + "; ".join(f"round {i + 1}: {cpu}" for i, cpu in enumerate(r.cpu))]
+    cores = os.cpu_count() or 1
+    lines += [
+        "",
+        "The gRPC calls a task took in the burst rounds (as the pool's server counted them, with the "
+        "ExecuteTask the pool sends each node), and the least they can cost: a bare unary call to the "
+        "echo server with the pool's server options, client and server CPU together, sent at the rate "
+        "the pool's server answered calls during the bursts and measured after each round "
+        "(`bench/rpc_floor.py`). The last two columns compare the tasks/s the machine's cores allow "
+        "for those calls alone, with nothing behind them, with the throughput target. The heartbeats "
+        "come at a fixed rate (each node on its own clock, whatever the tasks do), so their share of a task shrinks as "
+        "the rate of tasks grows.",
+        "",
+        "| backend | calls per task | bare call, CPU (spread) | the calls alone, CPU per task | "
+        f"{cores} cores allow, for the calls alone | 0.7 × no-op |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        calls = r.calls
+        ceiling = cores * 1000 / calls.floor_ms()
+        lines.append(
+            f"| {r.backend} | {calls.total:.1f} ({', '.join(f'{m} {n:.2f}' for m, n in calls.per_task.items())}) | "
+            f"{calls.bare_us.median:.0f} µs ({calls.bare_us.spread}) "
+            f"at {calls.call_rate:.0f} calls/s | {calls.floor_ms():.1f} ms | {ceiling:.0f} tasks/s | "
+            f"{0.7 * r.throughput.raw.median:.0f} tasks/s |"
+        )
     return lines
 
 

@@ -22,11 +22,13 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ import grpc
 import redis
 from sqlalchemy import create_engine, func, select
 
+from bench import rpc_floor
 from bench.common import Comparison, Figure, free_port, pool_env, process, wait_serving
 from bench.stage import CpuTimes, Fleet, embedded, percentile, postgres, seed_accounts, submitters, tiny_zip, wait_log
 from models.tables import Task
@@ -132,6 +135,31 @@ def pipeline_round(
     )
 
 
+def rpc_counts(metrics_port: int) -> dict[str, float]:
+    """Calls answered so far by the pool's gRPC server, by method (its Prometheus endpoint)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    found = re.findall(r'^hivemind_rpc_duration_seconds_count\{method="(\w+)"\} (\S+)$', text, re.MULTILINE)
+    return {method: float(count) for method, count in found}
+
+
+@dataclass(frozen=True)
+class Calls:
+    """The gRPC calls a task took in the burst rounds, and what bare calls cost the machine."""
+
+    per_task: dict[str, float]  # by method, as the pool's server counted them, plus ExecuteTask (one a task)
+    bare_us: Figure  # CPU per bare unary call, client and server (bench.rpc_floor), at the burst's call rate
+    call_rate: float  # calls/s the pool's server answered during the burst rounds
+
+    @property
+    def total(self) -> float:
+        return sum(self.per_task.values())
+
+    def floor_ms(self) -> float:
+        """CPU per task of its calls alone, were each as cheap as a bare one."""
+        return self.total * self.bare_us.median / 1000
+
+
 def noop_round(redis_url: str, jobs: int) -> float:
     """Celery no-op jobs/s: ``jobs`` sent at once, until the worker has acknowledged the last."""
     app = create_celery(Settings(_env_file=None, REDIS_URL=redis_url))  # type: ignore[call-arg]
@@ -171,6 +199,7 @@ class Result:
     upload_rate: Figure
     registration_s: float
     cpu: list[str]
+    calls: Calls
 
 
 def run_backend(
@@ -181,14 +210,14 @@ def run_backend(
     with (embedded if kind == "embedded" else postgres)(work) as backend:
         tokens = seed_accounts(backend.database_url, "bn", nodes)
         (work / "tokens.json").write_text(json.dumps(tokens))
-        port = free_port()
+        port, metrics_port = free_port(), free_port()
         env = pool_env(
             work,
             backend.redis_url,
             DATABASE_URL=backend.database_url,
             GRPC_SERVER_PORT=port,
             INITIAL_BALANCE=10**12,
-            METRICS_PORT=free_port(),
+            METRICS_PORT=metrics_port,
             MAX_NODES_PER_OWNER=1,
             REGISTRATIONS_PER_PEER_PER_MINUTE=10**6,
             LOG_LEVEL="INFO",
@@ -237,15 +266,23 @@ def run_backend(
             registration = time.monotonic() - began
             say(f"  {backend.name}: {nodes:,} nodes registered and heartbeating in {registration:.0f} s")
             engine = create_engine(backend.database_url)
-            noop_rates, runs, cpu_laps = [], [], []
+            noop_rates, runs, cpu_laps, bare_us = [], [], [], []
+            served: dict[str, float] = {}
+            burst_seconds = 0.0
             pipeline_round(target, clients, fleet, engine, min(500, tasks))  # warm-up
             noop_round(backend.redis_url, 500)
             cpu = CpuTimes({"grpc": server, "worker": worker, "fleet": child, "noop": noop})
             for number in range(rounds):
                 noop_rates.append(noop_round(backend.redis_url, tasks))
+                counts, began_round = rpc_counts(metrics_port), time.monotonic()
                 runs.append(pipeline_round(target, clients, fleet, engine, tasks))
                 r = runs[-1]
                 cpu_laps.append(cpu.lap())
+                burst_seconds += time.monotonic() - began_round
+                for method, count in rpc_counts(metrics_port).items():
+                    served[method] = served.get(method, 0.0) + count - counts.get(method, 0.0)
+                # What a bare call costs, at the rate the pool's server was just answering them
+                bare_us.append(rpc_floor.cpu_per_call(sum(served.values()) / burst_seconds))
                 say(
                     f"  round {number + 1}: no-op {noop_rates[-1]:.0f}/s; pipeline {r.to_dispatch:.0f}/s to "
                     f"ExecuteTask, {r.to_completed:.0f}/s to COMPLETED, p50 {r.p50_ms:.0f} ms, p99 {r.p99_ms:.0f} ms; "
@@ -281,6 +318,14 @@ def run_backend(
         upload_rate=Figure("uploads", "tasks/s", tuple(r.upload_rate for r in runs)),
         registration_s=registration,
         cpu=cpu_laps,
+        calls=Calls(
+            per_task={
+                **{m: n / (tasks * rounds) for m, n in sorted(served.items(), key=lambda kv: -kv[1]) if n},
+                "ExecuteTask (pool → node)": 1.0,
+            },
+            bare_us=Figure("bare call", "µs", tuple(bare_us)),
+            call_rate=sum(served.values()) / burst_seconds,
+        ),
     )
 
 
@@ -293,6 +338,11 @@ if __name__ == "__main__":
         result = run_backend(kind, nodes=nodes, tasks=tasks, rounds=int(os.environ.get("BENCH_ROUNDS", "3")))
         print(result.throughput.row())
         print(result.completed.row())
+        calls = result.calls
+        print(
+            f"{calls.total:.1f} gRPC calls a task ({', '.join(f'{m} {n:.2f}' for m, n in calls.per_task.items())}); "
+            f"a bare call {calls.bare_us.median:.0f} µs of CPU: {calls.floor_ms():.1f} ms a task"
+        )
         print(
             f"p50 {result.p50_ms.median:.0f} ms p99 {result.p99_ms.median:.0f} ms; "
             f"steady {result.steady_rate:.0f}/s: p50 {result.steady_p50_ms.median:.0f} ms "
