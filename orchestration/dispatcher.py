@@ -22,23 +22,27 @@ log = logging.getLogger("orchestration.dispatcher")
 
 
 class Channels:
-    """One channel per node address per process, reused across jobs."""
+    """One channel per node address per process, reused across jobs, with its stub (a stub
+    builds a callable for every method of the service: built once, not on every dispatch)."""
 
     def __init__(self, max_message_bytes: int) -> None:
         self._options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
-        self._channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[str, pb_grpc.WorkerNodeServiceStub] = {}
         self._lock = threading.Lock()
 
     def stub(self, host: str, port: int) -> pb_grpc.WorkerNodeServiceStub:
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        with self._lock:
-            channel = self._channels.get(target)
-            if channel is None:
-                channel = self._channels[target] = grpc.insecure_channel(target, options=self._options)
-        return pb_grpc.WorkerNodeServiceStub(channel)
+        stub = self._stubs.get(target)
+        if stub is None:
+            with self._lock:
+                stub = self._stubs.get(target)
+                if stub is None:
+                    channel = grpc.insecure_channel(target, options=self._options)
+                    stub = self._stubs[target] = pb_grpc.WorkerNodeServiceStub(channel)
+        return stub
 
 
 def said(message: str) -> str:
@@ -80,15 +84,16 @@ def execute_many(
     with db.reading() as session:
         views = {view.task_id: view for view in tasks.get_many(session, [task_id for task_id, _ in attempts])}
         found = [(key, views.get(key[0])) for key in attempts]
-        found_nodes = nodes.get_many(session, [t.node_id for _, t in found if t and t.node_id])
+        where = nodes.addresses(session, [t.node_id for _, t in found if t and t.node_id])
     own = own_addresses()
     for key, task in found:
         task_id, attempt = key
-        node = found_nodes.get(task.node_id) if task and task.node_id else None
-        if task is None or task.status != tasks.ASSIGNED or task.attempt != attempt or node is None:
+        address = where.get(task.node_id) if task and task.node_id else None
+        if task is None or task.status != tasks.ASSIGNED or task.attempt != attempt or address is None:
             outcomes[key] = Outcome(False, "stale", stale=True)
             continue
-        problem = check_target(node.hostname, settings.NODE_ADDRESS_POLICY, resolve_host, own)
+        hostname, port = address
+        problem = check_target(hostname, settings.NODE_ADDRESS_POLICY, resolve_host, own)
         if problem:
             outcomes[key] = Outcome(False, f"node address refused: {problem}")
             continue
@@ -97,9 +102,9 @@ def execute_many(
         except OSError as error:
             outcomes[key] = Outcome(False, f"task zip missing from storage ({error})")
             continue
-        token = signer.sign(node_id=node.node_id, task_id=task_id, attempt=attempt, action="execute")
+        token = signer.sign(node_id=task.node_id, task_id=task_id, attempt=attempt, action="execute")
         request = pb.ExecuteTaskRequest(
-            node_id=node.node_id,
+            node_id=task.node_id,
             task_id=task_id,
             task_zip=payload,
             cpu=task.needs["cpu_score"],
@@ -110,7 +115,7 @@ def execute_many(
             max_minutes=task.max_minutes,
             allow_network=False,
         )
-        calls[key] = channels.stub(node.hostname, node.port).ExecuteTask.future(
+        calls[key] = channels.stub(hostname, port).ExecuteTask.future(
             request, metadata=[("authorization", f"Bearer {token}")], timeout=settings.DISPATCH_TIMEOUT
         )
     for key, call in calls.items():
