@@ -52,7 +52,7 @@ def _configure_sqlite(engine: Engine) -> None:
         mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
         if mode == "IMMEDIATE":
             begin_immediate(conn.connection.dbapi_connection)
-        else:
+        elif mode != "NONE":  # NONE: each statement is its own transaction (SQLite's autocommit)
             conn.exec_driver_sql(f"BEGIN {mode}")
 
 
@@ -145,10 +145,12 @@ class Database:
         self.url = url
         self.engine = create_db_engine(url, pool_size=pool_size, idle_ping_seconds=idle_ping_seconds)
         self.is_sqlite = url.startswith("sqlite")
-        # PostgreSQL reads in autocommit: under READ COMMITTED each statement takes its own snapshot
-        # inside a transaction too, so BEGIN and ROLLBACK bought two round trips and nothing else.
+        # Reads in autocommit, each statement seeing what was committed when it began. PostgreSQL:
+        # under READ COMMITTED each statement takes its own snapshot inside a transaction too, so
+        # BEGIN and ROLLBACK bought two round trips and nothing else. SQLite does the same, so the
+        # code reads alike on both; BEGIN DEFERRED and ROLLBACK cost two statements per read.
         read_engine = self.engine.execution_options(
-            **({"sqlite_begin": "DEFERRED"} if self.is_sqlite else {"isolation_level": "AUTOCOMMIT"})
+            **({"sqlite_begin": "NONE"} if self.is_sqlite else {"isolation_level": "AUTOCOMMIT"})
         )
         self._writer = create_db_engine(url, pool_size=1, max_overflow=0) if self.is_sqlite else self.engine
         self._write = sessionmaker(self._writer, expire_on_commit=False)
