@@ -102,10 +102,10 @@ def pipeline_lines(results: list[pipeline.Result]) -> list[str]:
         "ExecuteTask the pool sends each node), and the least they can cost: a bare unary call to the "
         "echo server with the pool's server options, client and server CPU together, sent at the rate "
         "the pool's server answered calls during the bursts and measured after each round, while the "
-        "fleet goes on heartbeating the pool (`bench/rpc_floor.py`). The last two columns compare the tasks/s the machine's cores allow "
-        "for those calls alone, with nothing behind them, with the throughput target. The heartbeats "
-        "come at a fixed rate (each node on its own clock, whatever the tasks do), so their share of a task shrinks as "
-        "the rate of tasks grows.",
+        "fleet goes on heartbeating the pool (`bench/rpc_floor.py`). The last two columns compare the "
+        "tasks/s the machine's cores allow for those calls alone, with nothing behind them, with the "
+        "throughput target. The heartbeats come at a fixed rate (each node on its own clock, whatever "
+        "the tasks do), so their share of a task shrinks as the rate of tasks grows.",
         "",
         "| backend | calls per task | bare call, CPU (spread) | the calls alone, CPU per task | "
         f"{cores} cores allow, for the calls alone | 0.7 × no-op |",
