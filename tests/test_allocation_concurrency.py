@@ -24,14 +24,14 @@ NODES = 50
 OPS = 250
 
 
-def _seed(db: Database, run: str) -> list[int]:
+def _seed(db: Database, run: str, count: int = NODES) -> list[int]:
     def work(session: sa.orm.Session) -> list[int]:
         owner = User(username=f"own{run}", password_hash="x", credit_score=50)
         session.add(owner)
         session.flush()
         rng = random.Random(run)
         pks = []
-        for i in range(NODES):
+        for i in range(count):
             cap = {
                 "cpu_score": rng.randint(100, 1000),
                 "memory_gb": rng.randint(1, 32),
@@ -217,36 +217,18 @@ def test_holds_for_more_nodes_than_one_statement_takes(database_url: str) -> Non
     db = Database(database_url)
     schema.upgrade(db.engine)
     run = f"{random.randrange(10**9)}"
-    count = allocation._MAX_SHARES + 77  # two statements: 512 rows, then 77 padded to 128
-
-    def seed(session: sa.orm.Session) -> list[int]:
-        owner = User(username=f"many{run}", password_hash="x", credit_score=50)
-        session.add(owner)
-        session.flush()
-        dimensions = {"cpu_score": 100, "memory_gb": 100, "gpu_score": 0, "gpu_memory_gb": 0}
-        session.execute(
-            sa.insert(Node),
-            [
-                {
-                    "node_id": f"many{run}/n{i}",
-                    "owner_id": owner.id,
-                    "hostname": "127.0.0.1",
-                    "port": 1,
-                    "cpu_cores": 4,
-                    "gpu_name": "",
-                    "location": "",
-                    "docker_status": "enabled",
-                    "tier": "normal",
-                    "status": "offline" if i % 10 == 0 else "online",
-                    "running_tasks": 0,
-                    **{f"{k}_{d}": v for k in ("cap", "avail") for d, v in dimensions.items()},
-                }
-                for i in range(count)
-            ],
+    pks = _seed(db, run, count=allocation._MAX_SHARES + 77)  # two statements: 512 rows, then 77 padded to 128
+    db.transaction(
+        lambda s: s.execute(
+            sa.update(Node)
+            .where(Node.id.in_(pks))
+            .values(
+                status=sa.case((Node.id.in_(pks[::10]), "offline"), else_="online"),
+                **{f"{k}_{d}": 100 for k in ("cap", "avail") for d in ("cpu_score", "memory_gb")},
+                **{f"{k}_{d}": 0 for k in ("cap", "avail") for d in ("gpu_score", "gpu_memory_gb")},
+            )
         )
-        return list(session.scalars(sa.select(Node.id).where(Node.owner_id == owner.id).order_by(Node.id)))
-
-    pks = db.transaction(seed)
+    )
     shares = {pk: (allocation.Need(cpu_score=1 + i % 7, memory_gb=2), 1 + i % 3) for i, pk in enumerate(pks)}
     held = db.transaction(lambda s: allocation.hold_many(s, shares))
     assert held == {pk for i, pk in enumerate(pks) if i % 10}
