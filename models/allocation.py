@@ -62,36 +62,25 @@ def allocate(session: Session, *, node_pk: int, task_id: str, attempt: int, need
     return allocation.id
 
 
-# Built once (a reused statement keeps its cache key): matching runs it for every placed task.
-_nodes = table_of(Node)
-_HOLD = (
-    update(_nodes)
-    .where(
-        _nodes.c.id == bindparam("node"),
-        _nodes.c.status == "online",
-        *[_nodes.c[f"avail_{d}"] >= bindparam(f"need_{d}") for d in RESOURCE_DIMENSIONS],
-        or_(_nodes.c.max_tasks.is_(None), _nodes.c.running_tasks < _nodes.c.max_tasks),
-    )
-    .values(
-        **{f"avail_{d}": _nodes.c[f"avail_{d}"] - bindparam(f"need_{d}") for d in RESOURCE_DIMENSIONS},
-        running_tasks=_nodes.c.running_tasks + 1,
-        changed_at=bindparam("now"),
-    )
-)  # a Core statement: NodeCatalog.refresh reads nodes afresh, nothing in the session to keep in step
+_nodes = table_of(Node)  # Core statements: NodeCatalog.refresh reads nodes afresh, nothing in a session to keep in step
 
 
 def hold(session: Session, node_pk: int, need: Need) -> bool:
     """The node's half of :func:`allocate`: take ``need`` from an online node with room and below
-    its task cap, in one conditional UPDATE. The caller records the allocation row in the same
-    transaction (``allocate`` does; matching inserts a batch of them at once)."""
-    params = {"node": node_pk, "now": utcnow(), **{f"need_{d}": n for d, n in need.as_dict().items()}}
-    return bool(session.execute(_HOLD, params).rowcount == 1)  # type: ignore[attr-defined]
+    its task cap, in one conditional UPDATE (:func:`hold_many` for one task). The caller records
+    the allocation row in the same transaction (``allocate`` does; matching inserts a batch of
+    them at once)."""
+    return node_pk in _hold_shares(session, {node_pk: (need, 1)})
 
 
 def hold_many(session: Session, holds: dict[int, tuple[Need, int]]) -> set[int]:
     """:func:`hold` for many nodes in one statement: node pk -> (the needs of its tasks summed,
     how many tasks). Each node takes all of its share or none of it, under the same conditions
     (online, room in every dimension, below its task cap counting them all); the pks that took it."""
+    return _hold_shares(session, holds)
+
+
+def _hold_shares(session: Session, holds: dict[int, tuple[Need, int]]) -> set[int]:
     rows = [(pk, count, *need.as_dict().values()) for pk, (need, count) in sorted(holds.items())]
     held: set[int] = set()
     now = utcnow()
