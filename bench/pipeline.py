@@ -22,38 +22,29 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import signal
 import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import redis
 from sqlalchemy import create_engine, func, select
 
-from bench import rpc_floor
+from bench import rpc_floor, stage
 from bench.common import Comparison, Figure, free_port, pool_env, process, wait_serving
-from bench.stage import CpuTimes, Fleet, embedded, percentile, postgres, seed_accounts, submitters, tiny_zip, wait_log
 from models.tables import Task
-from orchestration.app import create_celery
 from pool.settings import Settings
-from pool.up import WORKER_PROCESSES, children
+from pool.up import children
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
 
 CLIENTS = 8
 IN_FLIGHT_PER_CLIENT = 4
-NOOP_QUEUE = "bench-noop"
 STEADY_SECONDS = 6  # of offered load per steady round
-CONCURRENCY = int(
-    os.environ.get("BENCH_CONCURRENCY", str(WORKER_PROCESSES))
-)  # `up`'s worker processes, pool and no-op alike
 
 
 async def _upload(
@@ -113,12 +104,12 @@ class Round:
 
 
 def pipeline_round(
-    target: str, tokens: list[str], fleet: Fleet, engine: object, tasks: int, rate: float | None = None
+    target: str, tokens: list[str], fleet: stage.Fleet, engine: object, tasks: int, rate: float | None = None
 ) -> Round:
     prefix = f"b{uuid.uuid4().hex[:8]}-"
     ids = [f"{prefix}{i:05d}" for i in range(tasks)]
     before = fleet.read().get("received", 0)
-    accepted = asyncio.run(_upload(target, tokens, ids, tiny_zip(), rate))
+    accepted = asyncio.run(_upload(target, tokens, ids, stage.tiny_zip(), rate))
     uploaded = time.monotonic()
     fleet.wait("received", before + tasks, timeout=600)
     done = completed(engine, set(ids), prefix, tasks, timeout=600)
@@ -129,61 +120,10 @@ def pipeline_round(
     return Round(
         tasks / (last_arrival - first),
         tasks / (done - first),
-        percentile(latencies, 0.5),
-        percentile(latencies, 0.99),
+        stage.percentile(latencies, 0.5),
+        stage.percentile(latencies, 0.99),
         tasks / (uploaded - first),
     )
-
-
-def rpc_counts(metrics_port: int) -> dict[str, float]:
-    """Calls answered so far by the pool's gRPC server, by method (its Prometheus endpoint)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as reply:
-        text = reply.read().decode()
-    found = re.findall(r'^hivemind_rpc_duration_seconds_count\{method="(\w+)"\} (\S+)$', text, re.MULTILINE)
-    return {method: float(count) for method, count in found}
-
-
-@dataclass(frozen=True)
-class Calls:
-    """The gRPC calls a task took in the burst rounds, and what bare calls cost the machine."""
-
-    per_task: dict[str, float]  # by method, as the pool's server counted them, plus ExecuteTask (one a task)
-    bare_us: Figure  # CPU per bare unary call, client and server (bench.rpc_floor), at the burst's call rate
-    call_rate: float  # calls/s the pool's server answered during the burst rounds
-
-    @property
-    def total(self) -> float:
-        return sum(self.per_task.values())
-
-    def floor_ms(self) -> float:
-        """CPU per task of its calls alone, were each as cheap as a bare one."""
-        return self.total * self.bare_us.median / 1000
-
-
-def noop_round(redis_url: str, jobs: int) -> float:
-    """Celery no-op jobs/s: ``jobs`` sent at once, until the worker has acknowledged the last."""
-    app = create_celery(Settings(_env_file=None, REDIS_URL=redis_url))  # type: ignore[call-arg]
-    client = redis.Redis.from_url(redis_url)
-    start = time.monotonic()
-    with app.producer_or_acquire() as producer:
-        for _ in range(jobs):
-            app.send_task("pool.dispatch.noop", queue=NOOP_QUEUE, producer=producer)
-    while client.llen(NOOP_QUEUE) or client.hlen("unacked"):
-        time.sleep(0.01)
-    return jobs / (time.monotonic() - start)
-
-
-def worker_argv(app: str, queues: str, name: str) -> list[str]:
-    argv = next(
-        c.argv
-        for c in children(Settings(_env_file=None), flower=False, flower_port=0, concurrency=CONCURRENCY)  # type: ignore[call-arg]
-        if c.name == "worker"
-    )
-    argv = [sys.executable if a == argv[0] else a for a in argv]
-    argv[argv.index("-A") + 1] = app
-    argv[argv.index("-Q") + 1] = queues
-    argv[argv.index("-n") + 1] = name
-    return argv
 
 
 @dataclass
@@ -199,7 +139,7 @@ class Result:
     upload_rate: Figure
     registration_s: float
     cpu: list[str]
-    calls: Calls
+    calls: rpc_floor.Calls
 
 
 def run_backend(
@@ -207,8 +147,8 @@ def run_backend(
 ) -> Result:
     say = progress if callable(progress) else print
     work = Path(tempfile.mkdtemp(prefix="hm-bench-pipeline-"))
-    with (embedded if kind == "embedded" else postgres)(work) as backend:
-        tokens = seed_accounts(backend.database_url, "bn", nodes)
+    with (stage.embedded if kind == "embedded" else stage.postgres)(work) as backend:
+        tokens = stage.seed_accounts(backend.database_url, "bn", nodes)
         (work / "tokens.json").write_text(json.dumps(tokens))
         port, metrics_port = free_port(), free_port()
         env = pool_env(
@@ -231,7 +171,7 @@ def run_backend(
                     Settings(_env_file=None, DATA_DIR=work),  # type: ignore[call-arg]
                     flower=False,
                     flower_port=0,
-                    concurrency=CONCURRENCY,
+                    concurrency=stage.CONCURRENCY,
                 )
             }
             server = stack.enter_context(process(pool_children["grpc"].argv, env, work / "grpc.log"))
@@ -239,11 +179,13 @@ def run_backend(
             worker = stack.enter_context(process(pool_children["worker"].argv, env, work / "worker.log"))
             stack.enter_context(process(pool_children["beat"].argv, env, work / "beat.log"))
             noop = stack.enter_context(
-                process(worker_argv("bench.noop_app", NOOP_QUEUE, "bench-noop@%h"), noop_env, work / "noop.log")
+                process(
+                    stage.worker_argv("bench.noop_app", stage.NOOP_QUEUE, "bench-noop@%h"), noop_env, work / "noop.log"
+                )
             )
-            wait_log(work / "worker.log", r" ready\.", worker)
-            wait_log(work / "noop.log", r" ready\.", noop)
-            clients = submitters(target, CLIENTS)
+            stage.wait_log(work / "worker.log", r" ready\.", worker)
+            stage.wait_log(work / "noop.log", r" ready\.", noop)
+            clients = stage.submitters(target, CLIENTS)
             began = time.monotonic()
             child = stack.enter_context(
                 process(
@@ -261,7 +203,7 @@ def run_backend(
                     work / "fleet.log",
                 )
             )
-            fleet = Fleet(child, work / "fleet.json")
+            fleet = stage.Fleet(child, work / "fleet.json")
             fleet.wait("online", nodes, timeout=900)
             registration = time.monotonic() - began
             say(f"  {backend.name}: {nodes:,} nodes registered and heartbeating in {registration:.0f} s")
@@ -270,16 +212,16 @@ def run_backend(
             served: dict[str, float] = {}
             burst_seconds = 0.0
             pipeline_round(target, clients, fleet, engine, min(500, tasks))  # warm-up
-            noop_round(backend.redis_url, 500)
-            cpu = CpuTimes({"grpc": server, "worker": worker, "fleet": child, "noop": noop})
+            stage.noop_round(backend.redis_url, 500)
+            cpu = stage.CpuTimes({"grpc": server, "worker": worker, "fleet": child, "noop": noop})
             for number in range(rounds):
-                noop_rates.append(noop_round(backend.redis_url, tasks))
-                counts, began_round = rpc_counts(metrics_port), time.monotonic()
+                noop_rates.append(stage.noop_round(backend.redis_url, tasks))
+                counts, began_round = rpc_floor.rpc_counts(metrics_port), time.monotonic()
                 runs.append(pipeline_round(target, clients, fleet, engine, tasks))
                 r = runs[-1]
                 cpu_laps.append(cpu.lap())
                 burst_seconds += time.monotonic() - began_round
-                for method, count in rpc_counts(metrics_port).items():
+                for method, count in rpc_floor.rpc_counts(metrics_port).items():
                     served[method] = served.get(method, 0.0) + count - counts.get(method, 0.0)
                 # What a bare call costs, at the rate the pool's server was just answering them
                 bare_us.append(rpc_floor.cpu_per_call(sum(served.values()) / burst_seconds))
@@ -318,7 +260,7 @@ def run_backend(
         upload_rate=Figure("uploads", "tasks/s", tuple(r.upload_rate for r in runs)),
         registration_s=registration,
         cpu=cpu_laps,
-        calls=Calls(
+        calls=rpc_floor.Calls(
             per_task={
                 **{m: n / (tasks * rounds) for m, n in sorted(served.items(), key=lambda kv: -kv[1]) if n},
                 "ExecuteTask (pool → node)": 1.0,

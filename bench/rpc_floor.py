@@ -1,4 +1,6 @@
-"""What a bare gRPC call costs this machine: CPU per unary call, client and server together.
+"""What the pipeline's gRPC calls cost: how many a task takes (:func:`rpc_counts`, from the pool
+server's own counters; :class:`Calls`), and what a bare call costs this machine, CPU per unary
+call, client and server together (:func:`cpu_per_call`).
 
 The pipeline's tasks each take several calls (the upload, the node's reports, ExecuteTask, a
 share of the fleet's heartbeats). This measures the CPU one such call costs with nothing behind
@@ -14,16 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import psutil
 
-from bench.common import REPO, free_port, pool_env, process, wait_serving
+from bench.common import REPO, Figure, free_port, pool_env, process, wait_serving
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
 
@@ -78,6 +83,31 @@ def cpu_per_call(rate: float, seconds: float = 4.0) -> float:
         served = sum(server.cpu_times()[:2]) - before
     client_cpu, answered = (float(v) for v in client.stdout.split())
     return 1e6 * (served + client_cpu) / answered
+
+
+def rpc_counts(metrics_port: int) -> dict[str, float]:
+    """Calls answered so far by the pool's gRPC server, by method (its Prometheus endpoint)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    found = re.findall(r'^hivemind_rpc_duration_seconds_count\{method="(\w+)"\} (\S+)$', text, re.MULTILINE)
+    return {method: float(count) for method, count in found}
+
+
+@dataclass(frozen=True)
+class Calls:
+    """The gRPC calls a task took in the burst rounds, and what bare calls cost the machine."""
+
+    per_task: dict[str, float]  # by method, as the pool's server counted them, plus ExecuteTask (one a task)
+    bare_us: Figure  # CPU per bare unary call, client and server (bench.rpc_floor), at the burst's call rate
+    call_rate: float  # calls/s the pool's server answered during the burst rounds
+
+    @property
+    def total(self) -> float:
+        return sum(self.per_task.values())
+
+    def floor_ms(self) -> float:
+        """CPU per task of its calls alone, were each as cheap as a bare one."""
+        return self.total * self.bare_us.median / 1000
 
 
 def _client(target: str, rate: float, seconds: float) -> None:

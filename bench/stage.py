@@ -1,5 +1,6 @@
 """What a pipeline run stands on: the two backends, the accounts and clients it seeds, the fleet
-process and what it reports, and the CPU each process of the pool spends."""
+process and what it reports, the CPU each process of the pool spends, and the raw baseline (a
+Celery worker of no-op jobs, started as the pool's is)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import uuid
 import zipfile
@@ -27,13 +29,19 @@ from bench.common import SECRET
 from models import ledger, schema
 from models.db import Database
 from models.tables import Account, User
+from orchestration.app import create_celery
 from pool.embedded_redis import EmbeddedRedis
 from pool.settings import Settings
+from pool.up import WORKER_PROCESSES, children
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
 
 PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PG_REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/9")
+NOOP_QUEUE = "bench-noop"
+CONCURRENCY = int(
+    os.environ.get("BENCH_CONCURRENCY", str(WORKER_PROCESSES))
+)  # `up`'s worker processes, pool and no-op alike
 
 
 @dataclass
@@ -185,3 +193,29 @@ def submitters(target: str, count: int) -> list[str]:
         tokens.append(reply.token)
     channel.close()
     return tokens
+
+
+def noop_round(redis_url: str, jobs: int) -> float:
+    """Celery no-op jobs/s: ``jobs`` sent at once, until the worker has acknowledged the last."""
+    app = create_celery(Settings(_env_file=None, REDIS_URL=redis_url))  # type: ignore[call-arg]
+    client = redis.Redis.from_url(redis_url)
+    start = time.monotonic()
+    with app.producer_or_acquire() as producer:
+        for _ in range(jobs):
+            app.send_task("pool.dispatch.noop", queue=NOOP_QUEUE, producer=producer)
+    while client.llen(NOOP_QUEUE) or client.hlen("unacked"):
+        time.sleep(0.01)
+    return jobs / (time.monotonic() - start)
+
+
+def worker_argv(app: str, queues: str, name: str) -> list[str]:
+    argv = next(
+        c.argv
+        for c in children(Settings(_env_file=None), flower=False, flower_port=0, concurrency=CONCURRENCY)  # type: ignore[call-arg]
+        if c.name == "worker"
+    )
+    argv = [sys.executable if a == argv[0] else a for a in argv]
+    argv[argv.index("-A") + 1] = app
+    argv[argv.index("-Q") + 1] = queues
+    argv[argv.index("-n") + 1] = name
+    return argv
