@@ -180,7 +180,9 @@ def run_backend(
             stack.enter_context(process(pool_children["beat"].argv, env, work / "beat.log"))
             noop = stack.enter_context(
                 process(
-                    stage.worker_argv("bench.noop_app", stage.NOOP_QUEUE, "bench-noop@%h"), noop_env, work / "noop.log"
+                    stage.worker_argv("bench.noop_app", stage.NOOP_QUEUE, "bench-noop@%h"),
+                    {**noop_env, "REDIS_URL": backend.baseline_redis_url},
+                    work / "noop.log",
                 )
             )
             stage.wait_log(work / "worker.log", r" ready\.", worker)
@@ -212,10 +214,10 @@ def run_backend(
             served: dict[str, float] = {}
             burst_seconds = 0.0
             pipeline_round(target, clients, fleet, engine, min(500, tasks))  # warm-up
-            stage.noop_round(backend.redis_url, 500)
+            stage.noop_round(backend.baseline_redis_url, 500)
             cpu = stage.CpuTimes({"grpc": server, "worker": worker, "fleet": child, "noop": noop})
             for number in range(rounds):
-                noop_rates.append(stage.noop_round(backend.redis_url, tasks))
+                noop_rates.append(stage.noop_round(backend.baseline_redis_url, tasks))
                 counts, began_round = rpc_floor.rpc_counts(metrics_port), time.monotonic()
                 runs.append(pipeline_round(target, clients, fleet, engine, tasks))
                 r = runs[-1]

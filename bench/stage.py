@@ -18,6 +18,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import psutil
@@ -50,6 +51,19 @@ class Backend:
     database_url: str
     redis_url: str
 
+    @property
+    def baseline_redis_url(self) -> str:
+        """The same Redis server, the next database: the no-op baseline's broker. Its task events
+        (published to channels named by database) then reach no receiver of the pool's, which
+        would otherwise spend the pool's CPU on them while the baseline runs."""
+        return baseline_redis_url(self.redis_url)
+
+
+def baseline_redis_url(redis_url: str) -> str:
+    parts = urlsplit(redis_url)
+    database = int(parts.path.strip("/") or 0)
+    return urlunsplit(parts._replace(path=f"/{database + 1}"))
+
 
 @contextlib.contextmanager
 def embedded(work: Path) -> Iterator[Backend]:
@@ -67,7 +81,8 @@ def postgres(work: Path) -> Iterator[Backend]:
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
         conn.execute(text(f'CREATE DATABASE "{name}"'))
-    redis.Redis.from_url(PG_REDIS).flushdb()
+    for url in (PG_REDIS, baseline_redis_url(PG_REDIS)):
+        redis.Redis.from_url(url).flushdb()
     try:
         yield Backend(
             "PostgreSQL + Redis", admin.url.set(database=name).render_as_string(hide_password=False), PG_REDIS
@@ -76,7 +91,8 @@ def postgres(work: Path) -> Iterator[Backend]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
-        redis.Redis.from_url(PG_REDIS).flushdb()
+        for url in (PG_REDIS, baseline_redis_url(PG_REDIS)):
+            redis.Redis.from_url(url).flushdb()
 
 
 def seed_accounts(database_url: str, prefix: str, count: int) -> dict[str, str]:
