@@ -122,6 +122,9 @@ def simulate(
     ),
     host: str = typer.Option("127.0.0.1", help="The address the pool dials to reach the fleet."),
     port: int = typer.Option(50060, help="Port of the fleet's one WorkerNodeService (0: any free port)."),
+    connections: int = typer.Option(
+        4, min=1, help="Connections to the pool the nodes spread over (a pool's server processes share them)."
+    ),
     pool_key: Annotated[
         Path | None, typer.Option(help="The pool's Ed25519 public key (PEM), not asking the pool.")
     ] = None,
@@ -143,6 +146,7 @@ def simulate(
         port=port,
         task_seconds=task_seconds,
         heartbeat_seconds=heartbeat_seconds,
+        connections=connections,
         create_accounts=register,
     )
     tokens = None if forget_tokens else token_file or default_work_dir() / "fleet" / f"{prefix}@{pool}.json"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -39,13 +40,14 @@ MAX_BEATS_PER_SECOND = 500  # what one pool server process answers comfortably o
 
 
 class VirtualNode:
-    __slots__ = ("node_id", "running", "state", "token")
+    __slots__ = ("lane", "node_id", "running", "state", "token")
 
-    def __init__(self, node_id: str) -> None:
+    def __init__(self, node_id: str, lane: int = 0) -> None:
         self.node_id = node_id
         self.token = ""
         self.state = NEW
         self.running = 0
+        self.lane = lane  # which of the fleet's connections its calls take
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class FleetSpec:
     task_seconds: float = 0.0
     heartbeat_seconds: float = 0.0  # 0: every 5 s, slower for big fleets (see heartbeat_interval)
     heartbeat_threads: int = 4
+    connections: int = 1  # to the pool, the nodes spread over them (see open_channels)
     report_threads: int = 16  # tasks reporting their end at once (output, result, TaskCompleted)
     login_workers: int = 8
     create_accounts: bool = True
@@ -78,16 +81,34 @@ def heartbeat_interval(spec: FleetSpec) -> float:
     return max(5.0, spec.count / MAX_BEATS_PER_SECOND)
 
 
+def open_channels(target: str, count: int) -> list[grpc.Channel]:
+    """``count`` channels to ``target``, each on its own connection.
+
+    grpcio shares one connection among a process's channels to one address unless each keeps its
+    own subchannels. Real nodes are machines of their own, each with its own connection; a pool
+    that runs several server processes on one port spreads connections, not calls, between them.
+    """
+    if count <= 1:
+        return [grpc.insecure_channel(target)]
+    return [grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(count)]
+
+
 class Fleet:
     """The virtual nodes and their conversation with the pool (see the module doc)."""
 
-    def __init__(self, channel: grpc.Channel, spec: FleetSpec) -> None:
+    def __init__(self, channel: grpc.Channel | Sequence[grpc.Channel], spec: FleetSpec) -> None:
+        channels = [channel] if isinstance(channel, grpc.Channel) else list(channel)
         self.spec = spec
-        self.users = pb_grpc.UserServiceStub(channel)
-        self.nodes_stub = pb_grpc.NodeManagerServiceStub(channel)
-        self.nodes = {f"{spec.prefix}{i:05d}": VirtualNode(f"{spec.prefix}{i:05d}") for i in range(spec.count)}
+        self.users = pb_grpc.UserServiceStub(channels[0])
+        self._node_stubs = [pb_grpc.NodeManagerServiceStub(c) for c in channels]
+        self.nodes = {
+            f"{spec.prefix}{i:05d}": VirtualNode(f"{spec.prefix}{i:05d}", i % len(channels)) for i in range(spec.count)
+        }
         self.tasks = SimulatedTasks(
-            pb_grpc.MasterNodeServiceStub(channel), self.nodes, spec.task_seconds, report_threads=spec.report_threads
+            [pb_grpc.MasterNodeServiceStub(c) for c in channels],
+            self.nodes,
+            spec.task_seconds,
+            report_threads=spec.report_threads,
         )
         self._logins = ThreadPoolExecutor(spec.login_workers, thread_name_prefix="fleet-login")
         self._stopping = threading.Event()
@@ -187,7 +208,8 @@ class Fleet:
             location="Any",
             docker_status=spec.docker_status,
         )
-        reply = self.nodes_stub.RegisterWorkerNode(request, metadata=bearer(node.token), timeout=CALL_TIMEOUT)
+        stub = self._node_stubs[node.lane]
+        reply = stub.RegisterWorkerNode(request, metadata=bearer(node.token), timeout=CALL_TIMEOUT)
         if not reply.success:
             log.warning("virtual node %s cannot register: %s", node.node_id, reply.message)
         return bool(reply.success)
@@ -208,7 +230,7 @@ class Fleet:
                     continue
                 in_flight.acquire()
                 message = "Idle" if node.running == 0 else f"Running {node.running} tasks"
-                future = self.nodes_stub.ReportStatus.future(
+                future = self._node_stubs[node.lane].ReportStatus.future(
                     pb.ReportStatusRequest(node_id=node.node_id, status_message=message),
                     metadata=bearer(node.token),
                     timeout=CALL_TIMEOUT,

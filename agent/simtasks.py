@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 import zipfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -34,6 +35,7 @@ class Node(Protocol):
     node_id: str
     token: str
     running: int
+    lane: int  # which of the fleet's connections the node's calls take
 
 
 def tiny_result(node_id: str, task_id: str) -> bytes:
@@ -49,13 +51,13 @@ class SimulatedTasks:
 
     def __init__(
         self,
-        master: pb_grpc.MasterNodeServiceStub,
+        master: pb_grpc.MasterNodeServiceStub | Sequence[pb_grpc.MasterNodeServiceStub],
         nodes: dict[str, Any],
         task_seconds: float,
         *,
         report_threads: int = 16,
     ) -> None:
-        self.master = master
+        self.masters = [master] if isinstance(master, pb_grpc.MasterNodeServiceStub) else list(master)
         self.nodes: dict[str, Node] = nodes
         self.task_seconds = task_seconds
         self._due: list[tuple[float, str, int, str]] = []  # (when, task_id, attempt, node_id)
@@ -126,16 +128,17 @@ class SimulatedTasks:
     def _report_end(self, node_id: str, key: Key, success: bool, reason: str = "") -> None:
         task_id, attempt = key
         node = self.nodes[node_id]
+        master = self.masters[node.lane % len(self.masters)]
         if success:
             line = pb.StoreOutputRequest(task_id=task_id, output="simulated task done", attempt=attempt)
-            self._call(node, self.master.StoreOutput, line)
+            self._call(node, master.StoreOutput, line)
             result = tiny_result(node_id, task_id)
             upload = pb.ReturnTaskResultRequest(task_id=task_id, result_zip=result, attempt=attempt)
-            self._call(node, self.master.ReturnTaskResult, upload)
+            self._call(node, master.ReturnTaskResult, upload)
         done = pb.TaskCompletedRequest(
             task_id=task_id, node_id=node_id, success=success, attempt=attempt, message=reason
         )
-        reply = self._call(node, self.master.TaskCompleted, done)
+        reply = self._call(node, master.TaskCompleted, done)
         if reply is not None and not reply.success:
             log.warning("the pool refused TaskCompleted of %s from %s: %s", task_id, node_id, reply.message)
         elif reply is not None and success:

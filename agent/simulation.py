@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 
 from agent import verify
-from agent.fleet import Fleet, FleetSpec, heartbeat_interval
+from agent.fleet import Fleet, FleetSpec, heartbeat_interval, open_channels
 from agent.server import WorkerNodeServicer, create_server
 from agent.session import CALL_TIMEOUT
 from protos import nodepool_pb2 as pb
@@ -77,12 +77,12 @@ def serve_fleet(
     Raises grpc.RpcError when the pool cannot be reached for its key, RuntimeError when the
     port cannot be bound, OSError / ValueError for an unreadable or wrong key file.
     """
-    channel = grpc.insecure_channel(pool)
+    channels = open_channels(pool, spec.connections)
     fleet: Fleet | None = None
     server: grpc.Server | None = None
     try:
-        verifier = pool_verifier(channel, pool_key_file)
-        fleet = Fleet(channel, spec)
+        verifier = pool_verifier(channels[0], pool_key_file)
+        fleet = Fleet(channels, spec)
         fleet.remember(read_tokens(token_file))
         server, port = create_server(WorkerNodeServicer(verifier, fleet), f"{bind}:{spec.port}", max_workers=16)
         server.start()
@@ -100,4 +100,5 @@ def serve_fleet(
         if fleet is not None:
             fleet.close()
             write_tokens(token_file, fleet.tokens())
-        channel.close()
+        for channel in channels:
+            channel.close()

@@ -73,20 +73,27 @@ def create_server(ctx: PoolContext, address: str) -> tuple[grpc.Server, int]:
     return server, port
 
 
-def serve(settings: Settings) -> None:
-    """Migrate, start the server and block until SIGINT/SIGTERM; then drain for a few seconds."""
+def serve(settings: Settings, *, replica: int = 0) -> None:
+    """Migrate, start the server and block until SIGINT/SIGTERM; then drain for a few seconds.
+
+    ``replica``: this process's number among the gRPC server processes sharing the port
+    (``hivemind-pool up`` runs ``GRPC_PROCESSES``). Replica N serves its metrics on METRICS_PORT + N;
+    only replica 0 listens to the workers' task events, so each job's duration is counted once.
+    """
     ctx = build_context(settings)
     schema.upgrade(ctx.db.engine)
     server, port = create_server(ctx, settings.grpc_address)
     server.start()
-    log.info("gRPC server listening on %s:%d", settings.GRPC_SERVER_HOST, port)
+    named = f" (replica {replica})" if replica else ""
+    log.info("gRPC server listening on %s:%d%s", settings.GRPC_SERVER_HOST, port, named)
     metrics = None
     if settings.METRICS_PORT:
+        metrics_port = settings.METRICS_PORT + replica
         try:  # the pool serves without metrics rather than not at all
-            metrics = start_metrics(ctx, host=settings.GRPC_SERVER_HOST, port=settings.METRICS_PORT)
+            metrics = start_metrics(ctx, host=settings.GRPC_SERVER_HOST, port=metrics_port, job_events=replica == 0)
             log.info("Prometheus metrics on http://%s:%d/metrics", settings.GRPC_SERVER_HOST, metrics.port)
         except OSError as error:
-            log.error("cannot serve metrics on port %d (%s); set METRICS_PORT", settings.METRICS_PORT, error)
+            log.error("cannot serve metrics on port %d (%s); set METRICS_PORT", metrics_port, error)
     stopping = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:

@@ -18,16 +18,18 @@ from pathlib import Path
 
 import grpc
 
-from agent.fleet import Fleet, FleetSpec
+from agent.fleet import Fleet, FleetSpec, open_channels
 from agent.server import WorkerNodeServicer, create_server
 from agent.simulation import pool_verifier
 from agent.verify import PoolClaims
 from protos import nodepool_pb2 as pb
 
+CONNECTIONS = 8  # the nodes' calls spread over this many connections, as many machines' would be
+
 
 class RecordingFleet(Fleet):
-    def __init__(self, channel: grpc.Channel, spec: FleetSpec) -> None:
-        super().__init__(channel, spec)
+    def __init__(self, channels: list[grpc.Channel], spec: FleetSpec) -> None:
+        super().__init__(channels, spec)
         self.arrivals: dict[str, float] = {}
 
     def execute(self, claims: PoolClaims, request: pb.ExecuteTaskRequest) -> tuple[bool, str]:
@@ -44,11 +46,12 @@ def write_json(path: Path, data: object) -> None:
 def main() -> None:
     pool, count, prefix, tokens_file, state_file = sys.argv[1:6]
     state = Path(state_file)
-    spec = FleetSpec(prefix=prefix, count=int(count), create_accounts=False, login_workers=8)
-    channel = grpc.insecure_channel(pool)
-    fleet = RecordingFleet(channel, spec)
+    spec = FleetSpec(prefix=prefix, count=int(count), create_accounts=False, login_workers=8, connections=CONNECTIONS)
+    channels = open_channels(pool, spec.connections)
+    fleet = RecordingFleet(channels, spec)
     fleet.remember(json.loads(Path(tokens_file).read_text()))
-    server, port = create_server(WorkerNodeServicer(pool_verifier(channel, None), fleet), "127.0.0.1:0", max_workers=16)
+    servicer = WorkerNodeServicer(pool_verifier(channels[0], None), fleet)
+    server, port = create_server(servicer, "127.0.0.1:0", max_workers=16)
     server.start()
     fleet.start(port)
     stopping = threading.Event()
@@ -70,7 +73,8 @@ def main() -> None:
         )
     server.stop(grace=1).wait()
     fleet.close()
-    channel.close()
+    for channel in channels:
+        channel.close()
 
 
 if __name__ == "__main__":

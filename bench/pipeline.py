@@ -35,7 +35,7 @@ import grpc
 from sqlalchemy import create_engine, func, select
 
 from bench import rpc_floor, stage
-from bench.common import Comparison, Figure, free_port, pool_env, process, wait_serving
+from bench.common import Comparison, Figure, free_port, free_ports, pool_env, process, wait_serving
 from models.tables import Task
 from pool.settings import Settings
 from pool.up import children
@@ -59,7 +59,9 @@ async def _upload(
         queue.put_nowait((i, task_id))
 
     async def client(token: str) -> None:
-        async with grpc.aio.insecure_channel(target) as channel:
+        # Each client on its own connection, as separate machines are: a pool of several server
+        # processes on one port shares connections between them, not calls.
+        async with grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
             stub = pb_grpc.MasterNodeServiceStub(channel)
             metadata = (("authorization", f"Bearer {token}"),)
 
@@ -150,7 +152,10 @@ def run_backend(
     with (stage.embedded if kind == "embedded" else stage.postgres)(work) as backend:
         tokens = stage.seed_accounts(backend.database_url, "bn", nodes)
         (work / "tokens.json").write_text(json.dumps(tokens))
-        port, metrics_port = free_port(), free_port()
+        settings = Settings(_env_file=None, DATA_DIR=work)  # type: ignore[call-arg]
+        replicas = settings.grpc_processes  # gRPC server processes, as `up` runs them here
+        port, metrics_port = free_port(), free_ports(replicas)
+        metrics_ports = [metrics_port + n for n in range(replicas)]
         env = pool_env(
             work,
             backend.redis_url,
@@ -166,16 +171,15 @@ def run_backend(
         target = f"127.0.0.1:{port}"
         with contextlib.ExitStack() as stack:
             pool_children = {
-                c.name: c
-                for c in children(
-                    Settings(_env_file=None, DATA_DIR=work),  # type: ignore[call-arg]
-                    flower=False,
-                    flower_port=0,
-                    concurrency=stage.CONCURRENCY,
-                )
+                c.name: c for c in children(settings, flower=False, flower_port=0, concurrency=stage.CONCURRENCY)
             }
-            server = stack.enter_context(process(pool_children["grpc"].argv, env, work / "grpc.log"))
-            wait_serving(port, server, work / "grpc.log")
+            servers = [
+                stack.enter_context(process(c.argv, env, work / f"{name}.log"))
+                for name, c in pool_children.items()
+                if name.startswith("grpc")
+            ]
+            for server, name in zip(servers, [n for n in pool_children if n.startswith("grpc")], strict=True):
+                wait_serving(port, server, work / f"{name}.log")
             worker = stack.enter_context(process(pool_children["worker"].argv, env, work / "worker.log"))
             stack.enter_context(process(pool_children["beat"].argv, env, work / "beat.log"))
             noop = stack.enter_context(
@@ -215,15 +219,15 @@ def run_backend(
             burst_seconds = 0.0
             pipeline_round(target, clients, fleet, engine, min(500, tasks))  # warm-up
             stage.noop_round(backend.baseline_redis_url, 500)
-            cpu = stage.CpuTimes({"grpc": server, "worker": worker, "fleet": child, "noop": noop})
+            cpu = stage.CpuTimes({"grpc": servers, "worker": [worker], "fleet": [child], "noop": [noop]})
             for number in range(rounds):
                 noop_rates.append(stage.noop_round(backend.baseline_redis_url, tasks))
-                counts, began_round = rpc_floor.rpc_counts(metrics_port), time.monotonic()
+                counts, began_round = rpc_floor.rpc_counts(metrics_ports), time.monotonic()
                 runs.append(pipeline_round(target, clients, fleet, engine, tasks))
                 r = runs[-1]
                 cpu_laps.append(cpu.lap())
                 burst_seconds += time.monotonic() - began_round
-                for method, count in rpc_floor.rpc_counts(metrics_port).items():
+                for method, count in rpc_floor.rpc_counts(metrics_ports).items():
                     served[method] = served.get(method, 0.0) + count - counts.get(method, 0.0)
                 # What a bare call costs, at the rate the pool's server was just answering them
                 bare_us.append(rpc_floor.cpu_per_call(sum(served.values()) / burst_seconds))

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,12 +86,16 @@ def cpu_per_call(rate: float, seconds: float = 4.0) -> float:
     return 1e6 * (served + client_cpu) / answered
 
 
-def rpc_counts(metrics_port: int) -> dict[str, float]:
-    """Calls answered so far by the pool's gRPC server, by method (its Prometheus endpoint)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as reply:
-        text = reply.read().decode()
-    found = re.findall(r'^hivemind_rpc_duration_seconds_count\{method="(\w+)"\} (\S+)$', text, re.MULTILINE)
-    return {method: float(count) for method, count in found}
+def rpc_counts(metrics_ports: Sequence[int]) -> dict[str, float]:
+    """Calls answered so far by the pool's gRPC server processes, by method (their Prometheus endpoints)."""
+    counts: dict[str, float] = {}
+    for port in metrics_ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
+            text = reply.read().decode()
+        found = re.findall(r'^hivemind_rpc_duration_seconds_count\{method="(\w+)"\} (\S+)$', text, re.MULTILINE)
+        for method, count in found:
+            counts[method] = counts.get(method, 0.0) + float(count)
+    return counts
 
 
 @dataclass(frozen=True)

@@ -172,21 +172,22 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class CpuTimes:
-    """CPU seconds used by each process (with its children) and by this one, since the last lap."""
+    """CPU seconds used by each group of processes (with their children) and by this one, since the last lap."""
 
-    def __init__(self, children: dict[str, subprocess.Popen[bytes]]) -> None:
-        self.processes = {name: psutil.Process(child.pid) for name, child in children.items()}
-        self.processes["bench"] = psutil.Process()  # itself only (its children are the others)
+    def __init__(self, children: dict[str, list[subprocess.Popen[bytes]]]) -> None:
+        self.processes = {name: [psutil.Process(child.pid) for child in group] for name, group in children.items()}
+        self.processes["bench"] = [psutil.Process()]  # itself only (its children are the others)
         self.last = self._now()
 
     def _now(self) -> dict[str, float]:
         totals = {}
-        for name, proc in self.processes.items():
+        for name, group in self.processes.items():
             total = 0.0
-            for p in [proc] if name == "bench" else [proc, *proc.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    times = p.cpu_times()
-                    total += times.user + times.system
+            for proc in group:
+                for p in [proc] if name == "bench" else [proc, *proc.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        times = p.cpu_times()
+                        total += times.user + times.system
             totals[name] = total
         return totals
 

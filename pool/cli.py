@@ -34,11 +34,15 @@ def up(
 
 
 @app.command()
-def serve() -> None:
+def serve(
+    replica: int = typer.Option(
+        0, min=0, help="This process's number among gRPC servers sharing the port (metrics on METRICS_PORT + N)."
+    ),
+) -> None:
     """Run the gRPC server only (Celery workers and beat run separately)."""
     from api.server import serve as run_server
 
-    run_server(_settings())
+    run_server(_settings(), replica=replica)
 
 
 @app.command()

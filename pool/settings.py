@@ -6,6 +6,8 @@ so existing ``.env`` files keep working. Nothing else in the code base reads the
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -26,6 +28,9 @@ class Settings(BaseSettings):
     GRPC_SERVER_HOST: str = "0.0.0.0"
     GRPC_SERVER_PORT: int = 50051
     GRPC_MAX_WORKERS: int = 20
+    # gRPC server processes `hivemind-pool up` runs on the one port (Linux shares it between them
+    # with SO_REUSEPORT, connection by connection); 0 = one per CPU core, at most 4.
+    GRPC_PROCESSES: int = Field(default=0, ge=0, le=64)
     GRPC_MAX_MESSAGE_BYTES: int = 100 * 1024 * 1024
     GRPC_KEEPALIVE_TIME_MS: int = 10_000
     GRPC_KEEPALIVE_TIMEOUT_MS: int = 5_000
@@ -146,3 +151,14 @@ class Settings(BaseSettings):
     @property
     def grpc_address(self) -> str:
         return f"{self.GRPC_SERVER_HOST}:{self.GRPC_SERVER_PORT}"
+
+    @property
+    def grpc_processes(self) -> int:
+        """How many gRPC server processes `up` runs: GRPC_PROCESSES, or one per core (at most 4).
+        One where the port cannot be shared: any free port (0, each process would get its own)
+        or a system other than Linux (whose SO_REUSEPORT does not spread connections)."""
+        if self.GRPC_SERVER_PORT == 0 or sys.platform != "linux":
+            return 1
+        if self.GRPC_PROCESSES:
+            return self.GRPC_PROCESSES
+        return max(1, min(4, len(os.sched_getaffinity(0))))

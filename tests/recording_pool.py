@@ -29,6 +29,7 @@ class Recorded:
     name: str
     request: Any
     token: str
+    peer: str = ""  # the connection it came on (ipv4:host:port)
 
 
 @dataclass
@@ -55,7 +56,7 @@ class RecordingPool:
             code = pending.pop(0) if pending else None
             if code is None and token and token in self.rejected_tokens:
                 code = grpc.StatusCode.UNAUTHENTICATED
-            self.calls.append(Recorded(name, request, token))
+            self.calls.append(Recorded(name, request, token, context.peer()))
             self.changed.notify_all()
         if code is not None:
             context.abort(code, f"injected {code.name}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.fleet import Fleet, FleetSpec, heartbeat_interval
+from agent.fleet import Fleet, FleetSpec, heartbeat_interval, open_channels
 from agent.server import WorkerNodeServicer, create_server
 from agent.simulation import read_tokens, write_tokens
 from agent.verify import CallVerifier, load_public_key
@@ -32,8 +32,8 @@ pytestmark = pytest.mark.timeout(90)
 
 class RunningFleet:
     def __init__(self, address: str, signer_pem: str, spec: FleetSpec, tokens: dict[str, str] | None = None) -> None:
-        self.channel = grpc.insecure_channel(address)
-        self.fleet = Fleet(self.channel, spec)
+        self.channels = open_channels(address, spec.connections)
+        self.fleet = Fleet(self.channels, spec)
         self.fleet.remember(tokens or {})
         servicer = WorkerNodeServicer(CallVerifier(load_public_key(signer_pem)), self.fleet)
         self.server, self.port = create_server(servicer, "127.0.0.1:0", max_workers=16)
@@ -52,7 +52,8 @@ class RunningFleet:
         self.client.close()
         self.server.stop(grace=None)
         self.fleet.close()
-        self.channel.close()
+        for channel in self.channels:
+            channel.close()
 
 
 @pytest.fixture
@@ -155,6 +156,29 @@ def test_heartbeats_say_what_each_virtual_node_does(
     beats = recording_pool.of("ReportStatus")
     assert {b.node_id for b in beats} == {f"sim{i:05d}" for i in range(20)}
     assert {b.status_message for b in beats} == {"Idle"}
+
+
+def test_the_nodes_spread_over_the_fleets_connections_each_node_keeping_one(
+    recording_pool: RecordingPool,
+) -> None:
+    spec = FleetSpec(prefix="lane", count=9, heartbeat_seconds=0.2, task_seconds=0.1, connections=3)
+    running = RunningFleet(recording_pool.address, recording_pool.signer.public_key_pem, spec)
+    try:
+        running.wait_online(9)
+        assert execute(running, recording_pool.signer, "lane00004", "lane-task").success
+        assert recording_pool.wait_for(lambda p: p.count("TaskCompleted") == 1 and p.count("ReportStatus") >= 27)
+    finally:
+        running.close()
+
+    peers: dict[str, set[str]] = {}  # node -> the connections its registration, beats and reports came on
+    for call in recording_pool.calls:
+        if getattr(call.request, "task_id", "") == "lane-task":  # StoreOutput and ReturnTaskResult name no node
+            peers.setdefault("lane00004", set()).add(call.peer)
+        elif getattr(call.request, "node_id", ""):
+            peers.setdefault(call.request.node_id, set()).add(call.peer)
+    assert set(peers) == {f"lane{i:05d}" for i in range(9)}
+    assert all(len(used) == 1 for used in peers.values()), peers  # one node, one connection
+    assert len(set().union(*peers.values())) == 3  # three connections, three nodes on each
 
 
 def test_remembered_tokens_spare_the_logins_and_a_refused_one_is_replaced(recording_pool: RecordingPool) -> None:

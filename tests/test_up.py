@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import psutil
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pool.settings import Settings
+from pool.up import children
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
 from tests.harness import unique_name
@@ -78,6 +83,106 @@ def test_up_runs_the_pool_on_embedded_defaults_and_stops_cleanly(tmp_path: Path,
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    ("configured", "port", "expected"),
+    [
+        ({"GRPC_PROCESSES": 3}, 50051, 3),
+        ({"GRPC_PROCESSES": 1}, 50051, 1),
+        ({"GRPC_PROCESSES": 3}, 0, 1),  # any free port: each process would bind its own
+        ({}, 0, 1),
+        ({}, 50051, min(4, len(os.sched_getaffinity(0)))),
+    ],
+)
+def test_up_runs_one_grpc_process_per_core_unless_told(configured: dict, port: int, expected: int) -> None:
+    settings = Settings(_env_file=None, GRPC_SERVER_PORT=port, **configured)  # type: ignore[call-arg]
+    grpc_children = [c for c in children(settings, flower=False, flower_port=0, concurrency=1) if "serve" in c.argv]
+    assert len(grpc_children) == expected == settings.grpc_processes
+    assert len({c.name for c in grpc_children}) == expected
+    if expected > 1:
+        assert [c.argv[c.argv.index("--replica") + 1] for c in grpc_children] == [str(n) for n in range(expected)]
+
+
+def _metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return reply.read().decode()
+
+
+def _answered(text: str, method: str) -> float:
+    found = re.search(rf'^hivemind_rpc_duration_seconds_count\{{method="{method}"\}} (\S+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_up_shares_one_port_between_two_grpc_processes(tmp_path: Path, unused_port: int) -> None:
+    """Two server processes on one port: connections are spread between them (SO_REUSEPORT), each
+    serves its own metrics (METRICS_PORT + its number), and only the first counts job durations."""
+    metrics_port = _free_ports(2)
+    env = {key: value for key, value in os.environ.items() if key not in CONFIG_VARS}
+    env.update(
+        GRPC_SERVER_PORT=str(unused_port),
+        GRPC_SERVER_HOST="127.0.0.1",
+        GRPC_PROCESSES="2",
+        BCRYPT_ROUNDS="4",
+        METRICS_PORT=str(metrics_port),
+        PYTHONUNBUFFERED="1",
+    )
+    log_path = tmp_path / "up.log"
+    with log_path.open("wb") as log:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "pool", "up"],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        _wait_for(lambda: "HiveMind Node Pool is ready" in log_path.read_text(), 90, up, log_path)
+        assert "(2 processes)" in log_path.read_text()
+        family = psutil.Process(up.pid).children(recursive=True)
+        servers = [p for p in family if p.cmdline()[-3:-1] == ["serve", "--replica"]]
+        assert len(servers) == 2, [p.cmdline() for p in family]
+
+        # Each channel on its own connection, as separate machines' would be.
+        connections = 24
+        for _ in range(connections):
+            channel = grpc.insecure_channel(
+                f"127.0.0.1:{unused_port}", options=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            assert pb_grpc.NodeManagerServiceStub(channel).HealthCheck(pb.HealthCheckRequest(), timeout=10).healthy
+            channel.close()
+        first, second = _metrics(metrics_port), _metrics(metrics_port + 1)
+        answered = (_answered(first, "HealthCheck"), _answered(second, "HealthCheck"))
+        assert sum(answered) == connections
+        assert min(answered) > 0, f"one process answered every connection: {answered}"
+        assert "hivemind_job_duration_seconds" in first
+        assert "hivemind_job_duration_seconds" not in second
+
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=30) == 0, log_path.read_text()[-3000:]
+        alive = [p for p in family if not wait_gone(p.pid, timeout=0.5)]
+        assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+
+
+def _free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free ports on 127.0.0.1."""
+    import socket
+
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            first = int(sock.getsockname()[1])
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
 
 
 def _wait_for(condition, timeout: float, process: subprocess.Popen, log: Path) -> None:
