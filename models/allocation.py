@@ -12,7 +12,7 @@ import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import Integer, Update, and_, bindparam, column, func, or_, select, update, values
+from sqlalchemy import TextualSelect, and_, bindparam, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -100,30 +100,26 @@ _MAX_SHARES = 512  # rows of one statement (six parameters each)
 
 
 @functools.cache
-def _hold_many_statement(size: int) -> Update:
-    """The UPDATE of :func:`hold_many` for ``size`` shares, all of them bound parameters: one
-    statement object per size keeps one compiled form in SQLAlchemy's cache (a VALUES list of
-    literal rows made every batch a new statement, compiled afresh)."""
-    shares = (
-        values(*(column(name, Integer) for name in _SHARE_COLUMNS), name="share")
-        .data([tuple(bindparam(f"{name}_{i}", type_=Integer) for name in _SHARE_COLUMNS) for i in range(size)])
-        .cte("share")
+def _hold_many_statement(size: int) -> TextualSelect:
+    """The UPDATE of :func:`hold_many` for ``size`` shares, all of them bound parameters, as text:
+    SQLAlchemy does not cache the compiled form of a statement with a VALUES list (it compiled
+    all 1,200 parameters of a batch of 200 afresh every time); a text statement it caches, so each
+    size is compiled once. The same SQL on SQLite (3.35+) and PostgreSQL."""
+    nodes, dims = _nodes.name, RESOURCE_DIMENSIONS
+    rows = ", ".join(
+        "(" + ", ".join(f"CAST(:{name}_{i} AS INTEGER)" for name in _SHARE_COLUMNS) + ")" for i in range(size)
     )
-    return (
-        update(_nodes)
-        .where(
-            _nodes.c.id == shares.c.node,
-            _nodes.c.status == "online",
-            *[_nodes.c[f"avail_{d}"] >= shares.c[f"need_{d}"] for d in RESOURCE_DIMENSIONS],
-            or_(_nodes.c.max_tasks.is_(None), _nodes.c.running_tasks + shares.c.tasks <= _nodes.c.max_tasks),
-        )
-        .values(
-            **{f"avail_{d}": _nodes.c[f"avail_{d}"] - shares.c[f"need_{d}"] for d in RESOURCE_DIMENSIONS},
-            running_tasks=_nodes.c.running_tasks + shares.c.tasks,
-            changed_at=bindparam("now", type_=_nodes.c.changed_at.type),
-        )
-        .returning(_nodes.c.id)
+    sql = (
+        f"WITH share ({', '.join(_SHARE_COLUMNS)}) AS (VALUES {rows}) "
+        f"UPDATE {nodes} SET "
+        + ", ".join(f"avail_{d} = {nodes}.avail_{d} - share.need_{d}" for d in dims)
+        + f", running_tasks = {nodes}.running_tasks + share.tasks, changed_at = :now"
+        f" FROM share WHERE {nodes}.id = share.node AND {nodes}.status = 'online' AND "
+        + " AND ".join(f"{nodes}.avail_{d} >= share.need_{d}" for d in dims)
+        + f" AND ({nodes}.max_tasks IS NULL OR {nodes}.running_tasks + share.tasks <= {nodes}.max_tasks)"
+        f" RETURNING {nodes}.id"
     )
+    return text(sql).bindparams(bindparam("now", type_=_nodes.c.changed_at.type)).columns(_nodes.c.id)
 
 
 def _give_back(session: Session, node_pk: int, amounts: dict[str, int]) -> None:
