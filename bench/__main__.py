@@ -16,9 +16,11 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench import bench_matching, heartbeats, pipeline, upload
+from bench import bench_matching, heartbeats, pipeline, stage, upload
+from bench import fleet as bench_fleet
 from bench.common import REPO, Comparison, Figure, machine
 from pool.embedded_redis import EmbeddedRedis
+from pool.settings import Settings
 
 ALL = ("matching", "heartbeats", "upload", "pipeline")
 NOTES = Path(__file__).with_name("notes.md")
@@ -89,8 +91,8 @@ def pipeline_lines(results: list[pipeline.Result]) -> list[str]:
         )
     lines += [
         "",
-        "CPU seconds per process in each burst round (the pool's server and worker, the fleet, the "
-        "baseline's no-op worker, the benchmark's clients):",
+        "CPU seconds per process in each burst round (the pool's gRPC server processes together, its "
+        "Celery worker, the fleet, the baseline's no-op worker, the benchmark's clients):",
         "",
     ]
     for r in results:
@@ -223,7 +225,10 @@ def main() -> None:
         tasks = int(os.environ.get("BENCH_PIPELINE_TASKS", 5_000 // scale))
         rounds = int(os.environ.get("BENCH_PIPELINE_ROUNDS", 2))
         size = (
-            f"{nodes:,} simulated nodes, bursts of {tasks:,} tasks from {pipeline.CLIENTS} clients, {rounds} round(s)"
+            f"{nodes:,} simulated nodes (their calls over {bench_fleet.CONNECTIONS} connections), bursts of "
+            f"{tasks:,} tasks from {pipeline.CLIENTS} clients (a connection each), {rounds} round(s); the pool as "
+            f"`hivemind-pool up` runs it here: {Settings(_env_file=None).grpc_processes} gRPC server process(es) "  # type: ignore[call-arg]
+            f"on one port, a Celery worker of {stage.CONCURRENCY} processes"
         )
         short = (
             ""
