@@ -36,14 +36,12 @@ CONFIG_VARS = (
 )
 
 
-def test_up_runs_the_pool_on_embedded_defaults_and_stops_cleanly(tmp_path: Path, unused_port: int) -> None:
+def _start_up(tmp_path: Path, port: int, **settings: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """`hivemind-pool up` in ``tmp_path`` on ``port`` with ``settings`` and nothing else configured;
+    (the process, its log) once it says it is ready."""
     env = {key: value for key, value in os.environ.items() if key not in CONFIG_VARS}
     env.update(
-        GRPC_SERVER_PORT=str(unused_port),
-        GRPC_SERVER_HOST="127.0.0.1",
-        BCRYPT_ROUNDS="4",
-        METRICS_PORT="0",
-        PYTHONUNBUFFERED="1",
+        GRPC_SERVER_PORT=str(port), GRPC_SERVER_HOST="127.0.0.1", BCRYPT_ROUNDS="4", PYTHONUNBUFFERED="1", **settings
     )
     log_path = tmp_path / "up.log"
     with log_path.open("wb") as log:
@@ -57,6 +55,15 @@ def test_up_runs_the_pool_on_embedded_defaults_and_stops_cleanly(tmp_path: Path,
         )
     try:
         _wait_for(lambda: "HiveMind Node Pool is ready" in log_path.read_text(), 90, up, log_path)
+    except BaseException:
+        os.killpg(up.pid, signal.SIGKILL)
+        raise
+    return up, log_path
+
+
+def test_up_runs_the_pool_on_embedded_defaults_and_stops_cleanly(tmp_path: Path, unused_port: int) -> None:
+    up, log_path = _start_up(tmp_path, unused_port, METRICS_PORT="0")
+    try:
         family = psutil.Process(up.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in family)
         assert "redis-server" in names and "worker" in names and "beat" in names
@@ -118,27 +125,8 @@ def test_up_shares_one_port_between_two_grpc_processes(tmp_path: Path, unused_po
     """Two server processes on one port: connections are spread between them (SO_REUSEPORT), each
     serves its own metrics (METRICS_PORT + its number), and only the first counts job durations."""
     metrics_port = _free_ports(2)
-    env = {key: value for key, value in os.environ.items() if key not in CONFIG_VARS}
-    env.update(
-        GRPC_SERVER_PORT=str(unused_port),
-        GRPC_SERVER_HOST="127.0.0.1",
-        GRPC_PROCESSES="2",
-        BCRYPT_ROUNDS="4",
-        METRICS_PORT=str(metrics_port),
-        PYTHONUNBUFFERED="1",
-    )
-    log_path = tmp_path / "up.log"
-    with log_path.open("wb") as log:
-        up = subprocess.Popen(
-            [sys.executable, "-m", "pool", "up"],
-            cwd=tmp_path,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    up, log_path = _start_up(tmp_path, unused_port, GRPC_PROCESSES="2", METRICS_PORT=str(metrics_port))
     try:
-        _wait_for(lambda: "HiveMind Node Pool is ready" in log_path.read_text(), 90, up, log_path)
         assert "(2 processes)" in log_path.read_text()
         family = psutil.Process(up.pid).children(recursive=True)
         servers = [p for p in family if p.cmdline()[-3:-1] == ["serve", "--replica"]]
