@@ -199,14 +199,23 @@ def lock(session: Session, pks: list[int]) -> dict[int, tuple[str, int]]:
     return {pk: (status, attempt) for pk, status, attempt in session.execute(query)}
 
 
-def transition_many(session: Session, moves: list[Move], *, to: str, expected: Iterable[str]) -> list[Move]:
+def transition_many(
+    session: Session,
+    moves: list[Move],
+    *,
+    to: str,
+    expected: Iterable[str],
+    locked: dict[int, tuple[str, int]] | None = None,
+) -> list[Move]:
     """:func:`transition` for many tasks with three statements: lock the rows (in id order), one
     multi-row UPDATE, one INSERT of the events. The moves made; a task another actor moved first
-    (not in ``expected``, or at another attempt) is left out and nothing is written for it."""
+    (not in ``expected``, or at another attempt) is left out and nothing is written for it.
+    ``locked``: what :func:`lock` returned for these rows earlier in the same transaction (they
+    stay locked until it ends, so they are not locked again)."""
     if not moves:
         return []
     allowed = set(expected)
-    rows = lock(session, [m.task.pk for m in moves])
+    rows = locked if locked is not None else lock(session, [m.task.pk for m in moves])
     made = [m for m in moves if (r := rows.get(m.task.pk)) and r[0] in allowed and r[1] == m.at_attempt]
     if not made:
         return []

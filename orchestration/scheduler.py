@@ -194,7 +194,7 @@ def _place_batch(
             )
             for task, node in placed
         ]
-        tasks.transition_many(session, moves, to=tasks.ASSIGNED, expected={tasks.PENDING})
+        tasks.transition_many(session, moves, to=tasks.ASSIGNED, expected={tasks.PENDING}, locked=current)
     return placed, unplaced
 
 
