@@ -96,8 +96,8 @@ def open_channels(target: str, count: int) -> list[grpc.Channel]:
 class Fleet:
     """The virtual nodes and their conversation with the pool (see the module doc)."""
 
-    def __init__(self, channel: grpc.Channel | Sequence[grpc.Channel], spec: FleetSpec) -> None:
-        channels = [channel] if isinstance(channel, grpc.Channel) else list(channel)
+    def __init__(self, channels: Sequence[grpc.Channel], spec: FleetSpec) -> None:
+        """``channels``: to the pool (:func:`open_channels`); node i calls over channel i mod their number."""
         self.spec = spec
         self.users = pb_grpc.UserServiceStub(channels[0])
         self._node_stubs = [pb_grpc.NodeManagerServiceStub(c) for c in channels]

@@ -51,13 +51,13 @@ class SimulatedTasks:
 
     def __init__(
         self,
-        master: pb_grpc.MasterNodeServiceStub | Sequence[pb_grpc.MasterNodeServiceStub],
+        masters: Sequence[pb_grpc.MasterNodeServiceStub],  # a node reports over masters[node.lane]
         nodes: dict[str, Any],
         task_seconds: float,
         *,
         report_threads: int = 16,
     ) -> None:
-        self.masters = [master] if isinstance(master, pb_grpc.MasterNodeServiceStub) else list(master)
+        self.masters = list(masters)
         self.nodes: dict[str, Node] = nodes
         self.task_seconds = task_seconds
         self._due: list[tuple[float, str, int, str]] = []  # (when, task_id, attempt, node_id)
@@ -128,7 +128,7 @@ class SimulatedTasks:
     def _report_end(self, node_id: str, key: Key, success: bool, reason: str = "") -> None:
         task_id, attempt = key
         node = self.nodes[node_id]
-        master = self.masters[node.lane % len(self.masters)]
+        master = self.masters[node.lane]
         if success:
             line = pb.StoreOutputRequest(task_id=task_id, output="simulated task done", attempt=attempt)
             self._call(node, master.StoreOutput, line)

@@ -20,7 +20,6 @@ from bench import bench_matching, heartbeats, pipeline, stage, upload
 from bench import fleet as bench_fleet
 from bench.common import REPO, Comparison, Figure, machine
 from pool.embedded_redis import EmbeddedRedis
-from pool.settings import Settings
 
 ALL = ("matching", "heartbeats", "upload", "pipeline")
 NOTES = Path(__file__).with_name("notes.md")
@@ -96,7 +95,8 @@ def pipeline_lines(results: list[pipeline.Result]) -> list[str]:
         "",
     ]
     for r in results:
-        lines += [f"- {r.backend}: " + "; ".join(f"round {i + 1}: {cpu}" for i, cpu in enumerate(r.cpu))]
+        servers = f"{r.server_processes} gRPC server process" + ("es" if r.server_processes > 1 else "")
+        lines += [f"- {r.backend}, {servers}: " + "; ".join(f"round {i + 1}: {cpu}" for i, cpu in enumerate(r.cpu))]
     cores = os.cpu_count() or 1
     lines += [
         "",
@@ -227,8 +227,8 @@ def main() -> None:
         size = (
             f"{nodes:,} simulated nodes (their calls over {bench_fleet.CONNECTIONS} connections), bursts of "
             f"{tasks:,} tasks from {pipeline.CLIENTS} clients (a connection each), {rounds} round(s); the pool as "
-            f"`hivemind-pool up` runs it here: {Settings(_env_file=None).grpc_processes} gRPC server process(es) "  # type: ignore[call-arg]
-            f"on one port, a Celery worker of {stage.CONCURRENCY} processes"
+            f"`hivemind-pool up` runs it here (gRPC server processes on one port: see the CPU lines below), "
+            f"a Celery worker of {stage.CONCURRENCY} processes"
         )
         short = (
             ""

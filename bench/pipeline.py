@@ -142,6 +142,7 @@ class Result:
     registration_s: float
     cpu: list[str]
     calls: rpc_floor.Calls
+    server_processes: int  # gRPC server processes on the pool's port, as `up` runs them here
 
 
 def run_backend(
@@ -173,13 +174,11 @@ def run_backend(
             pool_children = {
                 c.name: c for c in children(settings, flower=False, flower_port=0, concurrency=stage.CONCURRENCY)
             }
-            servers = [
-                stack.enter_context(process(c.argv, env, work / f"{name}.log"))
-                for name, c in pool_children.items()
-                if name.startswith("grpc")
-            ]
-            for server, name in zip(servers, [n for n in pool_children if n.startswith("grpc")], strict=True):
-                wait_serving(port, server, work / f"{name}.log")
+            servers = []
+            for name, c in pool_children.items():
+                if name.startswith("grpc"):
+                    servers.append(stack.enter_context(process(c.argv, env, work / f"{name}.log")))
+                    wait_serving(port, servers[-1], work / f"{name}.log")
             worker = stack.enter_context(process(pool_children["worker"].argv, env, work / "worker.log"))
             stack.enter_context(process(pool_children["beat"].argv, env, work / "beat.log"))
             noop = stack.enter_context(
@@ -266,6 +265,7 @@ def run_backend(
         upload_rate=Figure("uploads", "tasks/s", tuple(r.upload_rate for r in runs)),
         registration_s=registration,
         cpu=cpu_laps,
+        server_processes=len(servers),
         calls=rpc_floor.Calls(
             per_task={
                 **{m: n / (tasks * rounds) for m, n in sorted(served.items(), key=lambda kv: -kv[1]) if n},

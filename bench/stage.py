@@ -180,22 +180,31 @@ class CpuTimes:
         self.last = self._now()
 
     def _now(self) -> dict[str, float]:
-        totals = {}
-        for name, group in self.processes.items():
-            total = 0.0
-            for proc in group:
-                for p in [proc] if name == "bench" else [proc, *proc.children(recursive=True)]:
-                    with contextlib.suppress(psutil.Error):
-                        times = p.cpu_times()
-                        total += times.user + times.system
-            totals[name] = total
-        return totals
+        return {name: sum(map(_cpu_seconds, self._family(name, group))) for name, group in self.processes.items()}
+
+    @staticmethod
+    def _family(name: str, group: list[psutil.Process]) -> list[psutil.Process]:
+        if name == "bench":
+            return group
+        members = list(group)
+        for proc in group:
+            with contextlib.suppress(psutil.Error):
+                members += proc.children(recursive=True)
+        return members
 
     def lap(self) -> str:
         now = self._now()
         spent = {name: now[name] - self.last.get(name, 0.0) for name in now}
         self.last = now
         return ", ".join(f"{name} {seconds:.1f}" for name, seconds in spent.items())
+
+
+def _cpu_seconds(proc: psutil.Process) -> float:
+    try:
+        times = proc.cpu_times()
+    except psutil.Error:  # gone meanwhile
+        return 0.0
+    return float(times.user + times.system)
 
 
 def submitters(target: str, count: int) -> list[str]:
