@@ -59,8 +59,8 @@ async def _paced(target: str, rate: float, seconds: float) -> int:
             ahead = start + (i + 1) / rate - time.monotonic()
             if ahead > 0.002:
                 await asyncio.sleep(ahead)
-        while calls:
-            await asyncio.sleep(0.01)
+        if calls:
+            await asyncio.wait(set(calls))
         return answered
 
 
