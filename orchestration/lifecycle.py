@@ -82,11 +82,22 @@ class Lifecycle:
 
         The zip is written (durably) to a staging file first, outside the transaction; the
         transaction that inserts the task moves it into place, so neither a repeat nor an upload
-        that loses a race for the task id touches the stored zip.
+        that loses a race for the task id touches the stored zip. A large zip is checked while
+        it is written; a zip the check refuses is removed again.
         """
         request = uploads.validate(request, caller.username, self.settings)
         path = self.storage.task_zip(request.task_id)
-        return self._record_upload(caller, request, path, self.storage.stage(path, request.task_zip))
+        try:
+            staged = self.storage.stage(path, request.task_zip)
+        except BaseException:
+            request.checked()  # a refused zip says so, rather than what went wrong with storage
+            raise
+        try:
+            request.checked()
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        return self._record_upload(caller, request, path, staged)
 
     def upload_pieces(
         self, caller: Asker, request: uploads.UploadRequest, pieces: Iterable[bytes | memoryview]

@@ -52,6 +52,7 @@ class UploadRequest:
     max_minutes: int = 0
     zip_sha256: ZipDigest | None = None  # set by validate, or as a streamed zip is staged
     zip_size: int = 0  # likewise
+    zip_check: Future[None] | None = None  # a large zip's check, under way (see validate)
 
     @property
     def size(self) -> int:
@@ -59,6 +60,11 @@ class UploadRequest:
 
     def digest(self) -> str:
         return self.zip_sha256.hexdigest() if self.zip_sha256 else sha256(self.task_zip)
+
+    def checked(self) -> None:
+        """Wait for the zip's check, if it is still under way; raises what it found."""
+        if self.zip_check is not None:
+            self.zip_check.result()
 
 
 def prices(settings: Settings) -> PriceList:
@@ -103,11 +109,21 @@ def _clean(value: str, field: str) -> str:
 
 
 def validate(request: UploadRequest, caller: str, settings: Settings) -> UploadRequest:
-    """The request with a task id and defaults filled in, its zip checked and being hashed; the
-    errors of SPEC §2 otherwise."""
+    """The request with a task id and defaults filled in, its zip being checked and hashed; the
+    errors of SPEC §2 otherwise.
+
+    A large zip (within the size limit) is checked on a background thread, while it is written
+    to storage (the check reads every member, which is mostly CRC work that releases the GIL):
+    ``request.checked()`` waits for it and raises what it found. A small one is checked here.
+    """
     request = validate_fields(request, caller, settings)
-    check_zip(request.task_zip, limit=settings.MAX_FILE_SIZE, settings=settings, what="task_zip")
-    return replace(request, zip_size=len(request.task_zip), zip_sha256=ZipDigest.of(request.task_zip))
+    data, limit = request.task_zip, settings.MAX_FILE_SIZE
+    if len(data) < BACKGROUND_HASH_BYTES or len(data) > limit:
+        check_zip(data, limit=limit, settings=settings, what="task_zip")
+        check = None
+    else:
+        check = background().submit(check_zip, data, limit=limit, settings=settings, what="task_zip")
+    return replace(request, zip_size=len(data), zip_sha256=ZipDigest.of(data), zip_check=check)
 
 
 def validate_fields(request: UploadRequest, caller: str, settings: Settings) -> UploadRequest:
