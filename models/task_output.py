@@ -10,6 +10,7 @@ from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from models.tables import Task, TaskLog, TaskOutput, table_of
+from models.tasks import REPORTABLE
 
 TRUNCATION_MARKER = "[output truncated: the pool keeps at most {limit} lines per task]"
 _tasks = table_of(Task)
@@ -20,14 +21,24 @@ def storable(text: str) -> str:
     return text.replace("\x00", "\ufffd")
 
 
-_OUTPUT_COUNT = (
-    select(_tasks.c.output_lines, _tasks.c.output_truncated).where(_tasks.c.id == bindparam("pk")).with_for_update()
+_OUTPUT_COUNT = (  # of a task whose attempt is still the one reporting, and still takes reports
+    select(_tasks.c.output_lines, _tasks.c.output_truncated)
+    .where(
+        _tasks.c.id == bindparam("pk"),
+        _tasks.c.attempt == bindparam("b_attempt"),
+        _tasks.c.status.in_(sorted(REPORTABLE)),
+    )
+    .with_for_update()
 )
 
 
-def append_output(session: Session, task_pk: int, attempt: int, lines: list[str], *, max_lines: int) -> int:
-    """Append lines, keeping at most ``max_lines`` per task and marking the cut once. Lines kept."""
-    current, truncated = session.execute(_OUTPUT_COUNT, {"pk": task_pk}).one()
+def append_output(session: Session, task_pk: int, attempt: int, lines: list[str], *, max_lines: int) -> int | None:
+    """Append lines, keeping at most ``max_lines`` per task and marking the cut once. Lines kept;
+    None, writing nothing, when the task is no longer at ``attempt`` or takes no more reports."""
+    found = session.execute(_OUTPUT_COUNT, {"pk": task_pk, "b_attempt": attempt}).first()
+    if found is None:
+        return None
+    current, truncated = found
     room = max(0, max_lines - current)
     kept = [storable(line[:4000]) for line in lines[:room]]
     rows = [{"task_pk": task_pk, "attempt": attempt, "line": line} for line in kept]

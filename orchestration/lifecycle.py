@@ -219,7 +219,7 @@ class Lifecycle:
 
     def store_result(self, reporter: reports.Reporter, task_id: str, data: bytes) -> None:
         uploads.check_zip(data, limit=self.settings.MAX_RESULT_SIZE, settings=self.settings, what="result_zip")
-        reports.check_result_owner(self.db, reporter, task_id)
+        reports.authorized(self.db, reporter, task_id)
         self.storage.write(self.storage.result_zip(task_id), data)
 
     def complete(self, reporter: reports.Reporter, task_id: str, success: bool, message: str) -> str:

@@ -22,7 +22,7 @@ from models.tables import Task, table_of, utcnow
 from orchestration import economy
 from orchestration.storage import validate_task_id
 
-REPORTABLE = frozenset({tasks.ASSIGNED, tasks.RUNNING, tasks.STOPPING})
+REPORTABLE = tasks.REPORTABLE
 MAX_LOG_PAYLOAD = 1 << 20
 MAX_OUTPUT_PAYLOAD = 1 << 20
 
@@ -53,16 +53,34 @@ def authorize(session: Session, reporter: Reporter, task_id: str) -> tasks.TaskV
     return task
 
 
+def authorized(db: Database, reporter: Reporter, task_id: str) -> tasks.TaskView:
+    """:func:`authorize` on a read of its own, before a write that holds the attempt to it.
+
+    On SQLite the read then runs beside other processes' writes instead of inside the one write
+    transaction the database takes at a time; the write's own conditions (the same attempt, still
+    taking reports) decide, and :func:`moved_on` says why a write found them gone.
+    """
+    with db.reading() as session:
+        return authorize(session, reporter, task_id)
+
+
+def moved_on(db: Database, reporter: Reporter, task_id: str, read: tasks.TaskView) -> Refused:
+    """The refusal for a report whose task moved on between :func:`authorized` and its write."""
+    now = authorized(db, reporter, task_id)  # raises the refusal a report would get now
+    return Refused(f"report for attempt {read.attempt} refused: the current attempt is {now.attempt}")
+
+
 def store_output(db: Database, reporter: Reporter, task_id: str, output: str, *, max_lines: int) -> int:
     if len(output) > MAX_OUTPUT_PAYLOAD:
         raise InvalidArgument(f"output is over {MAX_OUTPUT_PAYLOAD} characters; send it in smaller pieces")
     lines = output.splitlines() or [""]
-
-    def work(session: Session) -> int:
-        task = authorize(session, reporter, task_id)
-        return task_output.append_output(session, task.pk, task.attempt, lines, max_lines=max_lines)
-
-    return db.transaction(work)
+    task = authorized(db, reporter, task_id)
+    kept = db.transaction(
+        lambda session: task_output.append_output(session, task.pk, task.attempt, lines, max_lines=max_lines)
+    )
+    if kept is None:
+        raise moved_on(db, reporter, task_id, task)
+    return kept
 
 
 def _seconds(value: object, default: float) -> float:
@@ -110,39 +128,43 @@ def store_logs(db: Database, reporter: Reporter, task_id: str, raw: str, timesta
     return db.transaction(work)
 
 
-def check_result_owner(db: Database, reporter: Reporter, task_id: str) -> tasks.TaskView:
-    with db.reading() as session:
-        return authorize(session, reporter, task_id)
-
-
 _tasks = table_of(Task)
-_RECORD_OUTCOME = (  # the first verdict wins
+_RECORD_OUTCOME = (  # the first verdict wins, while the attempt is the one reporting and on its node
     update(_tasks)
-    .where(_tasks.c.id == bindparam("pk"), _tasks.c.attempt == bindparam("b_attempt"), _tasks.c.reported_outcome == "")
+    .where(
+        _tasks.c.id == bindparam("pk"),
+        _tasks.c.attempt == bindparam("b_attempt"),
+        _tasks.c.reported_outcome == "",
+        _tasks.c.status.in_(sorted(tasks.ACTIVE)),
+    )
     .values(reported_outcome=bindparam("outcome"), message=bindparam("b_message"), updated_at=bindparam("now"))
 )
 
 
 def record_completion(db: Database, reporter: Reporter, task_id: str, success: bool, message: str) -> tuple[int, bool]:
-    """Remember the node's verdict (first one wins); (attempt, whether this call recorded it)."""
+    """Remember the node's verdict (first one wins); (attempt, whether this call recorded it).
 
-    def work(session: Session) -> tuple[int, bool]:
-        task = authorize(session, reporter, task_id)
-        if task.status == tasks.STOPPING:
-            return task.attempt, False
-        result = session.execute(
-            _RECORD_OUTCOME,
-            {
-                "pk": task.pk,
-                "b_attempt": task.attempt,
-                "outcome": "success" if success else "failure",
-                "b_message": task_output.storable(message[:500]),
-                "now": utcnow(),  # the recovery sweep leaves fresh reports to their archival job
-            },
-        )
-        return task.attempt, result.rowcount == 1  # type: ignore[attr-defined]
+    A task being stopped keeps no verdict: the stop decides its end."""
+    task = authorized(db, reporter, task_id)
+    if task.status == tasks.STOPPING:
+        return task.attempt, False
+    values = {
+        "pk": task.pk,
+        "b_attempt": task.attempt,
+        "outcome": "success" if success else "failure",
+        "b_message": task_output.storable(message[:500]),
+        "now": utcnow(),  # the recovery sweep leaves fresh reports to their archival job
+    }
 
-    return db.transaction(work)
+    def work(session: Session) -> bool:
+        return session.execute(_RECORD_OUTCOME, values).rowcount == 1  # type: ignore[attr-defined]
+
+    if db.transaction(work):
+        return task.attempt, True
+    now = authorized(db, reporter, task_id)  # not recorded: why?
+    if now.attempt != task.attempt:
+        raise moved_on(db, reporter, task_id, task)
+    return task.attempt, False  # a verdict was recorded first, or the task is being stopped
 
 
 def record_usage(

@@ -13,7 +13,7 @@ import pytest
 from protos import nodepool_pb2 as pb
 from tests.harness import PoolHarness, bearer
 from tests.scripted_worker import Script, ScriptedWorker
-from tests.tasks_support import FAST, code_of, task_zip, upload, wait_status
+from tests.tasks_support import FAST, code_of, poll, task_zip, upload, wait_status
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -183,3 +183,54 @@ def test_execute_is_not_served_by_the_pool(sqlite_pool: PoolHarness) -> None:
     assert code_of(sqlite_pool.worker_side.ExecuteTask, request, metadata=bearer(token)) == (
         grpc.StatusCode.UNIMPLEMENTED
     )
+
+
+@pytest.mark.parametrize("moves", ["to its next attempt", "to its end"])
+def test_a_report_whose_task_moves_on_after_its_check_is_refused_and_writes_nothing(
+    make_pool, sqlite_url: str, celery_worker_for, monkeypatch: pytest.MonkeyPatch, moves: str
+) -> None:
+    """A node's report is checked on a read of its own, before its write; the write holds it to
+    the attempt that read found live, so a task moved on in between takes nothing from it."""
+    import sqlalchemy as sa
+
+    from models import tasks
+    from models.tables import Task
+    from orchestration import reports
+
+    pool = make_pool(database_url=sqlite_url, **FAST)
+    celery_worker_for(pool)
+    worker = ScriptedWorker(pool, script=Script(mode="hold"))
+    _, owner_token = pool.new_user()
+    try:
+        task_id = upload(pool, owner_token)
+        before = wait_status(pool, owner_token, task_id, "RUNNING")
+        checked = reports.authorized
+        change = {"attempt": Task.attempt + 1} if moves == "to its next attempt" else {"status": tasks.FAILED}
+        restore = {"attempt": 1} if moves == "to its next attempt" else {"status": before.status}
+
+        def set_task(**values: object) -> None:
+            statement = sa.update(Task).where(Task.task_id == task_id).values(**values)
+            pool.ctx.db.transaction(lambda s: s.execute(statement))
+
+        def then_moved_on(db, reporter, task_id):  # type: ignore[no-untyped-def]
+            view = checked(db, reporter, task_id)
+            if view.attempt == 1 and view.status in tasks.ACTIVE:  # only the first, stale look
+                set_task(**change)
+            return view
+
+        for call, request in [
+            (pool.master.StoreOutput, pb.StoreOutputRequest(task_id=task_id, output="late line")),
+            (pool.master.TaskCompleted, pb.TaskCompletedRequest(task_id=task_id, success=True)),
+        ]:
+            monkeypatch.setattr(reports, "authorized", then_moved_on)
+            reply = call(request, metadata=bearer(worker.token))
+            monkeypatch.setattr(reports, "authorized", checked)
+            assert not reply.success, reply.message
+            assert ("attempt" if moves == "to its next attempt" else "FAILED") in reply.message
+            with pool.ctx.db.reading() as session:
+                row = tasks.get(session, task_id)
+            assert row is not None and row.reported_outcome == ""
+            assert "late line" not in poll(pool, owner_token, task_id).output
+            set_task(**restore)  # back as it was, for the next report
+    finally:
+        worker.close()
