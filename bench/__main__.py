@@ -228,7 +228,8 @@ def main() -> None:
             f"{nodes:,} simulated nodes (their calls over {bench_fleet.CONNECTIONS} connections), bursts of "
             f"{tasks:,} tasks from {pipeline.CLIENTS} clients (a connection each), {rounds} round(s); the pool as "
             f"`hivemind-pool up` runs it here (gRPC server processes on one port: see the CPU lines below), "
-            f"a Celery worker of {stage.CONCURRENCY} processes"
+            f"its matcher (one process) and a Celery worker of {stage.CONCURRENCY} for the other queues; "
+            f"the no-op baseline's worker has {stage.JOB_PROCESSES}"
         )
         short = (
             ""

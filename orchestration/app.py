@@ -10,6 +10,7 @@ from kombu import Queue
 from pool.settings import Settings
 
 QUEUES = ("scheduling", "dispatch", "maintenance", "archival")
+MATCHING_QUEUE = "scheduling"  # one matching job at a time; `up` gives it a worker of its own
 
 # Job names are "pool.<queue>.<what>"; the queue is the second part.
 ROUTES = {f"pool.{queue}.*": {"queue": queue} for queue in QUEUES}

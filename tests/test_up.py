@@ -16,6 +16,7 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from orchestration.app import MATCHING_QUEUE, QUEUES
 from pool.settings import Settings
 from pool.up import children
 from protos import nodepool_pb2 as pb
@@ -66,7 +67,7 @@ def test_up_runs_the_pool_on_embedded_defaults_and_stops_cleanly(tmp_path: Path,
     try:
         family = psutil.Process(up.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in family)
-        assert "redis-server" in names and "worker" in names and "beat" in names
+        assert "redis-server" in names and "pool-worker@" in names and "pool-matcher@" in names and "beat" in names
         assert (tmp_path / "data" / "pool.db").exists(), "SQLite under ./data by default"
 
         channel = grpc.insecure_channel(f"127.0.0.1:{unused_port}")
@@ -109,6 +110,14 @@ def test_up_runs_one_grpc_process_per_core_unless_told(configured: dict, port: i
     assert len({c.name for c in grpc_children}) == expected
     if expected > 1:
         assert [c.argv[c.argv.index("--replica") + 1] for c in grpc_children] == [str(n) for n in range(expected)]
+
+
+def test_up_gives_matching_a_worker_of_one_process_and_the_other_queues_another() -> None:
+    found = {c.name: c.argv for c in children(Settings(_env_file=None), flower=False, flower_port=0, concurrency=5)}  # type: ignore[call-arg]
+    served = {name: argv[argv.index("-Q") + 1].split(",") for name, argv in found.items() if "-Q" in argv}
+    assert served == {"matcher": [MATCHING_QUEUE], "worker": [q for q in QUEUES if q != MATCHING_QUEUE]}
+    processes = {name: argv[argv.index("-c") + 1] for name, argv in found.items() if name in served}
+    assert processes == {"matcher": "1", "worker": "5"}
 
 
 def _metrics(port: int) -> str:
