@@ -91,7 +91,7 @@ def pipeline_lines(results: list[pipeline.Result]) -> list[str]:
     lines += [
         "",
         "CPU seconds per process in each burst round (the pool's gRPC server processes together, its "
-        "Celery worker, the fleet, the baseline's no-op worker, the benchmark's clients):",
+        "matcher, its Celery worker, the fleet, the baseline's no-op worker, the benchmark's clients):",
         "",
     ]
     for r in results:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from api.context import PoolContext, build_context
 from api.server import create_server
 from models import schema
 from pool.settings import Settings
+from pool.up import celery_worker
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
 
@@ -121,23 +121,7 @@ class CeleryWorker:
         self.log_path = Path(harness.settings.DATA_DIR) / f"{name}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **harness.env, "PYTHONUNBUFFERED": "1"}
-        argv = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "orchestration",
-            "worker",
-            "-Q",
-            queues,
-            "-c",
-            str(concurrency),
-            "-n",
-            f"{name}@%h",
-            "--loglevel=INFO",
-            "--without-mingle",
-            "--without-gossip",
-        ]
+        argv = [*celery_worker(name, queues.split(","), concurrency), "--without-mingle", "--without-gossip"]
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             argv, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
