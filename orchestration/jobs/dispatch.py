@@ -16,19 +16,16 @@ from orchestration.runtime import runtime
 log = logging.getLogger(__name__)
 
 
-def _mark_running(db: Database, accepted: dict[tuple[str, int], str]) -> None:
-    """ASSIGNED → RUNNING for every accepted (task, attempt), in one transaction of a few statements."""
+def _mark_running(db: Database, accepted: list[tuple[tasks.TaskView, int, str]]) -> None:
+    """ASSIGNED → RUNNING for every accepted (task as dispatched, attempt, reason), in one
+    transaction of three statements: the lock re-reads each task's status and attempt, so the
+    tasks are not read again (one that moved on meanwhile is left as it is)."""
     if not accepted:
         return
+    started = utcnow()
+    moves = [tasks.Move(task, attempt, reason, values={"started_at": started}) for task, attempt, reason in accepted]
 
     def work(session: Session) -> None:
-        started = utcnow()
-        views = {view.task_id: view for view in tasks.get_many(session, [task_id for task_id, _ in accepted])}
-        moves = [
-            tasks.Move(views[task_id], attempt, reason, values={"started_at": started})
-            for (task_id, attempt), reason in accepted.items()
-            if task_id in views
-        ]
         tasks.transition_many(session, moves, to=tasks.RUNNING, expected={tasks.ASSIGNED})
 
     db.transaction(work)
@@ -37,7 +34,11 @@ def _mark_running(db: Database, accepted: dict[tuple[str, int], str]) -> None:
 def _dispatch(self: Task, attempts: list[tuple[str, int]]) -> dict[tuple[str, int], dispatcher.Outcome]:
     rt = runtime(self.app)
     results = dispatcher.execute_many(rt.db, rt.lifecycle.storage, rt.signer, rt.channels, rt.settings, attempts)
-    accepted = {key: f"accepted by node: {o.reason}" for key, o in results.items() if o.accepted}
+    accepted = [
+        (o.task, attempt, f"accepted by node: {o.reason}")
+        for (_, attempt), o in results.items()
+        if o.accepted and o.task is not None
+    ]
     _mark_running(rt.db, accepted)
     retry = False
     refused = {key: o for key, o in results.items() if not o.accepted and not o.stale}
