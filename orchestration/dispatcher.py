@@ -55,7 +55,7 @@ class Outcome:
     accepted: bool
     reason: str
     stale: bool = False  # the task moved on; nothing to do
-    task: tasks.TaskView | None = None  # as read before the call, when it was sent
+    task: tasks.TaskView | None = None  # an accepted task, as read before the call
 
 
 def execute(
@@ -120,16 +120,15 @@ def execute_many(
             request, metadata=[("authorization", f"Bearer {token}")], timeout=settings.DISPATCH_TIMEOUT
         )
     for key, call in calls.items():
-        sent = views[key[0]]
         try:
             reply = call.result()
         except grpc.RpcError as error:
-            outcomes[key] = Outcome(False, f"node unreachable ({error.code().name})", task=sent)  # type: ignore[attr-defined]
+            outcomes[key] = Outcome(False, f"node unreachable ({error.code().name})")  # type: ignore[attr-defined]
             continue
         if not reply.success:
-            outcomes[key] = Outcome(False, f"node refused: {said(reply.message)}", task=sent)
+            outcomes[key] = Outcome(False, f"node refused: {said(reply.message)}")
         else:
-            outcomes[key] = Outcome(True, said(reply.message) or "accepted", task=sent)
+            outcomes[key] = Outcome(True, said(reply.message) or "accepted", task=views[key[0]])
     return outcomes
 
 

@@ -22,7 +22,6 @@ from models.tables import Task, table_of, utcnow
 from orchestration import economy
 from orchestration.storage import validate_task_id
 
-REPORTABLE = tasks.REPORTABLE
 MAX_LOG_PAYLOAD = 1 << 20
 MAX_OUTPUT_PAYLOAD = 1 << 20
 
@@ -48,7 +47,7 @@ def authorize(session: Session, reporter: Reporter, task_id: str) -> tasks.TaskV
         raise PermissionDenied(f"task {task_id} is not assigned to node {reporter.node_id}")
     if reporter.attempt and reporter.attempt != task.attempt:
         raise Refused(f"report for attempt {reporter.attempt} refused: the current attempt is {task.attempt}")
-    if task.status not in REPORTABLE:
+    if task.status not in tasks.REPORTABLE:
         raise Refused(f"task {task_id} is {task.status}; it takes no more reports")
     return task
 
@@ -58,15 +57,16 @@ def authorized(db: Database, reporter: Reporter, task_id: str) -> tasks.TaskView
 
     On SQLite the read then runs beside other processes' writes instead of inside the one write
     transaction the database takes at a time; the write's own conditions (the same attempt, still
-    taking reports) decide, and :func:`moved_on` says why a write found them gone.
+    taking reports) decide, and a second look says why a write found them gone (:func:`moved_on`).
     """
     with db.reading() as session:
         return authorize(session, reporter, task_id)
 
 
-def moved_on(db: Database, reporter: Reporter, task_id: str, read: tasks.TaskView) -> Refused:
-    """The refusal for a report whose task moved on between :func:`authorized` and its write."""
-    now = authorized(db, reporter, task_id)  # raises the refusal a report would get now
+def moved_on(read: tasks.TaskView, now: tasks.TaskView) -> Refused:
+    """The refusal for a report whose task moved on to attempt ``now`` after :func:`authorized`
+    found it at ``read`` (a report of a task that takes no more reports is refused by
+    :func:`authorized` itself)."""
     return Refused(f"report for attempt {read.attempt} refused: the current attempt is {now.attempt}")
 
 
@@ -79,7 +79,7 @@ def store_output(db: Database, reporter: Reporter, task_id: str, output: str, *,
         lambda session: task_output.append_output(session, task.pk, task.attempt, lines, max_lines=max_lines)
     )
     if kept is None:
-        raise moved_on(db, reporter, task_id, task)
+        raise moved_on(task, authorized(db, reporter, task_id))
     return kept
 
 
@@ -163,7 +163,7 @@ def record_completion(db: Database, reporter: Reporter, task_id: str, success: b
         return task.attempt, True
     now = authorized(db, reporter, task_id)  # not recorded: why?
     if now.attempt != task.attempt:
-        raise moved_on(db, reporter, task_id, task)
+        raise moved_on(task, now)
     return task.attempt, False  # a verdict was recorded first, or the task is being stopped
 
 

@@ -9,7 +9,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+import sqlalchemy as sa
 
+from models import tasks
+from models.tables import Task
+from orchestration import reports
 from protos import nodepool_pb2 as pb
 from tests.harness import PoolHarness, bearer
 from tests.scripted_worker import Script, ScriptedWorker
@@ -191,12 +195,6 @@ def test_a_report_whose_task_moves_on_after_its_check_is_refused_and_writes_noth
 ) -> None:
     """A node's report is checked on a read of its own, before its write; the write holds it to
     the attempt that read found live, so a task moved on in between takes nothing from it."""
-    import sqlalchemy as sa
-
-    from models import tasks
-    from models.tables import Task
-    from orchestration import reports
-
     pool = make_pool(database_url=sqlite_url, **FAST)
     celery_worker_for(pool)
     worker = ScriptedWorker(pool, script=Script(mode="hold"))
