@@ -19,6 +19,7 @@ from pathlib import Path
 from bench import bench_matching, heartbeats, pipeline, stage, upload
 from bench import fleet as bench_fleet
 from bench.common import REPO, Comparison, Figure, machine
+from bench.rounds import CLIENTS
 from pool.embedded_redis import EmbeddedRedis
 
 ALL = ("matching", "heartbeats", "upload", "pipeline")
@@ -226,7 +227,7 @@ def main() -> None:
         rounds = int(os.environ.get("BENCH_PIPELINE_ROUNDS", 2))
         size = (
             f"{nodes:,} simulated nodes (their calls over {bench_fleet.CONNECTIONS} connections), bursts of "
-            f"{tasks:,} tasks from {pipeline.CLIENTS} clients (a connection each), {rounds} round(s); the pool as "
+            f"{tasks:,} tasks from {CLIENTS} clients (a connection each), {rounds} round(s); the pool as "
             f"`hivemind-pool up` runs it here (gRPC server processes on one port: see the CPU lines below), "
             f"its matcher (one process) and a Celery worker of {stage.CONCURRENCY} for the other queues; "
             f"the no-op baseline's worker has {stage.JOB_PROCESSES}"
