@@ -21,6 +21,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.errors import Unavailable
+from models.write_group import WriteGroups
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -155,6 +156,7 @@ class Database:
         self._writer = create_db_engine(url, pool_size=1, max_overflow=0) if self.is_sqlite else self.engine
         self._write = sessionmaker(self._writer, expire_on_commit=False)
         self._read = sessionmaker(read_engine, expire_on_commit=False)
+        self._groups = WriteGroups(self.transaction)
 
     @contextmanager
     def reading(self) -> Iterator[Session]:
@@ -166,13 +168,21 @@ class Database:
         except OperationalError as error:
             raise Unavailable("the database is unavailable; try again shortly") from error
 
-    def transaction(self, work: Callable[[Session], T], *, attempts: int = 5) -> T:
+    def transaction(self, work: Callable[[Session], T], *, attempts: int = 5, grouped: bool = False) -> T:
         """Run ``work(session)`` in one write transaction and commit it.
 
         Deadlocks and serialisation failures are retried with a short backoff; ``work`` must
         therefore be safe to run again (it only touches the database). Domain errors raised by
         ``work`` roll the transaction back and propagate unchanged.
+
+        ``grouped``: on SQLite, ``work`` may share its transaction with the works other threads of
+        this process ask for at the same time (:mod:`models.write_group`), for the short writes a
+        busy server makes per call. PostgreSQL runs concurrent transactions side by side instead
+        (and there a group would lock rows, such as its uploaders' balances, in an order that
+        another process's group need not share: a deadlock, found after a second).
         """
+        if grouped and self.is_sqlite:
+            return self._groups.run(work)
         for attempt in range(1, attempts + 1):
             try:
                 with self._write() as session, session.begin():

@@ -131,8 +131,12 @@ class Lifecycle:
                 placed = True
             return owner_id
 
+        # Grouped with other uploads of this process (SQLite): should its group roll back, the work
+        # runs again alone. The zip was put in place while this transaction held the one writer
+        # and its insert had succeeded, so no committed task owned that path; a run again finds
+        # it placed, and an upload of the same id committed in between replaced it with its own.
         try:
-            owner_id = self.db.transaction(work)
+            owner_id = self.db.transaction(work, grouped=True)
         except IntegrityError:  # the task id exists: a repeat of this upload, or another one?
             with self.db.reading() as session:
                 existing = tasks.get(session, request.task_id)

@@ -76,7 +76,8 @@ def store_output(db: Database, reporter: Reporter, task_id: str, output: str, *,
     lines = output.splitlines() or [""]
     task = authorized(db, reporter, task_id)
     kept = db.transaction(
-        lambda session: task_output.append_output(session, task.pk, task.attempt, lines, max_lines=max_lines)
+        lambda session: task_output.append_output(session, task.pk, task.attempt, lines, max_lines=max_lines),
+        grouped=True,
     )
     if kept is None:
         raise moved_on(task, authorized(db, reporter, task_id))
@@ -159,7 +160,7 @@ def record_completion(db: Database, reporter: Reporter, task_id: str, success: b
     def work(session: Session) -> bool:
         return session.execute(_RECORD_OUTCOME, values).rowcount == 1  # type: ignore[attr-defined]
 
-    if db.transaction(work):
+    if db.transaction(work, grouped=True):
         return task.attempt, True
     now = authorized(db, reporter, task_id)  # not recorded: why?
     if now.attempt != task.attempt:
