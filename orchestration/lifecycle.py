@@ -155,6 +155,7 @@ class Lifecycle:
         if owner_id == caller.user_id:  # accounts are never deleted: no need to look this one up again
             self._accounts_seen.add((caller.username.lower(), caller.user_id))
         self.request_matching()
+        uploads.log_uploaded(request, caller.username, self.settings)
         return request.task_id, True
 
     def owned(self, session: Session, caller: Asker, task_id: str) -> tasks.TaskView:

@@ -196,12 +196,17 @@ def insert(
     economy.escrow(
         session, task_pk=pk, task_id=request.task_id, owner_id=owner_id, amount=per_minute * request.max_minutes
     )
+    return owner_id
+
+
+def log_uploaded(request: UploadRequest, caller: str, settings: Settings) -> None:
+    """The upload's log line, once its transaction has committed (a transaction that is run
+    again, or that fails, logs nothing twice or wrongly)."""
     log.info(
         "task %s uploaded by %s (%d CPT/min, %d bytes)",
         request.task_id,
         caller,
-        per_minute,
+        price_per_minute(request.needs, prices(settings)),
         request.size,
         extra={"event": "task_uploaded", "task_id": request.task_id},
     )
-    return owner_id

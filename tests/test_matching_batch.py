@@ -54,3 +54,26 @@ def test_tasks_whose_first_choice_went_stale_are_placed_on_the_next(make_pool, d
     assert on == {catalog.pks[f"{owner}/fresh"]}
     assert nodes[f"{owner}/stale"] == (0, 0)  # nothing held on it, nothing given back
     assert nodes[f"{owner}/fresh"] == (16 - TASKS, TASKS)
+
+
+def test_a_batch_is_handed_to_dispatch_once_committed_and_before_its_log_lines(make_pool, caplog) -> None:
+    pool = make_pool()
+    owner, token = pool.new_user()
+    reply = pool.nodes.RegisterWorkerNode(node_request(f"{owner}/n"), metadata=bearer(token))
+    assert reply.success, reply.message
+    _, submitter = pool.new_user()
+    ids = {upload(pool, submitter) for _ in range(3)}
+    db, seen = pool.ctx.db, {}
+
+    def dispatch(attempts: list[tuple[str, int]]) -> None:
+        with db.reading() as session:  # committed: another process's dispatch job would see them
+            rows = session.execute(sa.select(Allocation.task_id, Allocation.attempt).where(Allocation.task_id.in_(ids)))
+            seen["committed"] = set(map(tuple, rows))
+        seen["attempts"] = set(attempts)
+        seen["logged first"] = [r.getMessage() for r in caplog.records if "assigned to node" in r.getMessage()]
+
+    with caplog.at_level("INFO", logger="orchestration.scheduler"):
+        placed = scheduler.match_pending(db, NodeCatalog(), pool.settings, rng=random.Random(5), placed_then=dispatch)
+    assert seen["attempts"] == set(placed) == seen["committed"] == {(task_id, 1) for task_id in ids}
+    assert seen["logged first"] == []
+    assert sum("assigned to node" in r.getMessage() for r in caplog.records) == 3

@@ -16,11 +16,14 @@ def match(self: Task) -> int:
     matching = rt.lifecycle.matching
     matching.started()
     placed: list[tuple[str, int]] = []
+    size = rt.settings.DISPATCH_BATCH
+
+    def dispatch(attempts: list[tuple[str, int]]) -> None:
+        for start in range(0, len(attempts), size):
+            rt.lifecycle.jobs.send(DISPATCH_MANY, attempts[start : start + size])
+
     try:
-        placed = scheduler.match_pending(rt.db, rt.catalog, rt.settings, rng=rt.rng)
-        size = rt.settings.DISPATCH_BATCH
-        for start in range(0, len(placed), size):
-            rt.lifecycle.jobs.send(DISPATCH_MANY, placed[start : start + size])
+        placed = scheduler.match_pending(rt.db, rt.catalog, rt.settings, rng=rt.rng, placed_then=dispatch)
     finally:
         matching.finished(more=len(placed) >= rt.settings.MATCH_BATCH)  # a full batch: more may be waiting
     return len(placed)
