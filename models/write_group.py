@@ -10,9 +10,11 @@ the works of every thread waiting behind it, and each of them is answered when t
 
 A work that raises rolls back its whole group, whose works are then run again one by one, each
 in a transaction of its own: each caller sees its own result or its own error, exactly as
-without a group. Works must therefore be safe to run again (as for
-:meth:`models.db.Database.transaction`, which retries them) and must not depend on the thread
-they run on.
+without a group. When the database itself is unavailable (busy past its timeout, or gone), every
+caller of the group is told so at once, rather than after one wait for each of them.
+
+A work may thus run twice, as :meth:`models.db.Database.transaction` may retry it: it must be safe
+to run again, and must not depend on the thread it runs on.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy.orm import Session
+
+from models.errors import Unavailable
 
 T = TypeVar("T")
 LIMIT = 64  # works in one transaction at most: the writer is not held for long by one group
@@ -75,6 +79,11 @@ class WriteGroups:
             if len(group) > 1:
                 try:
                     results = self._transaction(lambda session: [write.work(session) for write in group])
+                except Unavailable as error:  # the database's, not one write's: each caller is told at once
+                    for write in group:
+                        write.error, write.done = Unavailable(str(error)), True
+                        write.error.__cause__ = error
+                    return
                 except Exception:  # whose error it was is found by running them one by one
                     pass
                 else:

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from models.db import Database
-from models.errors import Refused
+from models.errors import Refused, Unavailable
 
 
 @pytest.fixture
@@ -112,6 +112,25 @@ def test_a_failing_write_is_refused_alone_and_the_rest_of_its_group_commits(db: 
     assert _notes(db) == [0, 1, 2, 3, 4]
     # the slow write; the group of six rolled back (it counted nothing); then each alone, four committed
     assert sizes == [-1] * 5
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_when_the_database_is_unavailable_the_whole_group_is_told_at_once(db: Database) -> None:
+    tries: list[int] = []
+    plain = db.transaction
+
+    def transaction(work: Callable[[Session], Any]) -> Any:
+        tries.append(1)
+        if len(tries) > 1:  # the slow write went through; then the writer stays busy past its timeout
+            raise Unavailable("the database is busy or unavailable; try again shortly")
+        return plain(work)
+
+    db._groups._transaction = transaction
+    answers = _queue_behind_a_slow_write(db, [_note(n) for n in range(1, 6)])
+    assert all(isinstance(answer, Unavailable) and "busy" in str(answer) for answer in answers)
+    assert len({id(answer) for answer in answers}) == 5  # each caller raises an error of its own
+    assert len(tries) == 2  # the slow write, then the group: not one more wait for each of its writes
+    assert _notes(db) == [0]
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
