@@ -133,8 +133,9 @@ class Lifecycle:
 
         # Grouped with other uploads of this process (SQLite): should its group roll back, the work
         # runs again alone. The zip was put in place while this transaction held the one writer
-        # and its insert had succeeded, so no committed task owned that path; a run again finds
-        # it placed, and an upload of the same id committed in between replaced it with its own.
+        # and its insert had succeeded, so no committed task owned that path; run again, the work
+        # finds the zip placed already, and an upload of the same id committed in between has
+        # replaced it with its own (this one's insert then fails as a clash).
         try:
             owner_id = self.db.transaction(work, grouped=True)
         except IntegrityError:  # the task id exists: a repeat of this upload, or another one?
