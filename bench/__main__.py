@@ -13,12 +13,11 @@ import datetime
 import itertools
 import os
 import statistics
-import tempfile
 from pathlib import Path
 
 from bench import bench_matching, heartbeats, pipeline, stage, upload
 from bench import fleet as bench_fleet
-from bench.common import REPO, Comparison, Figure, machine
+from bench.common import REPO, Comparison, Figure, machine, scratch
 from bench.rounds import CLIENTS
 from pool.embedded_redis import EmbeddedRedis
 
@@ -173,7 +172,6 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     sections: list[str] = []
     comparisons: list[tuple[Comparison, float | str | None]] = []
-    work = Path(tempfile.mkdtemp(prefix="hm-bench-"))
     pending = list(names)
 
     def done(name: str) -> None:
@@ -186,7 +184,7 @@ def main() -> None:
         sections += ["## Matching (pure policy and index)", "", *matching(3 if not args.quick else 1, sizes), ""]
         done("matching")
     if "heartbeats" in names or "upload" in names:
-        with EmbeddedRedis(work / "redis") as redis_server:
+        with scratch("hm-bench-") as work, EmbeddedRedis(work / "redis") as redis_server:
             if "heartbeats" in names:
                 print("heartbeats: ReportStatus calls/s against a bare grpcio echo server", flush=True)
                 found = heartbeats.run(redis_server.url, nodes=10_000 // scale, rounds=5)

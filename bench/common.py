@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,12 +77,15 @@ class Comparison:
 
     @property
     def ratio(self) -> float:
-        return self.ours.median / self.raw.median
+        """ours / raw; NaN when the baseline's median is zero (a memory growth can be), which no
+        ratio target meets."""
+        return self.ours.median / self.raw.median if self.raw.median else math.nan
 
     def row(self) -> str:
+        ratio = "–" if math.isnan(self.ratio) else f"{self.ratio:.2f}×"
         return (
             f"| {self.title} | {self.ours.median:.4g} {self.ours.unit} ({self.ours.spread}) | "
-            f"{self.raw.median:.4g} {self.raw.unit} ({self.raw.spread}) | {self.ratio:.2f}× | {self.target} |"
+            f"{self.raw.median:.4g} {self.raw.unit} ({self.raw.spread}) | {ratio} | {self.target} |"
         )
 
 
@@ -153,3 +159,19 @@ def machine() -> dict[str, str]:
         "sqlalchemy": sqlalchemy.__version__,
         "os": platform.platform(),
     }
+
+
+@contextmanager
+def scratch(prefix: str) -> Iterator[Path]:
+    """A new folder for a benchmark's files (its databases, logs, zips), removed afterwards. Kept,
+    and named on stderr, when the benchmark fails or the environment sets BENCH_KEEP=1."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield work
+    except BaseException:
+        print(f"the benchmark's files are kept in {work}", file=sys.stderr)
+        raise
+    if os.environ.get("BENCH_KEEP"):
+        print(f"the benchmark's files are kept in {work}", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)

@@ -7,13 +7,12 @@ them in alternating rounds.
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 from sqlalchemy import insert
 
 from api.tokens import TokenCodec
-from bench.common import SECRET, Comparison, Figure, free_port, pool_env, process, wait_serving
+from bench.common import SECRET, Comparison, Figure, free_port, pool_env, process, scratch, wait_serving
 from bench.load import rate
 from models import schema
 from models.db import Database
@@ -58,7 +57,11 @@ def seed_nodes(db: Database, count: int) -> list[tuple[str, str]]:
 
 
 def run(redis_url: str, *, nodes: int = 10_000, rounds: int = 5, seconds: float = 4.0) -> Comparison:
-    work = Path(tempfile.mkdtemp(prefix="hm-bench-hb-"))
+    with scratch("hm-bench-hb-") as work:
+        return _run(work, redis_url, nodes, rounds, seconds)
+
+
+def _run(work: Path, redis_url: str, nodes: int, rounds: int, seconds: float) -> Comparison:
     db_url = f"sqlite:///{work / 'pool.db'}"
     db = Database(db_url)
     schema.upgrade(db.engine)

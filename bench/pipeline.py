@@ -26,7 +26,6 @@ import os
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 from sqlalchemy import create_engine
 
 from bench import rpc_floor, stage
-from bench.common import Comparison, Figure, free_port, free_ports, pool_env, process, wait_serving
+from bench.common import Comparison, Figure, free_port, free_ports, pool_env, process, scratch, wait_serving
 from bench.rounds import CLIENTS, pipeline_round
 from pool.settings import Settings
 from pool.up import children
@@ -63,8 +62,10 @@ def run_backend(
     kind: str, *, nodes: int = 10_000, tasks: int = 5_000, rounds: int = 3, progress: object = print
 ) -> Result:
     say = progress if callable(progress) else print
-    work = Path(tempfile.mkdtemp(prefix="hm-bench-pipeline-"))
-    with (stage.embedded if kind == "embedded" else stage.postgres)(work) as backend:
+    with (
+        scratch("hm-bench-pipeline-") as work,
+        (stage.embedded if kind == "embedded" else stage.postgres)(work) as backend,
+    ):
         tokens = stage.seed_accounts(backend.database_url, "bn", nodes)
         (work / "tokens.json").write_text(json.dumps(tokens))
         settings = Settings(_env_file=None, DATA_DIR=work)  # type: ignore[call-arg]

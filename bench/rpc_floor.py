@@ -19,7 +19,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ from pathlib import Path
 import grpc
 import psutil
 
-from bench.common import REPO, Figure, free_port, pool_env, process, wait_serving
+from bench.common import REPO, Figure, free_port, pool_env, process, scratch, wait_serving
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
 
@@ -66,7 +65,11 @@ async def _paced(target: str, rate: float, seconds: float) -> int:
 
 def cpu_per_call(rate: float, seconds: float = 4.0) -> float:
     """Microseconds of CPU (client and server processes) per bare unary call at ``rate`` calls/s."""
-    work = Path(tempfile.mkdtemp(prefix="hm-bench-floor-"))
+    with scratch("hm-bench-floor-") as work:
+        return _cpu_per_call(work, rate, seconds)
+
+
+def _cpu_per_call(work: Path, rate: float, seconds: float) -> float:
     port = free_port()
     env = pool_env(work, "redis://127.0.0.1:1/0")  # the echo server reads its options only
     with process([sys.executable, "-m", "bench.echo_server", str(port)], env, work / "echo.log") as echo:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.common import Comparison, Figure, free_port, pool_env, process, wait_serving
+from bench.common import Comparison, Figure, free_port, pool_env, process, scratch, wait_serving
 from cli.client import UPLOAD_PIECE as PIECE  # bytes per UploadTaskStream message, as the CLI sends them
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
@@ -119,11 +118,8 @@ class Uploader:
 
 
 def run(redis_url: str, *, rounds: int = 5) -> list[Comparison]:
-    work = Path(tempfile.mkdtemp(prefix="hm-bench-upload-"))
-    try:
+    with scratch("hm-bench-upload-") as work:
         return _run(work, redis_url, rounds)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _run(work: Path, redis_url: str, rounds: int) -> list[Comparison]:
