@@ -21,15 +21,15 @@ def storable(text: str) -> str:
     return text.replace("\x00", "\ufffd")
 
 
-_OUTPUT_COUNT = (  # of a task whose attempt is still the one reporting, and still takes reports
-    select(_tasks.c.output_lines, _tasks.c.output_truncated)
-    .where(
-        _tasks.c.id == bindparam("pk"),
-        _tasks.c.attempt == bindparam("b_attempt"),
-        _tasks.c.status.in_(sorted(REPORTABLE)),
-    )
-    .with_for_update()
+# The task, while its attempt is still the one reporting and it still takes reports; locked, so
+# that one report at a time counts what it may add.
+_LIVE = (
+    _tasks.c.id == bindparam("pk"),
+    _tasks.c.attempt == bindparam("b_attempt"),
+    _tasks.c.status.in_(sorted(REPORTABLE)),
 )
+_OUTPUT_COUNT = select(_tasks.c.output_lines, _tasks.c.output_truncated).where(*_LIVE).with_for_update()
+_LIVE_TASK = select(_tasks.c.id).where(*_LIVE).with_for_update()
 
 
 def append_output(session: Session, task_pk: int, attempt: int, lines: list[str], *, max_lines: int) -> int | None:
@@ -65,7 +65,11 @@ def output(session: Session, task_pk: int) -> list[str]:
 
 def append_logs(
     session: Session, task_pk: int, attempt: int, records: list[tuple[float, str, str]], *, max_records: int
-) -> int:
+) -> int | None:
+    """Append log records, keeping at most ``max_records`` per task. Records kept; None, writing
+    nothing, when the task is no longer at ``attempt`` or takes no more reports."""
+    if session.execute(_LIVE_TASK, {"pk": task_pk, "b_attempt": attempt}).first() is None:
+        return None
     count = session.scalar(select(func.count()).select_from(TaskLog).where(TaskLog.task_pk == task_pk)) or 0
     kept = records[: max(0, max_records - count)]
     session.add_all(

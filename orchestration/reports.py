@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -70,18 +71,30 @@ def moved_on(read: tasks.TaskView, now: tasks.TaskView) -> Refused:
     return Refused(f"report for attempt {read.attempt} refused: the current attempt is {now.attempt}")
 
 
+def _append(
+    db: Database, reporter: Reporter, task_id: str, write: Callable[[Session, tasks.TaskView], int | None]
+) -> int:
+    """A report added to its task: checked on a read of its own (:func:`authorized`), then
+    ``write(session, task)``, which holds it to the attempt that read found live and returns None
+    when the task moved on meanwhile (refused, nothing written). On SQLite the write is grouped
+    with the other short writes of the process (:mod:`models.write_group`)."""
+    task = authorized(db, reporter, task_id)
+    kept = db.transaction(lambda session: write(session, task), grouped=True)
+    if kept is None:
+        raise moved_on(task, authorized(db, reporter, task_id))
+    return kept
+
+
 def store_output(db: Database, reporter: Reporter, task_id: str, output: str, *, max_lines: int) -> int:
     if len(output) > MAX_OUTPUT_PAYLOAD:
         raise InvalidArgument(f"output is over {MAX_OUTPUT_PAYLOAD} characters; send it in smaller pieces")
     lines = output.splitlines() or [""]
-    task = authorized(db, reporter, task_id)
-    kept = db.transaction(
-        lambda session: task_output.append_output(session, task.pk, task.attempt, lines, max_lines=max_lines),
-        grouped=True,
+    return _append(
+        db,
+        reporter,
+        task_id,
+        lambda session, task: task_output.append_output(session, task.pk, task.attempt, lines, max_lines=max_lines),
     )
-    if kept is None:
-        raise moved_on(task, authorized(db, reporter, task_id))
-    return kept
 
 
 def _seconds(value: object, default: float) -> float:
@@ -121,12 +134,12 @@ def parse_logs(raw: str, timestamp: int) -> list[tuple[float, str, str]]:
 
 def store_logs(db: Database, reporter: Reporter, task_id: str, raw: str, timestamp: int, *, max_records: int) -> int:
     records = parse_logs(raw, timestamp)
-
-    def work(session: Session) -> int:
-        task = authorize(session, reporter, task_id)
-        return task_output.append_logs(session, task.pk, task.attempt, records, max_records=max_records)
-
-    return db.transaction(work)
+    return _append(
+        db,
+        reporter,
+        task_id,
+        lambda session, task: task_output.append_logs(session, task.pk, task.attempt, records, max_records=max_records),
+    )
 
 
 _tasks = table_of(Task)

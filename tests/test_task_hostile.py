@@ -11,7 +11,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
-from models import tasks
+from models import task_output, tasks
 from models.tables import Task
 from orchestration import reports
 from protos import nodepool_pb2 as pb
@@ -218,6 +218,7 @@ def test_a_report_whose_task_moves_on_after_its_check_is_refused_and_writes_noth
 
         for call, request in [
             (pool.master.StoreOutput, pb.StoreOutputRequest(task_id=task_id, output="late line")),
+            (pool.master.StoreLogs, pb.StoreLogsRequest(task_id=task_id, logs='{"message": "late record"}')),
             (pool.master.TaskCompleted, pb.TaskCompletedRequest(task_id=task_id, success=True)),
         ]:
             monkeypatch.setattr(reports, "authorized", then_moved_on)
@@ -227,7 +228,9 @@ def test_a_report_whose_task_moves_on_after_its_check_is_refused_and_writes_noth
             assert ("attempt" if moves == "to its next attempt" else "FAILED") in reply.message
             with pool.ctx.db.reading() as session:
                 row = tasks.get(session, task_id)
-            assert row is not None and row.reported_outcome == ""
+                assert row is not None
+                assert "late record" not in [record.message for record in task_output.logs(session, row.pk)]
+            assert row.reported_outcome == ""
             assert "late line" not in poll(pool, owner_token, task_id).output
             set_task(**restore)  # back as it was, for the next report
     finally:
