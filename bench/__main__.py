@@ -18,6 +18,7 @@ from pathlib import Path
 from bench import bench_matching, heartbeats, pipeline, stage, upload
 from bench import fleet as bench_fleet
 from bench.common import REPO, Comparison, Figure, machine, scratch
+from bench.pipeline_report import pipeline_lines
 from bench.rounds import CLIENTS
 from pool.embedded_redis import EmbeddedRedis
 
@@ -72,56 +73,6 @@ def comparison_table(comparisons: list[tuple[Comparison, float | str | None]]) -
     ]
     for comparison, limit in comparisons:
         lines.append(comparison.row() + (f" {verdict(comparison, limit)} |" if limit is not None else " |"))
-    return lines
-
-
-def pipeline_lines(results: list[pipeline.Result]) -> list[str]:
-    lines = [
-        "| backend | upload→ExecuteTask p50 / p99 (burst) | steady load | p50 / p99 at steady load "
-        "(target p99 < 100 ms) | uploads accepted | fleet online after |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        met = "met" if r.steady_p99_ms.median < 100 else "**not met**"
-        lines.append(
-            f"| {r.backend} | {r.p50_ms.median:.0f} / {r.p99_ms.median:.0f} ms | {r.steady_rate:.0f} tasks/s offered | "
-            f"{r.steady_p50_ms.median:.0f} / {r.steady_p99_ms.median:.0f} ms ({r.steady_p99_ms.spread}) {met} | "
-            f"{r.upload_rate.median:.0f} tasks/s ({r.upload_rate.spread}) | {r.registration_s:.0f} s |"
-        )
-    lines += [
-        "",
-        "CPU seconds per process in each burst round (the pool's gRPC server processes together, its "
-        "matcher, its Celery worker, the fleet, the baseline's no-op worker, the benchmark's clients):",
-        "",
-    ]
-    for r in results:
-        servers = f"{r.server_processes} gRPC server process" + ("es" if r.server_processes > 1 else "")
-        lines += [f"- {r.backend}, {servers}: " + "; ".join(f"round {i + 1}: {cpu}" for i, cpu in enumerate(r.cpu))]
-    cores = os.cpu_count() or 1
-    lines += [
-        "",
-        "The gRPC calls a task took in the burst rounds (as the pool's server counted them, with the "
-        "ExecuteTask the pool sends each node), and the least they can cost: a bare unary call to the "
-        "echo server with the pool's server options, client and server CPU together, sent at the rate "
-        "the pool's server answered calls during the bursts and measured after each round, while the "
-        "fleet goes on heartbeating the pool (`bench/rpc_floor.py`). The last two columns compare the "
-        "tasks/s the machine's cores allow for those calls alone, with nothing behind them, with the "
-        "throughput target. The heartbeats come at a fixed rate (each node on its own clock, whatever "
-        "the tasks do), so their share of a task shrinks as the rate of tasks grows.",
-        "",
-        "| backend | calls per task | bare call, CPU (spread) | the calls alone, CPU per task | "
-        f"{cores} cores allow, for the calls alone | 0.7 × no-op |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        calls = r.calls
-        ceiling = cores * 1000 / calls.floor_ms()
-        lines.append(
-            f"| {r.backend} | {calls.total:.1f} ({', '.join(f'{m} {n:.2f}' for m, n in calls.per_task.items())}) | "
-            f"{calls.bare_us.median:.0f} µs ({calls.bare_us.spread}) "
-            f"at {calls.call_rate:.0f} calls/s | {calls.floor_ms():.1f} ms | {ceiling:.0f} tasks/s | "
-            f"{0.7 * r.throughput.raw.median:.0f} tasks/s |"
-        )
     return lines
 
 

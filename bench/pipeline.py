@@ -10,8 +10,9 @@ Per round it measures tasks/s from the first UploadTask accepted to the last Exe
 received, and to the last task COMPLETED, and the upload→ExecuteTask latency of every task.
 The raw baseline, interleaved with the rounds: Celery no-op jobs/s, sent in one burst to a
 worker with the pool's Celery settings and command line (and as many processes as the pool's
-matcher and worker together), on the same broker. Then a steady offered load at half the
-baseline rate gives the latency a pool under moderate load shows.
+matcher and worker together), on the same broker. Then steady offered loads at an eighth, a
+quarter and half the baseline rate give the latency a pool shows under lighter and heavier
+load (the target speaks of half), split at each task's match.
 
 Run alone: ``python -m bench.pipeline [embedded] [postgres]``, sized by BENCH_NODES, BENCH_TASKS,
 BENCH_ROUNDS and BENCH_CONCURRENCY (the processes of the pool's Celery worker besides its matcher;
@@ -34,11 +35,31 @@ from sqlalchemy import create_engine
 
 from bench import rpc_floor, stage
 from bench.common import Comparison, Figure, free_port, free_ports, pool_env, process, scratch, wait_serving
-from bench.rounds import CLIENTS, pipeline_round
+from bench.rounds import CLIENTS, Latency, pipeline_round
 from pool.settings import Settings
 from pool.up import children
 
 STEADY_SECONDS = 6  # of offered load per steady round
+IDLE_SECONDS = 10  # with the fleet heartbeating and no task in flight
+STEADY_SHARES = (0.125, 0.25, 0.5)  # of the no-op rate, offered in steady rounds; the target's is the last
+
+
+@dataclass
+class Steady:
+    """The latency of ``rounds`` steady rounds at ``rate`` tasks/s offered (``share`` of the no-op rate)."""
+
+    share: float
+    rate: float
+    rounds: list[Latency]
+
+    def figure(self, name: str) -> Figure:
+        """A field of :class:`Latency` over the rounds."""
+        return Figure(name, "ms", tuple(getattr(r, name) for r in self.rounds))
+
+    def pair(self, leg: str = "") -> str:
+        """'p50 / p99' (medians over the rounds) of the whole latency, or of a leg of it: matched, sent."""
+        prefix = f"{leg}_" if leg else ""
+        return f"{self.figure(f'{prefix}p50_ms').median:.0f} / {self.figure(f'{prefix}p99_ms').median:.0f}"
 
 
 @dataclass
@@ -48,12 +69,11 @@ class Result:
     completed: Comparison
     p50_ms: Figure
     p99_ms: Figure
-    steady_p50_ms: Figure
-    steady_p99_ms: Figure
-    steady_rate: float
+    steady: list[Steady]  # by rising share; the last is the target's
     upload_rate: Figure
     registration_s: float
     cpu: list[str]
+    idle_cores: dict[str, float]  # by process group, with no task in flight
     calls: rpc_floor.Calls
     server_processes: int  # gRPC server processes on the pool's port, as `up` runs them here
 
@@ -138,6 +158,9 @@ def run_backend(
             cpu = stage.CpuTimes(
                 {"grpc": servers, "matcher": [matcher], "worker": [worker], "fleet": [child], "noop": [noop]}
             )
+            time.sleep(IDLE_SECONDS)  # no task in flight: what the heartbeats alone cost
+            idle = {name: seconds / IDLE_SECONDS for name, seconds in cpu.lap_seconds().items()}
+            say("  no tasks: cores busy " + ", ".join(f"{name} {cores:.2f}" for name, cores in idle.items()))
             for number in range(rounds):
                 noop_rates.append(stage.noop_round(backend.baseline_redis_url, tasks))
                 counts, began_round = rpc_floor.rpc_counts(metrics_ports), time.monotonic()
@@ -154,12 +177,15 @@ def run_backend(
                     f"ExecuteTask, {r.to_completed:.0f}/s to COMPLETED, p50 {r.p50_ms:.0f} ms, p99 {r.p99_ms:.0f} ms; "
                     f"uploads {r.upload_rate:.0f}/s; CPU s: {cpu_laps[-1]}"
                 )
-            steady_rate = statistics.median(noop_rates) / 2
-            steady = [
-                pipeline_round(target, clients, fleet, engine, int(steady_rate * STEADY_SECONDS), rate=steady_rate)
-                for _ in range(rounds)
-            ]
-            say(f"  steady {steady_rate:.0f}/s offered: p99 " + ", ".join(f"{s.p99_ms:.0f} ms" for s in steady))
+            steady = []
+            for share in STEADY_SHARES:
+                rate = statistics.median(noop_rates) * share
+                laps = [
+                    pipeline_round(target, clients, fleet, engine, int(rate * STEADY_SECONDS), rate=rate).latency
+                    for _ in range(rounds)
+                ]
+                steady.append(Steady(share, rate, laps))
+                say(f"  steady {rate:.0f}/s offered: p99 " + ", ".join(f"{lap.p99_ms:.0f} ms" for lap in laps))
             engine.dispose()
     raw = Figure("celery no-op", "jobs/s", tuple(noop_rates))
     return Result(
@@ -178,12 +204,11 @@ def run_backend(
         ),
         p50_ms=Figure("p50", "ms", tuple(r.p50_ms for r in runs)),
         p99_ms=Figure("p99", "ms", tuple(r.p99_ms for r in runs)),
-        steady_p50_ms=Figure("steady p50", "ms", tuple(s.p50_ms for s in steady)),
-        steady_p99_ms=Figure("steady p99", "ms", tuple(s.p99_ms for s in steady)),
-        steady_rate=steady_rate,
+        steady=steady,
         upload_rate=Figure("uploads", "tasks/s", tuple(r.upload_rate for r in runs)),
         registration_s=registration,
         cpu=cpu_laps,
+        idle_cores=idle,
         server_processes=len(servers),
         calls=rpc_floor.Calls(
             per_task={
@@ -210,8 +235,9 @@ if __name__ == "__main__":
             f"{calls.total:.1f} gRPC calls a task ({', '.join(f'{m} {n:.2f}' for m, n in calls.per_task.items())}); "
             f"a bare call {calls.bare_us.median:.0f} µs of CPU: {calls.floor_ms():.1f} ms a task"
         )
-        print(
-            f"p50 {result.p50_ms.median:.0f} ms p99 {result.p99_ms.median:.0f} ms; "
-            f"steady {result.steady_rate:.0f}/s: p50 {result.steady_p50_ms.median:.0f} ms "
-            f"p99 {result.steady_p99_ms.median:.0f} ms"
-        )
+        print(f"burst: p50 {result.p50_ms.median:.0f} ms p99 {result.p99_ms.median:.0f} ms")
+        for steady in result.steady:
+            print(
+                f"steady {steady.rate:.0f}/s: p50 / p99 {steady.pair()} ms "
+                f"(to matched {steady.pair('matched')}, matched to node {steady.pair('sent')})"
+            )

@@ -1,6 +1,7 @@
 """One round of the pipeline benchmark: a burst (or a steady offered load) of tiny tasks uploaded
 by several clients, each on its own connection, and when each task reached its node
-(ExecuteTask, as the fleet noted it) and COMPLETED (in the pool's database)."""
+(ExecuteTask, as the fleet noted it) and COMPLETED (in the pool's database). A task's latency
+is also split at its match: the ASSIGNED event that the matching job wrote for it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import grpc
 from sqlalchemy import func, select
 
 from bench import stage
-from models.tables import Task
+from models.tables import Task, TaskEvent
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
 
@@ -70,13 +71,57 @@ def completed(engine: object, task_ids: set[str], prefix: str, at_least: int, ti
     raise RuntimeError(f"only some of {len(task_ids)} tasks completed in {timeout}s")
 
 
+def matched_at(engine: object, prefix: str) -> dict[str, float]:
+    """When (wall clock, seconds) each task named ``prefix…`` was first ASSIGNED to a node."""
+    query = (
+        select(Task.task_id, func.min(TaskEvent.at))
+        .join(TaskEvent, TaskEvent.task_pk == Task.id)
+        .where(Task.task_id.like(f"{prefix}%"), TaskEvent.to_status == "ASSIGNED")
+        .group_by(Task.task_id)
+    )
+    with engine.connect() as conn:  # type: ignore[attr-defined]
+        return {task_id: at.timestamp() for task_id, at in conn.execute(query)}
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Percentiles of one round's tasks, in ms: upload accepted → ExecuteTask received, and the
+    two legs of it: accepted → matched (ASSIGNED), matched → ExecuteTask received."""
+
+    p50_ms: float
+    p99_ms: float
+    matched_p50_ms: float
+    matched_p99_ms: float
+    sent_p50_ms: float
+    sent_p99_ms: float
+
+    @classmethod
+    def of(cls, accepted: dict[str, float], matched: dict[str, float], arrived: dict[str, float]) -> Latency:
+        """From monotonic ``accepted`` and ``arrived`` times and wall-clock ``matched`` ones, by task."""
+        offset = time.time() - time.monotonic()  # CLOCK_MONOTONIC is one clock for every process here
+        total = [(arrived[i] - accepted[i]) * 1000 for i in accepted]
+        to_match = [(matched[i] - offset - accepted[i]) * 1000 for i in accepted]
+        to_node = [(arrived[i] + offset - matched[i]) * 1000 for i in accepted]
+        p = stage.percentile
+        return cls(
+            p(total, 0.5), p(total, 0.99), p(to_match, 0.5), p(to_match, 0.99), p(to_node, 0.5), p(to_node, 0.99)
+        )
+
+
 @dataclass
 class Round:
     to_dispatch: float  # tasks/s
     to_completed: float
-    p50_ms: float
-    p99_ms: float
+    latency: Latency
     upload_rate: float
+
+    @property
+    def p50_ms(self) -> float:
+        return self.latency.p50_ms
+
+    @property
+    def p99_ms(self) -> float:
+        return self.latency.p99_ms
 
 
 def pipeline_round(
@@ -92,11 +137,9 @@ def pipeline_round(
     arrivals = fleet.arrivals()
     first = min(accepted.values())
     last_arrival = max(arrivals[i] for i in ids)
-    latencies = [(arrivals[i] - accepted[i]) * 1000 for i in ids]
     return Round(
         tasks / (last_arrival - first),
         tasks / (done - first),
-        stage.percentile(latencies, 0.5),
-        stage.percentile(latencies, 0.99),
+        Latency.of(accepted, matched_at(engine, prefix), arrivals),
         tasks / (uploaded - first),
     )

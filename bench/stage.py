@@ -192,10 +192,14 @@ class CpuTimes:
         return members
 
     def lap(self) -> str:
+        return ", ".join(f"{name} {seconds:.1f}" for name, seconds in self.lap_seconds().items())
+
+    def lap_seconds(self) -> dict[str, float]:
+        """CPU seconds of each group since the last lap."""
         now = self._now()
         spent = {name: now[name] - self.last.get(name, 0.0) for name in now}
         self.last = now
-        return ", ".join(f"{name} {seconds:.1f}" for name, seconds in spent.items())
+        return spent
 
 
 def _cpu_seconds(proc: psutil.Process) -> float:

@@ -1,0 +1,96 @@
+"""The pipeline's part of BENCHMARKS.md: throughput and latency, the CPU of each process, the
+calls a task takes and what they cost, and the latency at each steady offered load."""
+
+from __future__ import annotations
+
+import os
+
+from bench import pipeline
+
+
+def pipeline_lines(results: list[pipeline.Result]) -> list[str]:
+    lines = [
+        "| backend | upload→ExecuteTask p50 / p99 (burst) | steady load | p50 / p99 at steady load "
+        "(target p99 < 100 ms) | uploads accepted | fleet online after |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        target = r.steady[-1]
+        p50, p99 = target.figure("p50_ms"), target.figure("p99_ms")
+        met = "met" if p99.median < 100 else "**not met**"
+        lines.append(
+            f"| {r.backend} | {r.p50_ms.median:.0f} / {r.p99_ms.median:.0f} ms | {target.rate:.0f} tasks/s offered | "
+            f"{p50.median:.0f} / {p99.median:.0f} ms ({p99.spread}) {met} | "
+            f"{r.upload_rate.median:.0f} tasks/s ({r.upload_rate.spread}) | {r.registration_s:.0f} s |"
+        )
+    lines += ["", *steady_lines(results)]
+    lines += [
+        "",
+        "CPU seconds per process in each burst round (the pool's gRPC server processes together, its "
+        "matcher, its Celery worker, the fleet, the baseline's no-op worker, the benchmark's clients):",
+        "",
+    ]
+    for r in results:
+        servers = f"{r.server_processes} gRPC server process" + ("es" if r.server_processes > 1 else "")
+        lines += [f"- {r.backend}, {servers}: " + "; ".join(f"round {i + 1}: {cpu}" for i, cpu in enumerate(r.cpu))]
+    cores = os.cpu_count() or 1
+    lines += [
+        "",
+        f"Before any task: the cores each process kept busy over {pipeline.IDLE_SECONDS} s with the fleet "
+        "heartbeating and no task in flight (the machine's share that the tasks never get):",
+        "",
+    ]
+    for r in results:
+        busy = sum(v for k, v in r.idle_cores.items() if k != "noop")
+        lines.append(
+            f"- {r.backend}: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in r.idle_cores.items() if k != "noop")
+            + f"; {busy:.2f} of {cores} cores"
+        )
+    lines += [
+        "",
+        "The gRPC calls a task took in the burst rounds (as the pool's server counted them, with the "
+        "ExecuteTask the pool sends each node), and the least they can cost: a bare unary call to the "
+        "echo server with the pool's server options, client and server CPU together, sent at the rate "
+        "the pool's server answered calls during the bursts and measured after each round, while the "
+        "fleet goes on heartbeating the pool (`bench/rpc_floor.py`). The last two columns compare the "
+        "tasks/s the machine's cores allow for those calls alone, with nothing behind them, with the "
+        "throughput target. The heartbeats come at a fixed rate (each node on its own clock, whatever "
+        "the tasks do), so their share of a task shrinks as the rate of tasks grows.",
+        "",
+        "| backend | calls per task | bare call, CPU (spread) | the calls alone, CPU per task | "
+        f"{cores} cores allow, for the calls alone | 0.7 × no-op |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        calls = r.calls
+        ceiling = cores * 1000 / calls.floor_ms()
+        lines.append(
+            f"| {r.backend} | {calls.total:.1f} ({', '.join(f'{m} {n:.2f}' for m, n in calls.per_task.items())}) | "
+            f"{calls.bare_us.median:.0f} µs ({calls.bare_us.spread}) "
+            f"at {calls.call_rate:.0f} calls/s | {calls.floor_ms():.1f} ms | {ceiling:.0f} tasks/s | "
+            f"{0.7 * r.throughput.raw.median:.0f} tasks/s |"
+        )
+    return lines
+
+
+def steady_lines(results: list[pipeline.Result]) -> list[str]:
+    """The latency at each steady offered load, split at the task's match."""
+    lines = [
+        "Latency at steady offered loads (medians over the rounds of p50 / p99, in ms), split at each "
+        "task's match: from its upload accepted to the ASSIGNED event the matching job wrote (a wait "
+        "for the job, which runs one at a time, and its transaction), then from there to its node "
+        "receiving ExecuteTask (the commit, the dispatch job's wait in its queue, its calls).",
+        "",
+        "| backend | offered load | upload → ExecuteTask | upload → matched | matched → ExecuteTask | p99 < 100 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for steady in r.steady:
+            p99 = steady.figure("p99_ms")
+            lines.append(
+                f"| {r.backend} | {steady.rate:.0f} tasks/s ({steady.share:g} × no-op) | "
+                f"{steady.pair()} ({p99.spread}) | "
+                f"{steady.pair('matched')} | {steady.pair('sent')} | {'yes' if p99.median < 100 else 'no'} |"
+            )
+    return lines
