@@ -39,9 +39,15 @@ from bench.rounds import CLIENTS, Latency, pipeline_round
 from pool.settings import Settings
 from pool.up import children
 
-STEADY_SECONDS = 6  # of offered load per steady round
+STEADY_SECONDS = 6  # of offered load per steady round at least, and a fifth of a burst's tasks at least
 IDLE_SECONDS = 10  # with the fleet heartbeating and no task in flight
 STEADY_SHARES = (0.125, 0.25, 0.5)  # of the no-op rate, offered in steady rounds; the target's is the last
+
+
+def steady_tasks(rate: float, burst: int) -> int:
+    """How many tasks a steady round at ``rate`` tasks/s offers, next to bursts of ``burst``: at
+    full size 1,000 at least, so that its p99 is the tenth slowest task, not the second."""
+    return max(burst // 5, int(rate * STEADY_SECONDS))
 
 
 @dataclass
@@ -181,7 +187,7 @@ def run_backend(
             for share in STEADY_SHARES:
                 rate = statistics.median(noop_rates) * share
                 laps = [
-                    pipeline_round(target, clients, fleet, engine, int(rate * STEADY_SECONDS), rate=rate).latency
+                    pipeline_round(target, clients, fleet, engine, steady_tasks(rate, tasks), rate=rate).latency
                     for _ in range(rounds)
                 ]
                 steady.append(Steady(share, rate, laps))

@@ -77,7 +77,8 @@ def pipeline_lines(results: list[pipeline.Result]) -> list[str]:
 def steady_lines(results: list[pipeline.Result]) -> list[str]:
     """The latency at each steady offered load, split at the task's match."""
     lines = [
-        "Latency at steady offered loads (medians over the rounds of p50 / p99, in ms), split at each "
+        f"Latency at steady offered loads (rounds of {pipeline.STEADY_SECONDS} s of load and a fifth of a "
+        "burst's tasks at least; medians over the rounds of p50 / p99, in ms), split at each "
         "task's match: from its upload accepted to the ASSIGNED event the matching job wrote (a wait "
         "for the job, which runs one at a time, and its transaction), then from there to its node "
         "receiving ExecuteTask (the commit, the dispatch job's wait in its queue, its calls).",
