@@ -62,6 +62,11 @@ class Steady:
         """A field of :class:`Latency` over the rounds."""
         return Figure(name, "ms", tuple(getattr(r, name) for r in self.rounds))
 
+    @property
+    def met(self) -> bool:
+        """Whether the p99 (median over the rounds) is under the target's 100 ms."""
+        return self.figure("p99_ms").median < 100
+
     def pair(self, leg: str = "") -> str:
         """'p50 / p99' (medians over the rounds) of the whole latency, or of a leg of it: matched, sent."""
         prefix = f"{leg}_" if leg else ""
