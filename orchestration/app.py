@@ -7,6 +7,7 @@ from datetime import timedelta
 from celery import Celery
 from kombu import Queue
 
+from orchestration import broker
 from pool.settings import Settings
 
 QUEUES = ("scheduling", "dispatch", "maintenance", "archival")
@@ -46,6 +47,7 @@ def _transport_options(settings: Settings) -> dict[str, object]:
 
 
 def create_celery(settings: Settings) -> Celery:
+    broker.install()
     app = Celery("hivemind-pool", broker=settings.broker_url, backend=settings.redis_url, include=list(JOB_MODULES))
     app.conf.update(
         task_queues=[Queue(name) for name in QUEUES],
