@@ -36,6 +36,13 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
             "schedule": timedelta(seconds=settings.ACCRUAL_INTERVAL_SECONDS),
         },
         "prune-results": {"task": "pool.maintenance.prune_results", "schedule": timedelta(hours=1)},
+        # The matcher follows the nodes' changes while no task waits; one not run in time is
+        # dropped (the next one does its work), and nobody reads what one returns.
+        "refresh-node-catalog": {
+            "task": "pool.scheduling.refresh_catalog",
+            "schedule": timedelta(seconds=settings.CATALOG_REFRESH_SECONDS),
+            "options": {"expires": settings.CATALOG_REFRESH_SECONDS, "ignore_result": True},
+        },
     }
 
 

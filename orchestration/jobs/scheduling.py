@@ -27,3 +27,18 @@ def match(self: Task) -> int:
     finally:
         matching.finished(more=len(placed) >= rt.settings.MATCH_BATCH)  # a full batch: more may be waiting
     return len(placed)
+
+
+@shared_task(name="pool.scheduling.refresh_catalog", bind=True)
+def refresh_catalog(self: Task) -> int:
+    """Bring this process's node catalog up to date; how many nodes it read.
+
+    A matching job reads the nodes changed since its process's last look before it places
+    anything. After a busy spell that is every node whose allocation changed meanwhile, and the
+    first task of the next one waited for it (5,000 tasks: 0.8 s on a 2-core machine). Beat sends
+    this job to the matching queue every CATALOG_REFRESH_SECONDS, so the matcher keeps up while
+    no task waits, and a freshly started one has its catalog before the first task comes.
+    """
+    rt = runtime(self.app)
+    with rt.db.reading() as session:
+        return rt.catalog.refresh(session)
