@@ -67,6 +67,13 @@ class Coalesced:
         pipe.set(self._wanted, "1", ex=self.ttl * 6)
         pipe.set(self._flag, "1", nx=True, ex=self.ttl)
 
+    def busy(self) -> bool:
+        """Whether a job holds the flag (queued or running); False when Redis cannot say."""
+        try:
+            return bool(self.redis.exists(self._flag))
+        except redis.RedisError:
+            return False
+
     def started(self) -> None:
         with contextlib.suppress(redis.RedisError):
             self.redis.delete(self._wanted)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import redis
+
 from orchestration.app import MATCHING_QUEUE, create_celery
 from tests.harness import bearer
 from tests.tasks_support import upload, wait_status
@@ -38,6 +40,19 @@ def test_the_matcher_reads_only_the_nodes_changed_since_its_last_look(make_pool,
     _, submitter = pool.new_user()
     task_id = upload(pool, submitter)
     wait_status(pool, submitter, task_id, "ASSIGNED")  # no dispatch worker here: it stays assigned
+    assert refresh() == 1
+
+    # While a matching job is queued or running (it holds the flag), the refresh leaves the
+    # changes to it; once the flag is gone, the next refresh reads them.
+    flag = f"{pool.settings.REDIS_KEY_PREFIX}:matching:job"
+    client = redis.Redis.from_url(pool.settings.redis_url)
+    register("e")
+    client.set(flag, "1", ex=30)
+    try:
+        assert refresh() == 0
+    finally:
+        client.delete(flag)
+        client.close()
     assert refresh() == 1
 
 

@@ -37,8 +37,11 @@ def refresh_catalog(self: Task) -> int:
     anything. After a busy spell that is every node whose allocation changed meanwhile, and the
     first task of the next one waited for it (5,000 tasks: 0.8 s on a 2-core machine). Beat sends
     this job to the matching queue every CATALOG_REFRESH_SECONDS, so the matcher keeps up while
-    no task waits, and a freshly started one has its catalog before the first task comes.
+    no task waits, and a freshly started one has its catalog before the first task comes. While
+    a matching job is queued or running, which reads the changes itself, it does nothing.
     """
     rt = runtime(self.app)
+    if rt.lifecycle.matching.busy():
+        return 0
     with rt.db.reading() as session:
         return rt.catalog.refresh(session)
