@@ -26,6 +26,7 @@ log = logging.getLogger("agent.watchdog")
 MAX_LINE = 16 * 1024
 SAMPLE_SECONDS = 0.5
 TAIL_LINES = 40
+LEFT_BEHIND_SECONDS = 3.0  # how long what a command left running is watched for a fork bomb
 
 
 @dataclass
@@ -130,8 +131,13 @@ def near_limit(nproc: int) -> int:
     return nproc - max(1, nproc // 16)
 
 
-def _left_behind(tree: sandbox.ProcessTree, nproc: int, window: float = 1.0) -> str | None:
-    """Watch what the command left running for up to ``window`` seconds: a fork bomb's reason, or None."""
+def _left_behind(tree: sandbox.ProcessTree, nproc: int, window: float = LEFT_BEHIND_SECONDS) -> str | None:
+    """Watch what the command left running for up to ``window`` seconds: a fork bomb's reason, or None.
+
+    A command that leaves nothing returns at once. The window is long enough for a fork bomb that
+    backgrounds itself (``:(){ :|:& };:`` exits 0 at once) to be seen at the process limit on a
+    busy machine, where each look at the process tree is slow: with one second it was once taken
+    for a task that completed."""
     deadline = time.monotonic() + window
     while time.monotonic() < deadline:
         _, _, threads = tree.usage()
