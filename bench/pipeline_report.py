@@ -40,11 +40,11 @@ def pipeline_lines(results: list[pipeline.Result]) -> list[str]:
         "",
     ]
     for r in results:
-        busy = sum(v for k, v in r.idle_cores.items() if k != "noop")
+        pool = {k: v for k, v in r.idle_cores.items() if k != "noop"}  # the baseline's worker idles apart
         lines.append(
             f"- {r.backend}: "
-            + ", ".join(f"{k} {v:.2f}" for k, v in r.idle_cores.items() if k != "noop")
-            + f"; {busy:.2f} of {cores} cores"
+            + ", ".join(f"{k} {v:.2f}" for k, v in pool.items())
+            + f"; {sum(pool.values()):.2f} of {cores} cores"
         )
     lines += [
         "",

@@ -49,6 +49,7 @@ def test_the_matcher_reads_only_the_nodes_changed_since_its_last_look(make_pool,
     register("e")
     client.set(flag, "1", ex=30)
     try:
+        assert pool.ctx.lifecycle.matching.busy()  # the flag the matching jobs take
         assert refresh() == 0
     finally:
         client.delete(flag)
