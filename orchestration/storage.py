@@ -6,12 +6,15 @@ import errno
 import functools
 import hashlib
 import os
+import queue
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from models.errors import InvalidArgument, TooLarge
 
@@ -84,10 +87,11 @@ class TaskStorage:
         """Write ``pieces`` one after another, durably, to a new hidden file beside ``path``.
 
         (the file, its size, its sha256 when ``digest`` else ""). TooLarge as soon as more than
-        ``limit`` bytes arrive. Each large piece is hashed on a background thread while the next
-        one is received and written (hashlib and file writes release the GIL), and ``check(file)``,
-        if given, runs while the file is flushed to disk. Whatever goes wrong (the pieces'
-        iterator and ``check`` may raise too), the file is removed before the error propagates.
+        ``limit`` bytes arrive. From the first large piece on, the pieces are written and hashed
+        on two threads of their own (:class:`Lane`; file writes and hashlib release the GIL) while
+        the caller goes on receiving the next ones, and ``check(file)``, if given, runs while the
+        file is flushed to disk. Whatever goes wrong (the pieces' iterator, the write and ``check``
+        may raise), the file is removed before the error propagates.
 
         A file of DROP_CACHED_BYTES or more is dropped from the page cache once it is on disk: it
         is read again only when a task is dispatched, and the pages it gives back are the ones the
@@ -99,29 +103,15 @@ class TaskStorage:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
         hasher = hashlib.sha256() if digest else None
-        hashing: Future[None] | None = None  # at most one piece at a time: the hash keeps their order
-        size = flushed = 0
+        size = 0
         try:
-            with open(temporary, "wb") as handle:
+            with open(temporary, "wb") as handle, _Staging(handle, hasher) as staging:
                 for piece in pieces:
                     size += len(piece)
                     if limit is not None and size > limit:
                         raise TooLarge(f"the zip is more than {limit} bytes, the limit")
-                    handle.write(piece)
-                    if hasher is not None:
-                        if hashing is not None:
-                            hashing.result()
-                            hashing = None
-                        if len(piece) >= BACKGROUND_HASH_BYTES:
-                            hashing = background().submit(hasher.update, piece)
-                        else:
-                            hasher.update(piece)
-                    if START_WRITEBACK and size - flushed >= WRITE_CHUNK:
-                        # Send what was written to disk now (DONTNEED starts writeback of dirty pages,
-                        # which stay cached), so the fsync below waits for the tail, not the whole file.
-                        handle.flush()
-                        os.posix_fadvise(handle.fileno(), flushed, size - flushed, os.POSIX_FADV_DONTNEED)
-                        flushed = size
+                    staging.add(piece)
+                staging.written()
                 handle.flush()  # what the buffer holds, before the fsync
                 if check is None:
                     os.fsync(handle.fileno())
@@ -131,8 +121,7 @@ class TaskStorage:
                         check(temporary)
                     finally:
                         syncing.result()
-                if hashing is not None:
-                    hashing.result()
+                staging.hashed()
                 if START_WRITEBACK and size >= DROP_CACHED_BYTES:  # clean now: DONTNEED frees them
                     os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         except BaseException:
@@ -169,3 +158,99 @@ class TaskStorage:
 
     def prune_archive(self, task_id: str) -> None:
         shutil.rmtree(self._dir("archive", task_id), ignore_errors=True)
+
+
+class Lane:
+    """A thread of its own that runs the jobs it is given one after another, in their order.
+
+    At most ``depth`` jobs wait (:meth:`put` blocks past that). Once a job raises, the later ones
+    are skipped and the error is raised again by the next :meth:`put` or by :meth:`finish`.
+    :meth:`abandon` skips what is still waiting and ends the thread.
+    """
+
+    def __init__(self, name: str, depth: int = 8) -> None:
+        self._jobs: queue.Queue[Callable[[], object] | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._abandoned = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if self._error is None and not self._abandoned:
+                try:
+                    job()
+                except BaseException as error:  # handed to the thread that gave the job
+                    self._error = error
+
+    def put(self, job: Callable[[], object]) -> None:
+        if self._error is not None:
+            raise self._error
+        self._jobs.put(job)
+
+    def finish(self) -> None:
+        """Wait for every job given; raise what one of them raised."""
+        self._jobs.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def abandon(self) -> None:
+        self._abandoned = True
+        self._jobs.put(None)
+        self._thread.join()
+
+
+class _Staging:
+    """The pieces of one staged file, written and hashed in order: inline while they are small,
+    on a writing and a hashing :class:`Lane` from the first one of BACKGROUND_HASH_BYTES on."""
+
+    def __init__(self, handle: BinaryIO, hasher: Any) -> None:
+        self.handle, self.hasher = handle, hasher
+        self.size = self.flushed = 0
+        self.writing: Lane | None = None
+        self.hashing: Lane | None = None
+
+    def __enter__(self) -> _Staging:
+        return self
+
+    def __exit__(self, kind: object, error: object, traceback: object) -> None:
+        if kind is not None:  # the file is about to be removed: nothing more is written to it
+            for lane in (self.writing, self.hashing):
+                if lane is not None:
+                    lane.abandon()
+
+    def add(self, piece: bytes | memoryview) -> None:
+        if self.writing is None and len(piece) >= BACKGROUND_HASH_BYTES:
+            self.writing = Lane("storage-write")
+            self.hashing = Lane("storage-hash") if self.hasher is not None else None
+        if self.writing is None:
+            self._write(piece)
+            if self.hasher is not None:
+                self.hasher.update(piece)
+            return
+        self.writing.put(functools.partial(self._write, piece))
+        if self.hashing is not None:
+            self.hashing.put(functools.partial(self.hasher.update, piece))
+
+    def _write(self, piece: bytes | memoryview) -> None:
+        self.handle.write(piece)
+        self.size += len(piece)
+        if START_WRITEBACK and self.size - self.flushed >= WRITE_CHUNK:
+            # Send what was written to disk now (DONTNEED starts writeback of dirty pages, which
+            # stay cached), so the fsync that ends the staging waits for the tail, not the whole file.
+            self.handle.flush()
+            os.posix_fadvise(self.handle.fileno(), self.flushed, self.size - self.flushed, os.POSIX_FADV_DONTNEED)
+            self.flushed = self.size
+
+    def written(self) -> None:
+        """Every piece given is in the file (its buffer not yet flushed)."""
+        if self.writing is not None:
+            self.writing.finish()
+            self.writing = None
+
+    def hashed(self) -> None:
+        """Every piece given is in the hash."""
+        if self.hashing is not None:
+            self.hashing.finish()
+            self.hashing = None
