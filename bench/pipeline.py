@@ -167,7 +167,8 @@ def run_backend(
             pipeline_round(target, clients, fleet, engine, min(500, tasks))  # warm-up
             stage.noop_round(backend.baseline_redis_url, 500)
             cpu = stage.CpuTimes(
-                {"grpc": servers, "matcher": [matcher], "worker": [worker], "fleet": [child], "noop": [noop]}
+                {"grpc": servers, "matcher": [matcher], "worker": [worker], "fleet": [child], "noop": [noop]},
+                stage.services(backend),
             )
             time.sleep(IDLE_SECONDS)  # no task in flight: what the heartbeats alone cost
             idle = {name: seconds / IDLE_SECONDS for name, seconds in cpu.lap_seconds().items()}

@@ -26,7 +26,10 @@ def pipeline_lines(results: list[pipeline.Result]) -> list[str]:
     lines += [
         "",
         "CPU seconds per process in each burst round (the pool's gRPC server processes together, its "
-        "matcher, its Celery worker, the fleet, the baseline's no-op worker, the benchmark's clients):",
+        "matcher, its Celery worker, the fleet, the baseline's no-op worker, the benchmark's clients, "
+        "the Redis server and, on PostgreSQL, the database server with its backends; the no-op "
+        "round before each burst is in the lap too, for the baseline's worker, its broker and the "
+        "heartbeats meanwhile):",
         "",
     ]
     for r in results:

@@ -171,15 +171,27 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class CpuTimes:
-    """CPU seconds used by each group of processes (with their children) and by this one, since the last lap."""
+    """CPU seconds used by each group of processes (with their children) and by this one, since the last lap.
 
-    def __init__(self, children: dict[str, list[subprocess.Popen[bytes]]]) -> None:
+    ``services``: processes this run did not start (the database server, Redis), by name; their
+    children's time is counted even after they exit (PostgreSQL's backends come and go).
+    """
+
+    def __init__(
+        self,
+        children: dict[str, list[subprocess.Popen[bytes]]],
+        services: dict[str, list[psutil.Process]] | None = None,
+    ) -> None:
         self.processes = {name: [psutil.Process(child.pid) for child in group] for name, group in children.items()}
         self.processes["bench"] = [psutil.Process()]  # itself only (its children are the others)
+        self.services = services or {}
         self.last = self._now()
 
     def _now(self) -> dict[str, float]:
-        return {name: sum(map(_cpu_seconds, self._family(name, group))) for name, group in self.processes.items()}
+        now = {name: sum(map(_cpu_seconds, self._family(name, group))) for name, group in self.processes.items()}
+        for name, group in self.services.items():
+            now[name] = sum(map(_cpu_seconds, self._family(name, group))) + sum(map(_reaped_seconds, group))
+        return now
 
     @staticmethod
     def _family(name: str, group: list[psutil.Process]) -> list[psutil.Process]:
@@ -208,6 +220,40 @@ def _cpu_seconds(proc: psutil.Process) -> float:
     except psutil.Error:  # gone meanwhile
         return 0.0
     return float(times.user + times.system)
+
+
+def _reaped_seconds(proc: psutil.Process) -> float:
+    """CPU seconds of ``proc``'s children that have exited and been waited for."""
+    try:
+        times = proc.cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(times.children_user + times.children_system)
+
+
+def services(backend: Backend) -> dict[str, list[psutil.Process]]:
+    """The Redis server of ``backend`` (the process listening on its port) and, on PostgreSQL, the
+    machine's PostgreSQL server (its postmaster; the backends are its children)."""
+    port = urlsplit(backend.redis_url).port or 6379
+    found: dict[str, list[psutil.Process]] = {}
+    with contextlib.suppress(psutil.Error):
+        listening = {c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}
+        found["redis"] = [psutil.Process(pid) for pid in listening if pid]
+    if backend.database_url.startswith("postgresql"):
+        found["postgres"] = [
+            proc
+            for proc in psutil.process_iter(["name"])
+            if proc.info["name"] == "postgres" and _parent_name(proc) != "postgres"
+        ]
+    return {name: group for name, group in found.items() if group}
+
+
+def _parent_name(proc: psutil.Process) -> str:
+    try:
+        parent = proc.parent()
+        return parent.name() if parent is not None else ""
+    except psutil.Error:
+        return ""
 
 
 def submitters(target: str, count: int) -> list[str]:
