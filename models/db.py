@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
@@ -183,10 +183,29 @@ class Database:
         """
         if grouped and self.is_sqlite:
             return self._groups.run(work)
+
+        def run() -> T:
+            with self._write() as session, session.begin():
+                return work(session)
+
+        return self._retrying(run, attempts)
+
+    def alone(self, work: Callable[[Connection], T], *, attempts: int = 5) -> T:
+        """Run ``work(connection)`` in autocommit: each statement is a transaction of its own, which
+        the server commits as it ends, for a write made in one statement whose locks should not be
+        held across a round trip back to this process. Retried and answered as :meth:`transaction`."""
+
+        def run() -> T:
+            with self._writer.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                return work(conn)
+
+        return self._retrying(run, attempts)
+
+    @staticmethod
+    def _retrying(run: Callable[[], T], attempts: int) -> T:
         for attempt in range(1, attempts + 1):
             try:
-                with self._write() as session, session.begin():
-                    return work(session)
+                return run()
             except PoolTimeout as error:  # SQLite: the process's writer stayed busy past the pool's 30 s
                 raise Unavailable("the database is busy; try again shortly") from error
             except DBAPIError as error:

@@ -115,29 +115,38 @@ def fund_new_account(
     return account
 
 
-# PostgreSQL runs data-modifying CTEs: the entry, the covered debit, the new account and both
-# postings in one statement. No payer row (not covered) means no account and no postings, and a
-# NULL id, on which the caller raises and the transaction (with its entry) is rolled back.
-_FUND_NEW_ACCOUNT_PG = text(
-    """
-    WITH entry AS (
-        INSERT INTO journal_entries (kind, initiator_id, memo, created_at)
-        VALUES (:entry_kind, :user_id, :memo, :now) RETURNING id
-    ), payer AS (
+# PostgreSQL runs data-modifying CTEs: the covered debit (PAYER_PG), then the entry, the new
+# account and both postings (funding_pg), all in one statement. No payer row (not covered) means
+# nothing else is written either, and no row comes back, on which the caller raises.
+PAYER_PG = """payer AS (
         UPDATE accounts SET balance = balance - :amount
         WHERE key = :payer_key AND balance >= :amount RETURNING id
+    )"""
+
+
+def funding_pg(key: str, sources: str = "payer") -> str:
+    """The CTEs ``entry``, ``account``, ``debit`` and ``credit`` that follow PAYER_PG (PostgreSQL):
+    the new account, whose key is the SQL expression ``key`` (over ``sources``, which include
+    ``payer``), holding :amount as one journal entry. Parameters: :entry_kind, :user_id, :memo,
+    :now, :kind, :amount. Each writes only when ``payer`` has its row."""
+    return f"""entry AS (
+        INSERT INTO journal_entries (kind, initiator_id, memo, created_at)
+        SELECT CAST(:entry_kind AS VARCHAR), CAST(:user_id AS INTEGER), CAST(:memo AS VARCHAR), :now
+        FROM payer RETURNING id
     ), account AS (
         INSERT INTO accounts (key, kind, user_id, balance)
-        SELECT :key, :kind, :user_id, :amount FROM payer RETURNING id
+        SELECT {key}, CAST(:kind AS VARCHAR), CAST(:user_id AS INTEGER), :amount FROM {sources} RETURNING id
     ), debit AS (
         INSERT INTO postings (entry_id, account_id, amount)
         SELECT entry.id, payer.id, -CAST(:amount AS BIGINT) FROM entry, payer RETURNING id
     ), credit AS (
         INSERT INTO postings (entry_id, account_id, amount)
         SELECT entry.id, account.id, :amount FROM entry, account RETURNING id
-    )
-    SELECT account.id FROM account, debit, credit
-    """
+    )"""
+
+
+_FUND_NEW_ACCOUNT_PG = text(
+    f"WITH {PAYER_PG}, {funding_pg('CAST(:key AS VARCHAR)')} SELECT account.id FROM account, debit, credit"
 ).bindparams(bindparam("now", type_=UtcDateTime()), bindparam("amount", type_=BigInteger()))
 
 

@@ -1,54 +1,64 @@
-"""A task's birth: its row, PENDING at attempt 0, and its first event, in the upload's transaction."""
+"""A task's birth: its row, PENDING at attempt 0, and its first event, in the upload's transaction
+(on PostgreSQL also in one statement with its escrow: :func:`create_escrowed_pg`)."""
 
 from __future__ import annotations
 
-from sqlalchemy import bindparam, insert, literal, select
+from dataclasses import dataclass
+
+from sqlalchemy import BigInteger, Connection, bindparam, insert, literal, select, text
 from sqlalchemy.orm import Session
 
-from models.tables import Task, TaskEvent, table_of, utcnow
+from models import ledger
+from models.tables import Task, TaskEvent, UtcDateTime, table_of, utcnow
 from models.tasks import NEED_FIELDS, PENDING
 
 _tasks = table_of(Task)
 
 
-def create(
-    session: Session,
-    *,
-    task_id: str,
-    owner_id: int,
-    needs: dict[str, int],
-    gpu_name: str,
-    location: str,
-    max_minutes: int,
-    zip_sha256: str,
-    zip_size: int,
-    price_per_minute: int,
-) -> int:
+@dataclass(frozen=True)
+class NewTask:
+    """What an upload inserts: the task, PENDING at attempt 0."""
+
+    task_id: str
+    owner_id: int
+    needs: dict[str, int]
+    gpu_name: str
+    location: str
+    max_minutes: int
+    zip_sha256: str
+    zip_size: int
+    price_per_minute: int
+
+    def row(self) -> dict[str, object]:
+        return {
+            "task_id": self.task_id,
+            "owner_id": self.owner_id,
+            "status": PENDING,
+            "attempt": 0,
+            "gpu_name": self.gpu_name,
+            "location": self.location,
+            "max_minutes": self.max_minutes,
+            "zip_sha256": self.zip_sha256,
+            "zip_size": self.zip_size,
+            "price_per_minute": self.price_per_minute,
+            "excluded_nodes": "",
+            "pending_reason": "waiting for a node",
+            "message": "",
+            "reported_outcome": "",
+            "output_lines": 0,
+            "output_truncated": False,
+            "result_sha256": "",
+            "result_size": 0,
+            "result_pruned": False,
+            **self.needs,
+        }
+
+
+def create(session: Session, task: NewTask) -> int:
     """Insert the task, PENDING at attempt 0, with its "uploaded" event; its primary key.
 
     IntegrityError when ``task_id`` exists already (the caller tells a repeat from a clash)."""
-    row = {
-        "task_id": task_id,
-        "owner_id": owner_id,
-        "status": PENDING,
-        "attempt": 0,
-        "gpu_name": gpu_name,
-        "location": location,
-        "max_minutes": max_minutes,
-        "zip_sha256": zip_sha256,
-        "zip_size": zip_size,
-        "price_per_minute": price_per_minute,
-        "excluded_nodes": "",
-        "pending_reason": "waiting for a node",
-        "message": "",
-        "reported_outcome": "",
-        "output_lines": 0,
-        "output_truncated": False,
-        "result_sha256": "",
-        "result_size": 0,
-        "result_pruned": False,
-        **needs,
-    }
+    row = task.row()
     if session.get_bind().dialect.name == "postgresql":  # the task and its first event in one round trip
         return int(session.execute(_NEW_TASK_WITH_EVENT_PG, {**row, "at": utcnow()}).scalar_one())
     pk = int(session.execute(_NEW_TASK, row).scalar_one())
@@ -56,6 +66,30 @@ def create(
         _NEW_EVENT, {"task_pk": pk, "from_status": "", "to_status": PENDING, "attempt": 0, "reason": "uploaded"}
     )
     return pk
+
+
+def create_escrowed_pg(
+    conn: Connection, task: NewTask, *, payer_key: str, escrow_prefix: str, amount: int, memo: str
+) -> int | None:
+    """PostgreSQL, one statement: :func:`create`, and ``amount`` taken from ``payer_key`` into the
+    task's new escrow account (key ``escrow_prefix`` + its primary key), as ledger.fund_new_account
+    does. The task's primary key; None, with nothing written, when the payer cannot cover it.
+
+    Run in autocommit (Database.alone), the payer's balance row is locked only while the server
+    runs the statement and commits it. IntegrityError when ``task_id`` exists already."""
+    params = {
+        **task.row(),
+        "payer_key": payer_key,
+        "escrow_prefix": escrow_prefix,
+        "amount": amount,
+        "memo": memo,
+        "entry_kind": "escrow",
+        "kind": "escrow",
+        "user_id": task.owner_id,
+        "now": utcnow(),
+    }
+    found = conn.execute(_NEW_ESCROWED_TASK_PG, params).scalar()
+    return None if found is None else int(found)
 
 
 _NEW_TASK = insert(_tasks).returning(_tasks.c.id)
@@ -85,3 +119,17 @@ _NEW_TASK_WITH_EVENT_PG = select(_new_task.c.id).add_cte(
     )
     .cte("first_event")
 )
+_NOW_COLUMNS = ("next_attempt_at", "created_at", "updated_at")  # what SQLAlchemy's inserts default to utcnow()
+_NEW_ESCROWED_TASK_PG = text(
+    f"""
+    WITH {ledger.PAYER_PG}, new_task AS (
+        INSERT INTO tasks ({", ".join(_NEW_TASK_COLUMNS)}, {", ".join(_NOW_COLUMNS)})
+        SELECT {", ".join(f":{c}" for c in _NEW_TASK_COLUMNS)}, {", ".join(":now" for _ in _NOW_COLUMNS)}
+        FROM payer RETURNING id
+    ), first_event AS (
+        INSERT INTO task_events (task_pk, at, from_status, to_status, attempt, node_id, reason)
+        SELECT id, :now, '', '{PENDING}', 0, '', 'uploaded' FROM new_task
+    ), {ledger.funding_pg("CAST(:escrow_prefix AS VARCHAR) || new_task.id", "payer, new_task")}
+    SELECT new_task.id FROM new_task, account, debit, credit
+    """
+).bindparams(bindparam("now", type_=UtcDateTime()), bindparam("amount", type_=BigInteger()))

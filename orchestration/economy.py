@@ -18,9 +18,11 @@ from models.tables import Account, CreditEvent, Task, User
 from models.tasks import TaskView
 from orchestration.policies.pricing import owed
 
+ESCROW_PREFIX = "escrow:task:"
+
 
 def escrow_key(task_pk: int) -> str:
-    return f"escrow:task:{task_pk}"
+    return f"{ESCROW_PREFIX}{task_pk}"
 
 
 def pending_key(task_pk: int, attempt: int) -> str:
@@ -45,13 +47,20 @@ def escrow(session: Session, *, task_pk: int, task_id: str, owner_id: int, amoun
             user_id=owner_id,
             amount=amount,
             entry_kind="escrow",
-            memo=f"escrow for task {task_id}",
+            memo=escrow_memo(task_id),
         )
     except InsufficientBalance as error:
-        have = _balance(session, ledger.balance_key(owner_id))
-        raise InsufficientBalance(
-            f"insufficient balance: this task may cost up to {amount} CPT and you have {have} CPT"
-        ) from error
+        raise short_of(session, owner_id, amount) from error
+
+
+def escrow_memo(task_id: str) -> str:
+    return f"escrow for task {task_id}"
+
+
+def short_of(session: Session, owner_id: int, amount: int) -> InsufficientBalance:
+    """The refusal of an escrow of ``amount`` that the owner's balance does not cover."""
+    have = _balance(session, ledger.balance_key(owner_id))
+    return InsufficientBalance(f"insufficient balance: this task may cost up to {amount} CPT and you have {have} CPT")
 
 
 def accrue(session: Session, task: TaskView, now: datetime) -> int:

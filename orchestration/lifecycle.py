@@ -119,9 +119,48 @@ class Lifecycle:
     def _record_upload(
         self, caller: Asker, request: uploads.UploadRequest, path: Path, staged: Path
     ) -> tuple[str, bool]:
-        """Insert the task whose zip is ``staged`` (beside ``path``) and move the zip into place."""
-        placed = False
+        """Insert the task whose zip is ``staged`` (beside ``path``) and move the zip into place;
+        (task id, whether this call created it)."""
         known = caller.user_id if (caller.username.lower(), caller.user_id) in self._accounts_seen else None
+        try:
+            if not self.db.is_sqlite and uploads.escrow_amount(request, self.settings) > 0:
+                owner_id = self._insert_alone(caller, request, path, staged, known)
+            else:
+                owner_id = self._insert_in_transaction(caller, request, path, staged, known)
+        except IntegrityError:  # the task id exists: a repeat of this upload, or another one?
+            with self.db.reading() as session:
+                existing = tasks.get(session, request.task_id)
+            if existing is None:
+                raise
+            uploads.check_repeat(existing, request, caller.user_id)
+            if existing.status not in tasks.TERMINAL and not path.exists() and staged.exists():
+                os.replace(staged, path)  # the first upload committed but stopped before placing its zip
+            return request.task_id, False
+        finally:
+            staged.unlink(missing_ok=True)
+        if owner_id == caller.user_id:  # accounts are never deleted: no need to look this one up again
+            self._accounts_seen.add((caller.username.lower(), caller.user_id))
+        self.request_matching()
+        uploads.log_uploaded(request, caller.username, self.settings)
+        return request.task_id, True
+
+    def _insert_alone(
+        self, caller: Asker, request: uploads.UploadRequest, path: Path, staged: Path, known: int | None
+    ) -> int:
+        """PostgreSQL: the task and its escrow in one statement committed as it ends
+        (uploads.insert_alone), then the zip moved into place. Should this process stop in between,
+        the task has no zip until its upload is repeated (a client that got no answer repeats it,
+        and :meth:`_record_upload` then puts the zip in place); a task dispatched without its zip
+        goes to its next attempt."""
+        owner_id = uploads.insert_alone(self.db, request, caller.username, self.settings, owner_id=known)
+        os.replace(staged, path)
+        return owner_id
+
+    def _insert_in_transaction(
+        self, caller: Asker, request: uploads.UploadRequest, path: Path, staged: Path, known: int | None
+    ) -> int:
+        """The task and its escrow in one transaction, the zip moved into place inside it."""
+        placed = False
 
         def work(session: Session) -> int:
             nonlocal placed
@@ -137,27 +176,15 @@ class Lifecycle:
         # finds the zip placed already, and an upload of the same id committed in between has
         # replaced it with its own (this one's insert then fails as a clash).
         try:
-            owner_id = self.db.transaction(work, grouped=True)
-        except IntegrityError:  # the task id exists: a repeat of this upload, or another one?
-            with self.db.reading() as session:
-                existing = tasks.get(session, request.task_id)
-            if existing is None:
-                raise
-            uploads.check_repeat(existing, request, caller.user_id)
-            return request.task_id, False
+            return self.db.transaction(work, grouped=True)
+        except IntegrityError:  # a clash: the insert failed, nothing was put in place
+            raise
         except Exception:
             if placed:  # the commit failed after the zip was put in place
                 with self.db.reading() as session:
                     if tasks.get(session, request.task_id) is None:
                         path.unlink(missing_ok=True)
             raise
-        finally:
-            staged.unlink(missing_ok=True)
-        if owner_id == caller.user_id:  # accounts are never deleted: no need to look this one up again
-            self._accounts_seen.add((caller.username.lower(), caller.user_id))
-        self.request_matching()
-        uploads.log_uploaded(request, caller.username, self.settings)
-        return request.task_id, True
 
     def owned(self, session: Session, caller: Asker, task_id: str) -> tasks.TaskView:
         task = tasks.get(session, validate_task_id(task_id))

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from models import accounts, new_tasks, tasks
+from models import accounts, ledger, new_tasks, tasks
+from models.db import Database
 from models.errors import InvalidArgument, NotFound, PermissionDenied, Refused, TooLarge
 from orchestration import economy
 from orchestration.policies.pricing import PriceList, price_per_minute
@@ -179,24 +180,60 @@ def insert(
         owner_id = accounts.user_id(session, caller)
         if owner_id is None:
             raise NotFound("your account no longer exists")
-    digest = request.digest()
     per_minute = price_per_minute(request.needs, prices(settings))
-    pk = new_tasks.create(
-        session,
+    pk = new_tasks.create(session, new_task(request, owner_id, per_minute))
+    economy.escrow(
+        session, task_pk=pk, task_id=request.task_id, owner_id=owner_id, amount=per_minute * request.max_minutes
+    )
+    return owner_id
+
+
+def insert_alone(db: Database, request: UploadRequest, caller: str, settings: Settings, *, owner_id: int | None) -> int:
+    """:func:`insert` on PostgreSQL in one statement committed as it ends (Database.alone), for a
+    task with a price: the uploader's balance row is then locked only while the server runs it,
+    where a transaction kept it locked across the answer's way back to this process and its
+    COMMIT, and a user's concurrent uploads queued on it. The owner's user id."""
+    if owner_id is None:
+        with db.reading() as session:
+            owner_id = accounts.user_id(session, caller)
+        if owner_id is None:
+            raise NotFound("your account no longer exists")
+    per_minute = price_per_minute(request.needs, prices(settings))
+    amount = per_minute * request.max_minutes
+    task = new_task(request, owner_id, per_minute)
+    pk = db.alone(
+        lambda conn: new_tasks.create_escrowed_pg(
+            conn,
+            task,
+            payer_key=ledger.balance_key(owner_id),
+            escrow_prefix=economy.ESCROW_PREFIX,
+            amount=amount,
+            memo=economy.escrow_memo(request.task_id),
+        )
+    )
+    if pk is None:
+        with db.reading() as session:
+            raise economy.short_of(session, owner_id, amount)
+    return owner_id
+
+
+def escrow_amount(request: UploadRequest, settings: Settings) -> int:
+    """What the upload escrows: the task's price per minute for its maximum minutes."""
+    return price_per_minute(request.needs, prices(settings)) * request.max_minutes
+
+
+def new_task(request: UploadRequest, owner_id: int, per_minute: int) -> new_tasks.NewTask:
+    return new_tasks.NewTask(
         task_id=request.task_id,
         owner_id=owner_id,
         needs=request.needs,
         gpu_name=request.gpu_name,
         location=request.location,
         max_minutes=request.max_minutes,
-        zip_sha256=digest,
+        zip_sha256=request.digest(),
         zip_size=request.size,
         price_per_minute=per_minute,
     )
-    economy.escrow(
-        session, task_pk=pk, task_id=request.task_id, owner_id=owner_id, amount=per_minute * request.max_minutes
-    )
-    return owner_id
 
 
 def log_uploaded(request: UploadRequest, caller: str, settings: Settings) -> None:

@@ -6,8 +6,12 @@ import threading
 import uuid
 
 import grpc
+import pytest
+import sqlalchemy as sa
 
 from models import accounts, ledger
+from models.tables import Account, JournalEntry, Posting, Task, TaskEvent
+from orchestration import economy, uploads
 from orchestration.lifecycle import Asker
 from protos import nodepool_pb2 as pb
 from tests.harness import PoolHarness, bearer
@@ -86,3 +90,117 @@ def test_different_users_racing_for_one_id_one_wins_the_others_are_told(pool: Po
     assert charged == {winner_token}  # the losers paid nothing
     with pool.ctx.db.reading() as session:
         assert ledger.audit(session).ok
+
+
+def test_one_users_uploads_at_once_are_taken_until_the_balance_runs_out(pool: PoolHarness) -> None:
+    """On PostgreSQL each of these is one statement committed as it ends (the balance row locked
+    only meanwhile); on SQLite a transaction. Either way no overdraft, and every task has its zip."""
+    name, token = pool.new_user()
+    before = pool.balance(token)
+    first = f"rich-{uuid.uuid4().hex[:8]}"
+    assert race(pool, [(token, request(first))])[0].success  # type: ignore[union-attr]
+    price = before - pool.balance(token)
+    affordable = pool.balance(token) // price
+    assert affordable >= 2, "the default balance should cover a few tasks"
+
+    sent = [request(f"rich-{uuid.uuid4().hex[:8]}", f"print({i})\n") for i in range(affordable + 3)]
+    outcomes = race(pool, [(token, r) for r in sent])
+
+    won = [r.task_id for r, o in zip(sent, outcomes, strict=True) if isinstance(o, pb.UploadTaskResponse) and o.success]
+    refused = [o for o in outcomes if isinstance(o, pb.UploadTaskResponse) and not o.success]
+    assert len(won) == affordable and len(refused) == 3, outcomes
+    assert all("insufficient balance" in o.message for o in refused)  # type: ignore[union-attr]
+    assert sorted(listed(pool, name)) == sorted([first, *won])
+    assert pool.balance(token) == before - price * (affordable + 1)
+    storage = pool.ctx.lifecycle.storage
+    for r in sent:
+        zip_path = storage.task_zip(r.task_id)
+        assert zip_path.exists() == (r.task_id in won)
+        if r.task_id in won:
+            assert zip_path.read_bytes() == r.task_zip
+    staged = [p for p in storage.root.rglob(".*") if p.is_file()]
+    assert staged == []
+    with pool.ctx.db.reading() as session:
+        assert ledger.audit(session).ok
+
+
+def test_a_task_whose_zip_was_not_put_in_place_gets_it_from_a_repeat_of_its_upload(pool: PoolHarness) -> None:
+    """As when the server stopped between the task's commit and the zip's move (PostgreSQL's
+    one-statement upload): the client, which got no answer, sends the upload again."""
+    _, token = pool.new_user()
+    task_id = f"heal-{uuid.uuid4().hex[:8]}"
+    sent = request(task_id)
+    assert race(pool, [(token, sent)])[0].success  # type: ignore[union-attr]
+    zip_path = pool.ctx.lifecycle.storage.task_zip(task_id)
+    zip_path.unlink()
+    balance = pool.balance(token)
+
+    other = request(task_id, "print('another')\n")
+    assert not race(pool, [(token, other)])[0].success  # type: ignore[union-attr]
+    assert not zip_path.exists()  # a different zip under the same id is refused and not kept
+
+    assert race(pool, [(token, sent)])[0].success  # type: ignore[union-attr]
+    assert zip_path.read_bytes() == sent.task_zip
+    assert pool.balance(token) == balance  # nothing charged twice
+
+
+def test_the_one_statement_upload_writes_what_the_transaction_writes(pool: PoolHarness) -> None:
+    """PostgreSQL's one-statement upload against the transaction SQLite uses (and PostgreSQL for a
+    task without a price): the same task row, first event, escrow account, entry and postings."""
+    if pool.ctx.db.is_sqlite:
+        pytest.skip("the one-statement upload is PostgreSQL's; SQLite uploads in a transaction")
+    name, _ = pool.new_user()
+    with pool.ctx.db.reading() as session:
+        owner = accounts.user_id(session, name)
+    assert owner is not None
+    made = {}
+    for way in ("transaction", "alone"):
+        task_id = f"{way}-{uuid.uuid4().hex[:8]}"
+        wanted = uploads.UploadRequest(
+            task_id=task_id,
+            task_zip=task_zip({"main.py": "print('same')\n"}),
+            needs={"cpu_score": 250, "memory_gb": 2, "gpu_score": 0, "gpu_memory_gb": 0},
+            gpu_name="Any",
+            location="Any",
+            user_id=name,
+            max_minutes=7,
+        )
+        if way == "alone":
+            uploads.insert_alone(pool.ctx.db, wanted, name, pool.ctx.settings, owner_id=None)
+        else:
+            pool.ctx.db.transaction(lambda s, r=wanted: uploads.insert(s, r, name, pool.ctx.settings, owner_id=owner))
+        made[way] = written(pool, task_id)
+    assert made["alone"] == made["transaction"]
+    assert made["alone"]["escrow"][2] == 7 * made["alone"]["task"]["price_per_minute"] > 0
+    with pool.ctx.db.reading() as session:
+        assert ledger.audit(session).ok
+
+
+def written(pool: PoolHarness, task_id: str) -> dict[str, object]:
+    """What an upload of ``task_id`` wrote, without its ids, names and times."""
+    with pool.ctx.db.engine.connect() as conn:
+        task = conn.execute(sa.select(Task).where(Task.task_id == task_id)).mappings().one()
+        events = conn.execute(
+            sa.select(
+                TaskEvent.from_status, TaskEvent.to_status, TaskEvent.attempt, TaskEvent.node_id, TaskEvent.reason
+            ).where(TaskEvent.task_pk == task["id"])
+        ).all()
+        escrow = conn.execute(
+            sa.select(Account.id, Account.kind, Account.user_id, Account.balance).where(
+                Account.key == economy.escrow_key(task["id"])
+            )
+        ).one()
+        entries = conn.execute(
+            sa.select(JournalEntry.kind, JournalEntry.initiator_id, JournalEntry.memo, Posting.amount)
+            .join(Posting, Posting.entry_id == JournalEntry.id)
+            .where(JournalEntry.id.in_(sa.select(Posting.entry_id).where(Posting.account_id == escrow.id)))
+            .order_by(Posting.amount)
+        ).all()
+    skipped = {"id", "task_id", "created_at", "updated_at", "next_attempt_at"}
+    return {
+        "task": {k: v for k, v in task.items() if k not in skipped},
+        "events": events,
+        "escrow": tuple(escrow)[1:],
+        "entries": [(kind, who, memo.replace(task_id, "<id>"), amount) for kind, who, memo, amount in entries],
+        "stamped": all(task[k] is not None for k in skipped - {"id", "task_id"}),
+    }
