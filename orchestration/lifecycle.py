@@ -124,7 +124,8 @@ class Lifecycle:
         known = caller.user_id if (caller.username.lower(), caller.user_id) in self._accounts_seen else None
         try:
             if not self.db.is_sqlite and uploads.escrow_amount(request, self.settings) > 0:
-                owner_id = self._insert_alone(caller, request, path, staged, known)
+                owner_id = uploads.insert_alone(self.db, request, caller.username, self.settings, owner_id=known)
+                os.replace(staged, path)  # after the commit (see uploads.insert_alone)
             else:
                 owner_id = self._insert_in_transaction(caller, request, path, staged, known)
         except IntegrityError:  # the task id exists: a repeat of this upload, or another one?
@@ -143,18 +144,6 @@ class Lifecycle:
         self.request_matching()
         uploads.log_uploaded(request, caller.username, self.settings)
         return request.task_id, True
-
-    def _insert_alone(
-        self, caller: Asker, request: uploads.UploadRequest, path: Path, staged: Path, known: int | None
-    ) -> int:
-        """PostgreSQL: the task and its escrow in one statement committed as it ends
-        (uploads.insert_alone), then the zip moved into place. Should this process stop in between,
-        the task has no zip until its upload is repeated (a client that got no answer repeats it,
-        and :meth:`_record_upload` then puts the zip in place); a task dispatched without its zip
-        goes to its next attempt."""
-        owner_id = uploads.insert_alone(self.db, request, caller.username, self.settings, owner_id=known)
-        os.replace(staged, path)
-        return owner_id
 
     def _insert_in_transaction(
         self, caller: Asker, request: uploads.UploadRequest, path: Path, staged: Path, known: int | None

@@ -192,7 +192,12 @@ def insert_alone(db: Database, request: UploadRequest, caller: str, settings: Se
     """:func:`insert` on PostgreSQL in one statement committed as it ends (Database.alone), for a
     task with a price: the uploader's balance row is then locked only while the server runs it,
     where a transaction kept it locked across the answer's way back to this process and its
-    COMMIT, and a user's concurrent uploads queued on it. The owner's user id."""
+    COMMIT, and a user's concurrent uploads queued on it. The owner's user id.
+
+    The caller moves the zip into place afterwards. Should its process stop in between, the task
+    has no zip until the upload is repeated (a client that got no answer repeats it, and the
+    repeat puts the zip in place: Lifecycle._record_upload); a task dispatched without its zip
+    goes to its next attempt."""
     if owner_id is None:
         with db.reading() as session:
             owner_id = accounts.user_id(session, caller)
