@@ -190,7 +190,8 @@ class CpuTimes:
     def _now(self) -> dict[str, float]:
         now = {name: sum(map(_cpu_seconds, self._family(name, group))) for name, group in self.processes.items()}
         for name, group in self.services.items():
-            now[name] = sum(map(_cpu_seconds, self._family(name, group))) + sum(map(_reaped_seconds, group))
+            family = self._family(name, group)
+            now[name] = sum(_cpu_seconds(proc, reaped=proc in group) for proc in family)
         return now
 
     @staticmethod
@@ -214,21 +215,14 @@ class CpuTimes:
         return spent
 
 
-def _cpu_seconds(proc: psutil.Process) -> float:
+def _cpu_seconds(proc: psutil.Process, *, reaped: bool = False) -> float:
+    """CPU seconds of ``proc``; ``reaped``: with those of its children that have exited and been waited for."""
     try:
         times = proc.cpu_times()
     except psutil.Error:  # gone meanwhile
         return 0.0
-    return float(times.user + times.system)
-
-
-def _reaped_seconds(proc: psutil.Process) -> float:
-    """CPU seconds of ``proc``'s children that have exited and been waited for."""
-    try:
-        times = proc.cpu_times()
-    except psutil.Error:
-        return 0.0
-    return float(times.children_user + times.children_system)
+    own = times.user + times.system
+    return float(own + times.children_user + times.children_system if reaped else own)
 
 
 def services(backend: Backend) -> dict[str, list[psutil.Process]]:

@@ -166,8 +166,6 @@ class Lifecycle:
         # replaced it with its own (this one's insert then fails as a clash).
         try:
             return self.db.transaction(work, grouped=True)
-        except IntegrityError:  # a clash: the insert failed, nothing was put in place
-            raise
         except Exception:
             if placed:  # the commit failed after the zip was put in place
                 with self.db.reading() as session:

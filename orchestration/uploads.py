@@ -176,16 +176,24 @@ def insert(
     raises IntegrityError, and the caller reads the existing task (:func:`check_repeat`).
     InsufficientBalance when the balance does not cover the escrow.
     """
-    if owner_id is None:
-        owner_id = accounts.user_id(session, caller)
-        if owner_id is None:
-            raise NotFound("your account no longer exists")
-    per_minute = price_per_minute(request.needs, prices(settings))
+    owner_id = owner_id if owner_id is not None else _owner(session, caller)
+    per_minute, amount = _priced(request, settings)
     pk = new_tasks.create(session, new_task(request, owner_id, per_minute))
-    economy.escrow(
-        session, task_pk=pk, task_id=request.task_id, owner_id=owner_id, amount=per_minute * request.max_minutes
-    )
+    economy.escrow(session, task_pk=pk, task_id=request.task_id, owner_id=owner_id, amount=amount)
     return owner_id
+
+
+def _owner(session: Session, caller: str) -> int:
+    owner_id = accounts.user_id(session, caller)
+    if owner_id is None:
+        raise NotFound("your account no longer exists")
+    return owner_id
+
+
+def _priced(request: UploadRequest, settings: Settings) -> tuple[int, int]:
+    """(the task's price per minute, what its upload escrows: that for its maximum minutes)."""
+    per_minute = price_per_minute(request.needs, prices(settings))
+    return per_minute, per_minute * request.max_minutes
 
 
 def insert_alone(db: Database, request: UploadRequest, caller: str, settings: Settings, *, owner_id: int | None) -> int:
@@ -200,11 +208,8 @@ def insert_alone(db: Database, request: UploadRequest, caller: str, settings: Se
     goes to its next attempt."""
     if owner_id is None:
         with db.reading() as session:
-            owner_id = accounts.user_id(session, caller)
-        if owner_id is None:
-            raise NotFound("your account no longer exists")
-    per_minute = price_per_minute(request.needs, prices(settings))
-    amount = per_minute * request.max_minutes
+            owner_id = _owner(session, caller)
+    per_minute, amount = _priced(request, settings)
     task = new_task(request, owner_id, per_minute)
     pk = db.alone(
         lambda conn: new_tasks.create_escrowed_pg(
@@ -224,7 +229,7 @@ def insert_alone(db: Database, request: UploadRequest, caller: str, settings: Se
 
 def escrow_amount(request: UploadRequest, settings: Settings) -> int:
     """What the upload escrows: the task's price per minute for its maximum minutes."""
-    return price_per_minute(request.needs, prices(settings)) * request.max_minutes
+    return _priced(request, settings)[1]
 
 
 def new_task(request: UploadRequest, owner_id: int, per_minute: int) -> new_tasks.NewTask:
