@@ -195,8 +195,12 @@ class Database:
         the server commits as it ends, for a write made in one statement whose locks should not be
         held across a round trip back to this process. Retried and answered as :meth:`transaction`."""
 
+        # SQLite: no BEGIN (the connection's own autocommit); its AUTOCOMMIT level would still
+        # send the BEGIN IMMEDIATE of _configure_sqlite, and the write be rolled back at the end.
+        options = {"sqlite_begin": "NONE"} if self.is_sqlite else {"isolation_level": "AUTOCOMMIT"}
+
         def run() -> T:
-            with self._writer.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            with self._writer.connect().execution_options(**options) as conn:
                 return work(conn)
 
         return self._retrying(run, attempts)
