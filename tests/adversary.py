@@ -67,8 +67,13 @@ class Scene:
             return self.pool.ctx.tokens.issue(self.worker.owner, user_id_of(self.worker.token), now=month_ago)
         if identity == "forged":
             now = int(time.time())
-            claims = {"sub": self.operator[0], "uid": user_id_of(self.operator[1]), "iat": now, "exp": now + 3600,
-                      "iss": ISSUER}
+            claims = {
+                "sub": self.operator[0],
+                "uid": user_id_of(self.operator[1]),
+                "iat": now,
+                "exp": now + 3600,
+                "iss": ISSUER,
+            }
             return jwt.encode(claims, FORGING_SECRET, algorithm="HS256")
         return {
             "stranger": self.stranger[1],

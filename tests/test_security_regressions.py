@@ -74,8 +74,10 @@ def test_result_or_logs_of_another_users_task_cannot_be_read(quick_pool: PoolHar
         for call, message in reads:
             assert code_of(call, message(task_id=task_id), metadata=bearer(token)) == DENIED
             assert code_of(call, message(task_id=task_id, token=token)) == DENIED
-        assert code_of(pool.master.PollTaskStatus, pb.PollTaskStatusRequest(task_id=task_id),
-                       metadata=bearer(token)) == DENIED
+        assert (
+            code_of(pool.master.PollTaskStatus, pb.PollTaskStatusRequest(task_id=task_id), metadata=bearer(token))
+            == DENIED
+        )
         listing = pool.master.GetAllTasks(pb.GetAllTasksRequest(token=token))
         assert task_id not in [t.task_id for t in listing.tasks]
         # Someone else's token in the message does not help when the metadata names the caller.
@@ -93,8 +95,13 @@ def test_task_marked_completed_by_a_stranger_is_refused(fast_pool: PoolHarness, 
     assert pool.nodes.RegisterWorkerNode(node_request(other_owner, memory_gb=0), metadata=bearer(other_token)).success
     task_id = upload(pool, owner)
     wait_status(pool, owner, task_id, "RUNNING")
-    claims = [(stranger, node.node_id), (stranger, ""), (owner, node.node_id), (other_token, node.node_id),
-              (other_token, other_owner)]
+    claims = [
+        (stranger, node.node_id),
+        (stranger, ""),
+        (owner, node.node_id),
+        (other_token, node.node_id),
+        (other_token, other_owner),
+    ]
     for token, node_id in claims:
         for attempt in (0, 1):
             request = pb.TaskCompletedRequest(task_id=task_id, node_id=node_id, success=True, attempt=attempt)
@@ -110,8 +117,14 @@ def test_node_registered_or_repointed_under_another_users_name_is_refused(sqlite
     pool = sqlite_pool
     (victim, victim_token), (attacker, attacker_token) = pool.new_user(), pool.new_user()
     assert pool.nodes.RegisterWorkerNode(node_request(victim), metadata=bearer(victim_token)).success
-    for node_id in (victim, victim.upper(), f"{victim}/gpu", f"{victim.capitalize()}/x", "not-yet-a-user",
-                    f"{victim}/{attacker}"):
+    for node_id in (
+        victim,
+        victim.upper(),
+        f"{victim}/gpu",
+        f"{victim.capitalize()}/x",
+        "not-yet-a-user",
+        f"{victim}/{attacker}",
+    ):
         hijack = node_request(node_id, hostname="203.0.113.66", port=6666)
         assert code_of(pool.nodes.RegisterWorkerNode, hijack, metadata=bearer(attacker_token)) == DENIED, node_id
         beat = pb.ReportStatusRequest(node_id=node_id, status_message="Idle")
@@ -128,8 +141,15 @@ def test_node_registered_or_repointed_under_another_users_name_is_refused(sqlite
 
 def test_self_declared_trust_raises_neither_credit_nor_tier_nor_pay(quick_pool: PoolHarness, workers: list) -> None:
     pool = quick_pool
-    boasts: dict[str, Any] = dict(cpu_cores=4096, memory_gb=65536, cpu_score=10_000_000, gpu_score=10_000_000,
-                                  gpu_memory_gb=16384, gpu_name="8x H100", docker_status="available")
+    boasts: dict[str, Any] = dict(
+        cpu_cores=4096,
+        memory_gb=65536,
+        cpu_score=10_000_000,
+        gpu_score=10_000_000,
+        gpu_memory_gb=16384,
+        gpu_name="8x H100",
+        docker_status="available",
+    )
     liar = ScriptedWorker(pool, script=Script(mode="hold"), **boasts)
     workers.append(liar)
     for docker in ("enabled", "available", "true", "yes"):  # registering again and again is no merit
@@ -137,8 +157,10 @@ def test_self_declared_trust_raises_neither_credit_nor_tier_nor_pay(quick_pool: 
         reply = pool.nodes.RegisterWorkerNode(again, metadata=bearer(liar.token))
         assert "normal trust tier" in reply.message
     for _ in range(5):
-        pool.nodes.ReportStatus(pb.ReportStatusRequest(node_id=liar.node_id, status_message="Running 999 tasks"),
-                                metadata=bearer(liar.token))
+        pool.nodes.ReportStatus(
+            pb.ReportStatusRequest(node_id=liar.node_id, status_message="Running 999 tasks"),
+            metadata=bearer(liar.token),
+        )
     assert credit_of(pool, liar.owner) == 50
     _, submitter = pool.new_user()
     task_id = upload(pool, submitter)
@@ -146,8 +168,9 @@ def test_self_declared_trust_raises_neither_credit_nor_tier_nor_pay(quick_pool: 
     started_minutes_ago(pool, task_id, 3)
     accrue(pool)
     for _ in range(10):
-        usage = pb.RunningStatusRequest(node_id=liar.node_id, task_id=task_id, cpu_usage=100, memory_usage=100,
-                                        gpu_usage=100, gpu_memory_usage=100)
+        usage = pb.RunningStatusRequest(
+            node_id=liar.node_id, task_id=task_id, cpu_usage=100, memory_usage=100, gpu_usage=100, gpu_memory_usage=100
+        )
         reply = pool.worker_side.ReportRunningStatus(usage, metadata=bearer(liar.token))
         assert reply.cpt_reward == 3 * PER_MINUTE  # what the pool metered, not what the node claims
     liar.release(task_id)
@@ -164,8 +187,10 @@ def test_idle_heartbeats_earn_nothing(quick_pool: PoolHarness, workers: list) ->
     idler = ScriptedWorker(pool)
     workers.append(idler)
     for _ in range(10):
-        pool.nodes.ReportStatus(pb.ReportStatusRequest(node_id=idler.node_id, status_message="Running 12 tasks"),
-                                metadata=bearer(idler.token))
+        pool.nodes.ReportStatus(
+            pb.ReportStatusRequest(node_id=idler.node_id, status_message="Running 12 tasks"),
+            metadata=bearer(idler.token),
+        )
     for _ in range(3):
         accrue(pool)
         sweep(pool)

@@ -63,12 +63,17 @@ def test_hostile_zips_are_refused_and_nothing_is_written(sqlite_pool: PoolHarnes
         pool.master.UploadTask(request, metadata=bearer(token))
     assert info.value.code() == INVALID, info.value.details()
     assert "refused" in info.value.details() or "empty" in info.value.details()
-    created = {p for p in files_under(tmp_path.parent) - before if p.suffix not in {".db", ".db-wal", ".db-shm"}
-               and not p.name.endswith(("-wal", "-shm", ".log"))}
+    created = {
+        p
+        for p in files_under(tmp_path.parent) - before
+        if p.suffix not in {".db", ".db-wal", ".db-shm"} and not p.name.endswith(("-wal", "-shm", ".log"))
+    }
     assert created == set(), created
     assert pool.balance(token) == 1000
-    assert code_of(pool.master.PollTaskStatus, pb.PollTaskStatusRequest(task_id="hostile-1"),
-                   metadata=bearer(token)) == grpc.StatusCode.NOT_FOUND
+    assert (
+        code_of(pool.master.PollTaskStatus, pb.PollTaskStatusRequest(task_id="hostile-1"), metadata=bearer(token))
+        == grpc.StatusCode.NOT_FOUND
+    )
 
 
 def test_oversized_uploads_are_resource_exhausted(make_pool, sqlite_url: str) -> None:
@@ -133,8 +138,10 @@ def test_upload_beyond_balance_says_how_much_is_needed(pool: PoolHarness) -> Non
     reply = pool.master.UploadTask(request, metadata=bearer(token))
     assert not reply.success and "insufficient balance" in reply.message and "1000 CPT" in reply.message
     assert pool.balance(token) == 1000
-    assert code_of(pool.master.PollTaskStatus, pb.PollTaskStatusRequest(task_id="pricey"),
-                   metadata=bearer(token)) == grpc.StatusCode.NOT_FOUND
+    assert (
+        code_of(pool.master.PollTaskStatus, pb.PollTaskStatusRequest(task_id="pricey"), metadata=bearer(token))
+        == grpc.StatusCode.NOT_FOUND
+    )
 
 
 def test_reports_only_from_the_current_attempts_node(make_pool, sqlite_url: str, celery_worker_for) -> None:
@@ -157,9 +164,10 @@ def test_reports_only_from_the_current_attempts_node(make_pool, sqlite_url: str,
             ]:
                 assert code_of(call, request, metadata=bearer(token)) == DENIED
         # The right node, but a stale attempt number, is refused in-band.
-        stale = pool.master.TaskCompleted(pb.TaskCompletedRequest(task_id=task_id, node_id=worker.node_id,
-                                                                  success=True, attempt=7),
-                                          metadata=bearer(worker.token))
+        stale = pool.master.TaskCompleted(
+            pb.TaskCompletedRequest(task_id=task_id, node_id=worker.node_id, success=True, attempt=7),
+            metadata=bearer(worker.token),
+        )
         assert not stale.success and "attempt" in stale.message
         # The right node naming another node id is refused.
         other = pb.TaskCompletedRequest(task_id=task_id, node_id=f"{worker.owner}/other", success=True)
@@ -174,8 +182,9 @@ def test_reports_only_from_the_current_attempts_node(make_pool, sqlite_url: str,
         assert wait_status(pool, owner_token, task_id, "RUNNING").output == list(Script().lines)
         worker.release(task_id)
         wait_status(pool, owner_token, task_id, "COMPLETED")
-        closed = pool.master.StoreOutput(pb.StoreOutputRequest(task_id=task_id, output="after the end"),
-                                         metadata=bearer(worker.token))
+        closed = pool.master.StoreOutput(
+            pb.StoreOutputRequest(task_id=task_id, output="after the end"), metadata=bearer(worker.token)
+        )
         assert not closed.success and "COMPLETED" in closed.message
     finally:
         worker.close()

@@ -144,9 +144,7 @@ def test_up_shares_one_port_between_two_grpc_processes(tmp_path: Path, unused_po
         # Each channel on its own connection, as separate machines' would be.
         connections = 24
         for _ in range(connections):
-            channel = grpc.insecure_channel(
-                f"127.0.0.1:{unused_port}", options=[("grpc.use_local_subchannel_pool", 1)]
-            )
+            channel = grpc.insecure_channel(f"127.0.0.1:{unused_port}", options=[("grpc.use_local_subchannel_pool", 1)])
             assert pb_grpc.NodeManagerServiceStub(channel).HealthCheck(pb.HealthCheckRequest(), timeout=10).healthy
             channel.close()
         first, second = _metrics(metrics_port), _metrics(metrics_port + 1)
