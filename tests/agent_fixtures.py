@@ -12,7 +12,7 @@ import tempfile
 import threading
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from protos import nodepool_pb2_grpc as pb_grpc
 from tests.recording_pool import RecordingPool
 
 
-def make_zip(files: dict[str, str | bytes], *, executable: tuple[str, ...] = ()) -> bytes:
+def make_zip(files: Mapping[str, str | bytes], *, executable: tuple[str, ...] = ()) -> bytes:
     """A zip of ``files`` (name → content)."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:

@@ -15,6 +15,7 @@ import time
 import zipfile
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import jwt
@@ -69,7 +70,7 @@ class ScriptedWorker(pb_grpc.WorkerNodeServiceServicer):
         pb_grpc.add_WorkerNodeServiceServicer_to_server(self, self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
-        fields = dict(
+        fields: dict[str, Any] = dict(
             cpu_cores=4,
             memory_gb=16,
             cpu_score=1000,
@@ -86,7 +87,7 @@ class ScriptedWorker(pb_grpc.WorkerNodeServiceServicer):
 
     # ---- pool side calls
 
-    def register(self, port: int | None = None, **fields: object) -> None:
+    def register(self, port: int | None = None, **fields: Any) -> None:
         request = pb.RegisterWorkerNodeRequest(
             node_id=self.node_id, hostname="127.0.0.1", port=port or self.port, **fields
         )

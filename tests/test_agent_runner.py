@@ -12,7 +12,9 @@ import os
 import threading
 import time
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -33,7 +35,7 @@ def runner(work_dir: Path) -> Runner:
 
 
 def run_task(
-    runner: Runner, files: dict[str, str | bytes], *, task_id: str = "t1", **spec: int
+    runner: Runner, files: Mapping[str, str | bytes], *, task_id: str = "t1", **spec: Any
 ) -> tuple[Outcome, Events]:
     events = Events()
     run = runner.prepare(TaskSpec(task_id, 1, **spec), make_zip(files))

@@ -7,6 +7,7 @@ anywhere, some racing for the same task attempt) while the test process samples 
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import random
 import threading
@@ -85,9 +86,9 @@ def _worker(url: str, run: str, node_pks: list[int], seed: int, results: multipr
     for _ in range(OPS):
         if held and rng.random() < 0.45:
             allocation_id = held.pop(rng.randrange(len(held)))
-            assert db.transaction(lambda s, a=allocation_id: allocation.release(s, a, "test"))
+            assert db.transaction(functools.partial(allocation.release, allocation_id=allocation_id, reason="test"))
             # Releasing twice is harmless.
-            assert not db.transaction(lambda s, a=allocation_id: allocation.release(s, a, "test"))
+            assert not db.transaction(functools.partial(allocation.release, allocation_id=allocation_id, reason="test"))
             released += 1
             continue
         need = allocation.Need(
@@ -102,7 +103,7 @@ def _worker(url: str, run: str, node_pks: list[int], seed: int, results: multipr
         if rng.random() < 0.3:  # as matching does: a batch's holds in one statement, then its rows
             group = [(f"{run}-t{rng.randrange(OPS // 2)}", rng.choice(node_pks[:5]), need) for _ in range(3)]
             try:
-                ids = db.transaction(lambda s, g=group: _allocate_group(s, g))
+                ids = db.transaction(functools.partial(_allocate_group, group=group))
             except IntegrityError:  # an attempt of the group was allocated first: all of it rolled back
                 refused += len(group)
                 continue
@@ -111,7 +112,7 @@ def _worker(url: str, run: str, node_pks: list[int], seed: int, results: multipr
             held.extend(ids)
             continue
         got = db.transaction(
-            lambda s, n=node, t=task_id, nd=need: allocation.allocate(s, node_pk=n, task_id=t, attempt=1, need=nd)
+            functools.partial(allocation.allocate, node_pk=node, task_id=task_id, attempt=1, need=need)
         )
         if got is None:
             refused += 1

@@ -8,6 +8,7 @@ every other node are not held up behind them.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import pytest
@@ -48,7 +49,7 @@ def test_mass_expiry_goes_a_chunk_at_a_time_and_frees_what_the_nodes_held(
         pks = {name: record.pk for name, record in nodes.get_many(session, names).items()}
     for name in (silent[0], silent[5], fresh[0]):
         assert db.transaction(
-            lambda s, n=name: allocation.allocate(s, node_pk=pks[n], task_id=f"{n}-t", attempt=1, need=need)
+            functools.partial(allocation.allocate, node_pk=pks[name], task_id=f"{name}-t", attempt=1, need=need)
         )
     long_ago = time.time() - 10 * TIMEOUT
     for name in silent:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -63,7 +64,7 @@ def test_a_batch_is_handed_to_dispatch_once_committed_and_before_its_log_lines(m
     assert reply.success, reply.message
     _, submitter = pool.new_user()
     ids = {upload(pool, submitter) for _ in range(3)}
-    db, seen = pool.ctx.db, {}
+    db, seen = pool.ctx.db, dict[str, Any]()
 
     def dispatch(attempts: list[tuple[str, int]]) -> None:
         with db.reading() as session:  # committed: another process's dispatch job would see them

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import grpc
 import pytest
@@ -14,7 +15,7 @@ from tests.test_users_api import code_of
 
 
 def node_request(node_id: str, **overrides) -> pb.RegisterWorkerNodeRequest:
-    fields = dict(
+    fields: dict[str, Any] = dict(
         node_id=node_id,
         hostname="127.0.0.1",
         cpu_cores=8,

@@ -74,6 +74,7 @@ def build(db: Database, side: str) -> dict[tuple[str, int], tuple[str, int] | No
                 docker_status="enabled",
             )
             user = session.get(User, owner.id)
+            assert user is not None
             node_pks.append(nodes.register(session, owner=user, spec=spec, tier="normal").record.pk)
         for n, (name, outcome, running, minutes, accrued) in enumerate(CASES):
             task_id = f"{name}-{side}"
@@ -88,6 +89,7 @@ def build(db: Database, side: str) -> dict[tuple[str, int], tuple[str, int] | No
             )
             uploads.insert(session, request, submitter.username, SETTINGS)
             view = tasks.get(session, task_id)
+            assert view is not None
             node_pk = node_pks[n % 2]
             node_id = f"own{side}{n % 2}"
             assert allocation.allocate(
@@ -98,12 +100,14 @@ def build(db: Database, side: str) -> dict[tuple[str, int], tuple[str, int] | No
                 node_pk=node_pk, node_id=node_id,
             )  # fmt: skip
             view = tasks.get(session, task_id)
+            assert view is not None
             if running:
                 started = utcnow() - timedelta(minutes=minutes, seconds=1)
                 assert tasks.transition(
                     session, view, to=tasks.RUNNING, expected={tasks.ASSIGNED}, reason="accepted", started_at=started
                 )
                 view = tasks.get(session, task_id)
+                assert view is not None
                 if accrued:
                     economy.accrue(session, view, started + timedelta(minutes=accrued, seconds=1))
             tasks.set_fields(session, view.pk, reported_outcome=outcome, message=f"said {name}")

@@ -3,6 +3,7 @@ caller receives the next ones; whatever fails, the staged file is removed and no
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
@@ -31,7 +32,7 @@ def staged_files(folder: Path) -> list[Path]:
 def test_small_and_large_pieces_in_any_order_are_written_and_hashed_in_order(tmp_path: Path) -> None:
     small = [os.urandom(100), os.urandom(3000)]
     large = [os.urandom(PIECE + n) for n in range(12)]  # more than a lane holds waiting
-    pieces = [*small, *large, os.urandom(7), memoryview(os.urandom(PIECE * 2))[5:]]
+    pieces: list[bytes | memoryview] = [*small, *large, os.urandom(7), memoryview(os.urandom(PIECE * 2))[5:]]
     data = b"".join(bytes(p) for p in pieces)
 
     staged, size, digest = TaskStorage.stage_pieces(tmp_path / "task.zip", iter(pieces), digest=True)
@@ -106,7 +107,7 @@ def test_a_lane_runs_its_jobs_in_order_and_raises_the_first_failure_then_skips_t
     done: list[int] = []
     lane = Lane("storage-test", depth=2)
     for n in range(20):
-        lane.put(lambda n=n: done.append(n))
+        lane.put(functools.partial(done.append, n))
     lane.finish()
     assert done == list(range(20))
 
@@ -124,10 +125,15 @@ def test_an_abandoned_lane_skips_what_waits_and_ends() -> None:
     started, release = threading.Event(), threading.Event()
     ran: list[int] = []
     lane = Lane("storage-test", depth=4)
-    lane.put(lambda: (started.set(), release.wait(10)))
+
+    def hold() -> None:
+        started.set()
+        release.wait(10)
+
+    lane.put(hold)
     started.wait(10)
     for n in range(4):
-        lane.put(lambda n=n: ran.append(n))
+        lane.put(functools.partial(ran.append, n))
     threading.Timer(0.2, release.set).start()
     lane.abandon()
     assert ran == [] and lanes_alive() == []

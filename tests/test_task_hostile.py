@@ -100,7 +100,8 @@ def test_bad_task_ids_are_invalid(sqlite_pool: PoolHarness, task_id: str) -> Non
 def test_negative_or_absurd_needs_are_invalid(sqlite_pool: PoolHarness, field: str) -> None:
     _, token = sqlite_pool.new_user()
     for value in (-1, 2**31 - 1):
-        request = pb.UploadTaskRequest(task_id="needs", task_zip=task_zip(), **{field: value})
+        request = pb.UploadTaskRequest(task_id="needs", task_zip=task_zip())
+        setattr(request, field, value)
         assert code_of(sqlite_pool.master.UploadTask, request, metadata=bearer(token)) == INVALID
 
 

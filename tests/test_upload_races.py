@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import uuid
+from typing import Any, TypeAlias
 
 import grpc
 import pytest
@@ -18,11 +20,12 @@ from tests.harness import PoolHarness, bearer
 from tests.tasks_support import task_zip
 
 RACERS = 6
+Outcome: TypeAlias = pb.UploadTaskResponse | grpc.StatusCode | None  # a reply, an error's code, or nothing yet
 
 
-def race(pool: PoolHarness, requests: list[tuple[str, pb.UploadTaskRequest]]) -> list[object]:
+def race(pool: PoolHarness, requests: list[tuple[str, pb.UploadTaskRequest]]) -> list[Outcome]:
     """Send every (token, request) at once from its own thread and channel stub; each reply or error."""
-    outcomes: list[object] = [None] * len(requests)
+    outcomes: list[Outcome] = [None] * len(requests)
     start = threading.Barrier(len(requests))
 
     def send(i: int, token: str, request: pb.UploadTaskRequest) -> None:
@@ -168,7 +171,11 @@ def test_the_one_statement_upload_writes_what_the_transaction_writes(pool: PoolH
         if way == "alone":
             uploads.insert_alone(pool.ctx.db, wanted, name, pool.ctx.settings, owner_id=None)
         else:
-            pool.ctx.db.transaction(lambda s, r=wanted: uploads.insert(s, r, name, pool.ctx.settings, owner_id=owner))
+            pool.ctx.db.transaction(
+                functools.partial(
+                    uploads.insert, request=wanted, caller=name, settings=pool.ctx.settings, owner_id=owner
+                )
+            )
         made[way] = written(pool, task_id)
     assert made["alone"] == made["transaction"]
     assert made["alone"]["escrow"][2] == 7 * made["alone"]["task"]["price_per_minute"] > 0
@@ -176,7 +183,7 @@ def test_the_one_statement_upload_writes_what_the_transaction_writes(pool: PoolH
         assert ledger.audit(session).ok
 
 
-def written(pool: PoolHarness, task_id: str) -> dict[str, object]:
+def written(pool: PoolHarness, task_id: str) -> dict[str, Any]:
     """What an upload of ``task_id`` wrote, without its ids, names and times."""
     with pool.ctx.db.engine.connect() as conn:
         task = conn.execute(sa.select(Task).where(Task.task_id == task_id)).mappings().one()

@@ -171,7 +171,7 @@ def test_tokens_missing_expired_forged_or_disagreeing(sqlite_pool: PoolHarness) 
     assert code_of(get, pb.GetBalanceRequest(token=_forged(alice))) == unauth
     expired = pool.ctx.tokens.issue(alice, now=time.time() - 10 * 24 * 3600)
     assert code_of(get, pb.GetBalanceRequest(), metadata=bearer(expired)) == unauth
-    none_alg = jwt.encode({"sub": alice, "exp": int(time.time()) + 60}, key=None, algorithm="none")
+    none_alg = jwt.encode({"sub": alice, "exp": int(time.time()) + 60}, key="", algorithm="none")
     assert code_of(get, pb.GetBalanceRequest(), metadata=bearer(none_alg)) == unauth
     # Token in metadata and token in the message name different users.
     assert code_of(get, pb.GetBalanceRequest(token=bob_token), metadata=bearer(token)) == unauth
