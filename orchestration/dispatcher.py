@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -50,12 +51,19 @@ def said(message: str) -> str:
     return task_output.storable(message[:200])
 
 
+# On PostgreSQL an upload commits its task, then moves the zip into place (uploads.insert_alone);
+# a matching job may place the task in between. Dispatch waits this long for such a zip.
+ZIP_WAIT_SECONDS = 2.0
+ZIP_POLL_SECONDS = 0.005
+
+
 @dataclass(frozen=True)
 class Outcome:
     accepted: bool
     reason: str
     stale: bool = False  # the task moved on; nothing to do
     task: tasks.TaskView | None = None  # an accepted task, as read before the call
+    node_caused: bool = True  # a refusal the node answers for (its credit pays), else the pool's own
 
 
 def execute(
@@ -82,6 +90,7 @@ def execute_many(
     """Send each (task, attempt) to its node, all calls in flight at once; each one's outcome."""
     outcomes: dict[tuple[str, int], Outcome] = {}
     calls: dict[tuple[str, int], grpc.Future] = {}
+    unplaced: list[tuple[tuple[str, int], tasks.TaskView, str, int]] = []  # zips not in place yet
     with db.reading() as session:
         views = {view.task_id: view for view in tasks.get_many(session, [task_id for task_id, _ in attempts])}
         found = [(key, views.get(key[0])) for key in attempts]
@@ -100,25 +109,33 @@ def execute_many(
             continue
         try:
             payload = storage.task_zip(task_id).read_bytes()
-        except OSError as error:
-            outcomes[key] = Outcome(False, f"task zip missing from storage ({error})")
+        except FileNotFoundError:
+            unplaced.append((key, task, hostname, port))
             continue
-        token = signer.sign(node_id=task.node_id, task_id=task_id, attempt=attempt, action="execute")
-        request = pb.ExecuteTaskRequest(
-            node_id=task.node_id,
-            task_id=task_id,
-            task_zip=payload,
-            cpu=task.needs["cpu_score"],
-            gpu=task.needs["gpu_score"],
-            memory_gb=task.needs["memory_gb"],
-            gpu_memory_gb=task.needs["gpu_memory_gb"],
-            attempt=attempt,
-            max_minutes=task.max_minutes,
-            allow_network=False,
-        )
-        calls[key] = channels.stub(hostname, port).ExecuteTask.future(
-            request, metadata=[("authorization", f"Bearer {token}")], timeout=settings.DISPATCH_TIMEOUT
-        )
+        except OSError as error:
+            outcomes[key] = Outcome(False, f"task zip unreadable ({error})", node_caused=False)
+            continue
+        calls[key] = _call(signer, channels, settings, task, attempt, hostname, port, payload)
+    deadline = time.monotonic() + ZIP_WAIT_SECONDS
+    while unplaced:
+        waiting = []
+        for key, task, hostname, port in unplaced:
+            try:
+                payload = storage.task_zip(task.task_id).read_bytes()
+            except FileNotFoundError:
+                waiting.append((key, task, hostname, port))
+                continue
+            except OSError as error:
+                outcomes[key] = Outcome(False, f"task zip unreadable ({error})", node_caused=False)
+                continue
+            calls[key] = _call(signer, channels, settings, task, key[1], hostname, port, payload)
+        unplaced = waiting
+        if unplaced and time.monotonic() >= deadline:
+            for key, *_ in unplaced:
+                outcomes[key] = Outcome(False, "task zip missing from storage", node_caused=False)
+            break
+        if unplaced:
+            time.sleep(ZIP_POLL_SECONDS)
     for key, call in calls.items():
         try:
             reply = call.result()
@@ -130,6 +147,36 @@ def execute_many(
         else:
             outcomes[key] = Outcome(True, said(reply.message) or "accepted", task=views[key[0]])
     return outcomes
+
+
+def _call(
+    signer: PoolSigner,
+    channels: Channels,
+    settings: Settings,
+    task: tasks.TaskView,
+    attempt: int,
+    hostname: str,
+    port: int,
+    payload: bytes,
+) -> grpc.Future:
+    """ExecuteTask of ``task``'s ``attempt`` to its node, signed by the pool; the call under way."""
+    assert task.node_id is not None
+    token = signer.sign(node_id=task.node_id, task_id=task.task_id, attempt=attempt, action="execute")
+    request = pb.ExecuteTaskRequest(
+        node_id=task.node_id,
+        task_id=task.task_id,
+        task_zip=payload,
+        cpu=task.needs["cpu_score"],
+        gpu=task.needs["gpu_score"],
+        memory_gb=task.needs["memory_gb"],
+        gpu_memory_gb=task.needs["gpu_memory_gb"],
+        attempt=attempt,
+        max_minutes=task.max_minutes,
+        allow_network=False,
+    )
+    return channels.stub(hostname, port).ExecuteTask.future(
+        request, metadata=[("authorization", f"Bearer {token}")], timeout=settings.DISPATCH_TIMEOUT
+    )
 
 
 def stop_execution(db: Database, signer: PoolSigner, channels: Channels, settings: Settings, task_id: str) -> str:

@@ -202,10 +202,11 @@ def insert_alone(db: Database, request: UploadRequest, caller: str, settings: Se
     where a transaction kept it locked across the answer's way back to this process and its
     COMMIT, and a user's concurrent uploads queued on it. The owner's user id.
 
-    The caller moves the zip into place afterwards. Should its process stop in between, the task
-    has no zip until the upload is repeated (a client that got no answer repeats it, and the
-    repeat puts the zip in place: Lifecycle._record_upload); a task dispatched without its zip
-    goes to its next attempt."""
+    The caller moves the zip into place afterwards; a matching job may place the task in between,
+    and dispatch waits for its zip (dispatcher.ZIP_WAIT_SECONDS). Should the process stop in
+    between, the task has no zip until the upload is repeated (a client that got no answer
+    repeats it, and the repeat puts the zip in place: Lifecycle._record_upload); a task
+    dispatched without its zip goes to its next attempt, at no cost to the node."""
     if owner_id is None:
         with db.reading() as session:
             owner_id = _owner(session, caller)

@@ -43,7 +43,7 @@ def _dispatch(self: Task, attempts: list[tuple[str, int]]) -> dict[tuple[str, in
     retry = False
     refused = {key: o for key, o in results.items() if not o.accepted and not o.stale}
     for (task_id, attempt), outcome in refused.items():
-        retry |= outcomes.requeue(rt.db, rt.settings, task_id, attempt, outcome.reason, node_caused=True)
+        retry |= outcomes.requeue(rt.db, rt.settings, task_id, attempt, outcome.reason, node_caused=outcome.node_caused)
         log.info("dispatch of %s attempt %d failed: %s", task_id, attempt, outcome.reason)
     if retry:
         rt.lifecycle.request_matching(countdown=rt.settings.DISPATCH_BACKOFF_SECONDS)
