@@ -21,6 +21,7 @@ from bench.common import REPO, Comparison, Figure, machine, scratch
 from bench.pipeline_report import pipeline_lines
 from bench.rounds import CLIENTS
 from pool.embedded_redis import EmbeddedRedis
+from pool.settings import Settings
 
 ALL = ("matching", "heartbeats", "upload", "pipeline")
 NOTES = Path(__file__).with_name("notes.md")
@@ -177,7 +178,8 @@ def main() -> None:
         size = (
             f"{nodes:,} simulated nodes (their calls over {bench_fleet.CONNECTIONS} connections), bursts of "
             f"{tasks:,} tasks from {CLIENTS} clients (a connection each), {rounds} round(s); the pool as "
-            f"`hivemind-pool up` runs it here (gRPC server processes on one port: see the CPU lines below), "
+            f"`hivemind-pool up` runs it here (gRPC server processes on one port, see the CPU lines below, "
+            f"{Settings(_env_file=None).GRPC_NICE} nice steps below the rest: `GRPC_NICE`), "  # type: ignore[call-arg]
             f"its matcher (one process) and a Celery worker of {stage.CONCURRENCY} for the other queues; "
             f"the no-op baseline's worker has {stage.JOB_PROCESSES}"
         )

@@ -36,6 +36,7 @@ from sqlalchemy import create_engine
 from bench import rpc_floor, stage
 from bench.common import Comparison, Figure, free_port, free_ports, pool_env, process, scratch, wait_serving
 from bench.rounds import CLIENTS, Latency, pipeline_round
+from pool import priority
 from pool.settings import Settings
 from pool.up import children
 
@@ -124,6 +125,9 @@ def run_backend(
             for name, c in pool_children.items():
                 if name.startswith("grpc"):
                     servers.append(stack.enter_context(process(c.argv, env, work / f"{name}.log")))
+                    problem = priority.lower(servers[-1].pid, c.nice)  # as `up`'s supervisor does
+                    if problem:
+                        print(f"  {name} kept a higher CPU priority than `up` gives it: {problem}", file=sys.stderr)
                     wait_serving(port, servers[-1], work / f"{name}.log")
             matcher = stack.enter_context(process(pool_children["matcher"].argv, env, work / "matcher.log"))
             worker = stack.enter_context(process(pool_children["worker"].argv, env, work / "worker.log"))

@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     # gRPC server processes `hivemind-pool up` runs on the one port (Linux shares it between them
     # with SO_REUSEPORT, connection by connection); 0 = one per CPU core, at most 4.
     GRPC_PROCESSES: int = Field(default=0, ge=0, le=64)
+    # Nice steps below the matcher and the Celery worker at which `up` runs the gRPC servers: on a
+    # machine whose cores are full, work already accepted (matching, dispatch, archival) goes
+    # first, and new calls wait, instead of tasks piling up between the steps (pool/priority.py).
+    GRPC_NICE: int = Field(default=5, ge=0, le=19)
     GRPC_MAX_MESSAGE_BYTES: int = 100 * 1024 * 1024
     GRPC_KEEPALIVE_TIME_MS: int = 10_000
     GRPC_KEEPALIVE_TIMEOUT_MS: int = 5_000

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TextIO
 
+from pool import priority
+
 READY_LINE = "HiveMind Node Pool is ready"
 
 
@@ -30,6 +32,7 @@ class Child:
     name: str
     argv: list[str]
     ready_pattern: str | None = None
+    nice: int = 0  # steps below the supervisor's CPU priority (pool.priority)
 
 
 class Supervisor:
@@ -76,6 +79,9 @@ class Supervisor:
                     start_new_session=True,
                 )
                 self._processes[child.name] = process
+                problem = priority.lower(process.pid, child.nice)
+                if problem:
+                    self._print(f"{child.name} kept a higher CPU priority than asked: {problem}")
                 reader = threading.Thread(target=self._relay, args=(child, process), daemon=True)
                 reader.start()
                 self._readers.append(reader)

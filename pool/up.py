@@ -55,9 +55,14 @@ def children(settings: Settings, *, flower: bool, flower_port: int, concurrency:
     data = settings.DATA_DIR.resolve()
     replicas = settings.grpc_processes
     found = [
-        Child("grpc", [py, "-m", "pool", "serve"], r"gRPC server listening on")
+        Child("grpc", [py, "-m", "pool", "serve"], r"gRPC server listening on", settings.GRPC_NICE)
         if replicas == 1
-        else Child(f"grpc{n + 1}", [py, "-m", "pool", "serve", "--replica", str(n)], r"gRPC server listening on")
+        else Child(
+            f"grpc{n + 1}",
+            [py, "-m", "pool", "serve", "--replica", str(n)],
+            r"gRPC server listening on",
+            settings.GRPC_NICE,
+        )
         for n in range(replicas)
     ]
     found += [

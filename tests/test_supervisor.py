@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from pool.priority import autogroup_nice, lower
 from pool.supervisor import READY_LINE, Child, Supervisor
 from tests.processes import gone, wait_gone
 
@@ -155,3 +156,52 @@ def test_sigterm_stops_a_running_pool_cleanly() -> None:
     finally:
         pool.kill()
         pool.wait()
+
+
+# Waits (up to 10 s) for the supervisor to lower it, then says what it runs at.
+SAY_PRIORITY = (
+    "import os, time\n"
+    "from pool.priority import autogroup_nice\n"
+    "def now():\n"
+    "    return os.getpriority(os.PRIO_PROCESS, 0), autogroup_nice()\n"
+    "start, deadline = now(), time.monotonic() + 10\n"
+    "def lowered(seen):\n"
+    "    return seen[0] != start[0] and (seen[1] is None or seen[1] != start[1])\n"
+    "while not lowered(now()) and time.monotonic() < deadline:\n"
+    "    time.sleep(0.01)\n"
+    "print('nice', os.getpriority(os.PRIO_PROCESS, 0), 'autogroup', autogroup_nice(), flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_a_child_runs_its_nice_steps_below_the_supervisor(out: io.StringIO, supervisors: list[Supervisor]) -> None:
+    supervisor = Supervisor(
+        [
+            Child("grpc", _python(SAY_PRIORITY), ready_pattern="^nice", nice=3),
+            Child("worker", _python(SERVE.format(name="worker")), ready_pattern="listening"),
+        ],
+        env=dict(os.environ),
+        out=out,
+    )
+    supervisors.append(supervisor)
+    supervisor.start()
+    assert supervisor.wait_ready(timeout=15), out.getvalue()
+
+    said = re.search(r"^\[grpc\]\s+nice (-?\d+) autogroup (\S+)$", out.getvalue(), re.MULTILINE)
+    assert said is not None, out.getvalue()
+    assert int(said.group(1)) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 3)
+    assert os.getpriority(os.PRIO_PROCESS, supervisor.pids["worker"]) == os.getpriority(os.PRIO_PROCESS, 0)
+    own = autogroup_nice()
+    if own is None:
+        assert said.group(2) == "None"  # a kernel without autogroups: only the threads' nice applies
+    else:
+        assert int(said.group(2)) == min(19, own + 3)
+        assert autogroup_nice(supervisor.pids["worker"]) == own
+    assert "kept a higher CPU priority" not in out.getvalue()
+
+
+def test_lowering_a_process_that_is_gone_says_so_and_raises_nothing() -> None:
+    finished = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    finished.wait()
+    assert lower(finished.pid, 3) is not None
+    assert lower(finished.pid, 0) is None  # nothing asked, nothing done

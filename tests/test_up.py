@@ -17,6 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestration.app import MATCHING_QUEUE, QUEUES
+from pool.priority import autogroup_nice
 from pool.settings import Settings
 from pool.up import children
 from protos import nodepool_pb2 as pb
@@ -140,6 +141,17 @@ def test_up_shares_one_port_between_two_grpc_processes(tmp_path: Path, unused_po
         family = psutil.Process(up.pid).children(recursive=True)
         servers = [p for p in family if p.cmdline()[-3:-1] == ["serve", "--replica"]]
         assert len(servers) == 2, [p.cmdline() for p in family]
+        # The servers run GRPC_NICE (5) steps below the matcher and the worker: every thread, and
+        # the session each leads (autogroups share the cores between sessions first).
+        workers = [p for p in family if {"celery", "worker"} <= set(p.cmdline())]
+        base = psutil.Process(up.pid).nice()
+        assert workers and {p.nice() for p in workers} == {base}
+        for server in servers:
+            assert {os.getpriority(os.PRIO_PROCESS, t.id) for t in server.threads()} == {min(19, base + 5)}
+        own_group = autogroup_nice()
+        if own_group is not None:  # a kernel with autogroups, as this machine's
+            assert {autogroup_nice(p.pid) for p in servers} == {min(19, own_group + 5)}
+            assert {autogroup_nice(p.pid) for p in workers} == {own_group}
 
         # Each channel on its own connection, as separate machines' would be.
         connections = 24
