@@ -90,51 +90,40 @@ def execute_many(
     """Send each (task, attempt) to its node, all calls in flight at once; each one's outcome."""
     outcomes: dict[tuple[str, int], Outcome] = {}
     calls: dict[tuple[str, int], grpc.Future] = {}
-    unplaced: list[tuple[tuple[str, int], tasks.TaskView, str, int]] = []  # zips not in place yet
+    sendable: list[tuple[tuple[str, int], tasks.TaskView, str, int]] = []  # (key, task, hostname, port)
     with db.reading() as session:
         views = {view.task_id: view for view in tasks.get_many(session, [task_id for task_id, _ in attempts])}
         found = [(key, views.get(key[0])) for key in attempts]
         where = nodes.addresses(session, [t.node_id for _, t in found if t and t.node_id])
     own = own_addresses()
     for key, task in found:
-        task_id, attempt = key
         address = where.get(task.node_id) if task and task.node_id else None
-        if task is None or task.status != tasks.ASSIGNED or task.attempt != attempt or address is None:
+        if task is None or task.status != tasks.ASSIGNED or task.attempt != key[1] or address is None:
             outcomes[key] = Outcome(False, "stale", stale=True)
             continue
-        hostname, port = address
-        problem = check_target(hostname, settings.NODE_ADDRESS_POLICY, resolve_host, own)
+        problem = check_target(address[0], settings.NODE_ADDRESS_POLICY, resolve_host, own)
         if problem:
             outcomes[key] = Outcome(False, f"node address refused: {problem}")
             continue
-        try:
-            payload = storage.task_zip(task_id).read_bytes()
-        except FileNotFoundError:
-            unplaced.append((key, task, hostname, port))
-            continue
-        except OSError as error:
-            outcomes[key] = Outcome(False, f"task zip unreadable ({error})", node_caused=False)
-            continue
-        calls[key] = _call(signer, channels, settings, task, attempt, hostname, port, payload)
+        sendable.append((key, task, *address))
     deadline = time.monotonic() + ZIP_WAIT_SECONDS
-    while unplaced:
-        waiting = []
-        for key, task, hostname, port in unplaced:
-            try:
-                payload = storage.task_zip(task.task_id).read_bytes()
-            except FileNotFoundError:
-                waiting.append((key, task, hostname, port))
-                continue
-            except OSError as error:
-                outcomes[key] = Outcome(False, f"task zip unreadable ({error})", node_caused=False)
-                continue
-            calls[key] = _call(signer, channels, settings, task, key[1], hostname, port, payload)
-        unplaced = waiting
-        if unplaced and time.monotonic() >= deadline:
-            for key, *_ in unplaced:
+    while sendable:  # each task whose zip is in place is sent; the others are waited for
+        unplaced = []
+        for item in sendable:
+            key, task, hostname, port = item
+            payload = _stored_zip(storage, task.task_id)
+            if payload is None:
+                unplaced.append(item)
+            elif isinstance(payload, Outcome):
+                outcomes[key] = payload
+            else:
+                calls[key] = _call(signer, channels, settings, task, key[1], hostname, port, payload)
+        sendable = unplaced
+        if sendable and time.monotonic() >= deadline:
+            for key, *_ in sendable:
                 outcomes[key] = Outcome(False, "task zip missing from storage", node_caused=False)
             break
-        if unplaced:
+        if sendable:
             time.sleep(ZIP_POLL_SECONDS)
     for key, call in calls.items():
         try:
@@ -147,6 +136,16 @@ def execute_many(
         else:
             outcomes[key] = Outcome(True, said(reply.message) or "accepted", task=views[key[0]])
     return outcomes
+
+
+def _stored_zip(storage: TaskStorage, task_id: str) -> bytes | Outcome | None:
+    """The task's zip; None while it is not in place; the outcome when it cannot be read."""
+    try:
+        return storage.task_zip(task_id).read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        return Outcome(False, f"task zip unreadable ({error})", node_caused=False)
 
 
 def _call(
