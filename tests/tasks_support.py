@@ -9,6 +9,7 @@ import zipfile
 
 import grpc
 
+from orchestration import dispatcher
 from protos import nodepool_pb2 as pb
 from tests.harness import PoolHarness, bearer
 
@@ -85,3 +86,16 @@ def code_of(call, *args, **kwargs) -> grpc.StatusCode:  # type: ignore[no-untype
     except grpc.RpcError as error:
         return error.code()  # type: ignore[no-any-return]
     raise AssertionError("the call succeeded")
+
+
+def dispatch_now(pool: PoolHarness, task_id: str, attempt: int = 1) -> dispatcher.Outcome:
+    """Send a placed task to its node from this process, as the dispatch job does; its outcome."""
+    return dispatcher.execute(
+        pool.ctx.db,
+        pool.ctx.lifecycle.storage,
+        pool.ctx.signer,
+        dispatcher.Channels(1 << 20),
+        pool.settings,
+        task_id,
+        attempt,
+    )

@@ -12,25 +12,12 @@ import os
 import random
 import threading
 
-from orchestration import dispatcher, scheduler
+from orchestration import scheduler
 from orchestration.catalog import NodeCatalog
 from tests.adversary import trusted
-from tests.harness import PoolHarness
 from tests.scripted_worker import ScriptedWorker
-from tests.tasks_support import FAST, upload, wait_status
+from tests.tasks_support import FAST, dispatch_now, upload, wait_status
 from tests.test_economy import audit_ok, credit_of
-
-
-def _dispatch(pool: PoolHarness, task_id: str) -> dispatcher.Outcome:
-    return dispatcher.execute(
-        pool.ctx.db,
-        pool.ctx.lifecycle.storage,
-        pool.ctx.signer,
-        dispatcher.Channels(1 << 20),
-        pool.settings,
-        task_id,
-        1,
-    )
 
 
 def test_dispatch_waits_for_a_zip_its_upload_is_still_placing(make_pool, database_url: str, workers: list) -> None:
@@ -46,7 +33,7 @@ def test_dispatch_waits_for_a_zip_its_upload_is_still_placing(make_pool, databas
     late = threading.Timer(0.3, os.replace, (aside, placed))
     late.start()
     try:
-        outcome = _dispatch(pool, task_id)
+        outcome = dispatch_now(pool, task_id)
     finally:
         late.join()
 

@@ -15,14 +15,14 @@ import grpc
 
 import orchestration.dispatcher
 import orchestration.nodes
-from orchestration import dispatcher, scheduler
+from orchestration import scheduler
 from orchestration.catalog import NodeCatalog
 from protos import nodepool_pb2 as pb
 from tests.adversary import trusted
 from tests.contract_calls import every_method, invoke
 from tests.harness import PoolHarness, bearer
 from tests.scripted_worker import Script, ScriptedWorker
-from tests.tasks_support import FAST, code_of, task_zip, upload, wait_status
+from tests.tasks_support import FAST, code_of, dispatch_now, task_zip, upload, wait_status
 from tests.test_economy import audit_ok
 from tests.test_nodes_api import node_request
 
@@ -126,15 +126,7 @@ def test_dispatch_rechecks_a_name_that_resolves_elsewhere_now(make_pool, sqlite_
     placed = scheduler.match_pending(pool.ctx.db, NodeCatalog(), pool.settings, rng=random.Random(7))
     assert placed == [(task_id, 1)]
     monkeypatch.setattr(orchestration.dispatcher, "resolve_host", resolving("rebind.example", ["127.0.0.1"]))
-    outcome = dispatcher.execute(
-        pool.ctx.db,
-        pool.ctx.lifecycle.storage,
-        pool.ctx.signer,
-        dispatcher.Channels(1 << 20),
-        pool.settings,
-        task_id,
-        1,
-    )
+    outcome = dispatch_now(pool, task_id)
     assert not outcome.accepted and outcome.reason.startswith("node address refused") and "loopback" in outcome.reason
 
 
