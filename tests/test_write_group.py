@@ -1,6 +1,7 @@
 """Group commit on SQLite: the short writes a process's threads ask for at the same time share one
 transaction, and each caller still gets its own result or its own error, as if it had written
-alone. On PostgreSQL ``grouped`` changes nothing: its transactions run side by side."""
+alone. On PostgreSQL ``grouped`` changes nothing: its transactions run side by side. And
+``Database.alone``, each statement a transaction of its own, on SQLite as on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from models.db import Database
@@ -169,3 +171,20 @@ def test_many_threads_writing_grouped_lose_nothing_and_share_transactions(db: Da
         assert any(size > 1 for size in sizes), sizes  # eight threads at once: some writes were grouped
     else:
         assert sizes == []  # PostgreSQL: no groups
+
+
+def test_what_a_work_writes_alone_is_committed_statement_by_statement(db: Database) -> None:
+    def two(conn: Connection) -> int:
+        conn.execute(sa.text("INSERT INTO notes (n) VALUES (1)"))
+        return int(conn.execute(sa.text("INSERT INTO notes (n) VALUES (2) RETURNING n")).scalar_one())
+
+    assert db.alone(two) == 2
+    assert _notes(db) == [1, 2]
+
+    def then_clash(conn: Connection) -> None:
+        conn.execute(sa.text("INSERT INTO notes (n) VALUES (3)"))
+        conn.execute(sa.text("INSERT INTO notes (n) VALUES (1)"))  # exists: this one fails
+
+    with pytest.raises(sa.exc.IntegrityError):
+        db.alone(then_clash)
+    assert _notes(db) == [1, 2, 3]  # the statement before the failing one stays: it was committed
