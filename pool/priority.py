@@ -20,10 +20,13 @@ from pathlib import Path
 
 AUTOGROUP_TRIES = 10
 AUTOGROUP_PAUSE = 0.11  # seconds: the kernel's limit is one change per 100 ms
+NEW_AUTOGROUP_NICE = 0  # what the kernel gives the autogroup of every new session
 
 
 def autogroup_nice(pid: int | str = "self") -> int | None:
-    """The autogroup nice value of ``pid``'s session; None where the kernel has no autogroups."""
+    """The autogroup nice value of ``pid``'s session; None where the kernel has no autogroups, or
+    where ``pid`` runs in none (the kernel shows nothing for the first session's processes, such
+    as a container's or a CI runner's)."""
     try:
         text = Path(f"/proc/{pid}/autogroup").read_text()  # "/autogroup-85 nice 0"
     except OSError:
@@ -35,7 +38,9 @@ def autogroup_nice(pid: int | str = "self") -> int | None:
 def lower(pid: int, steps: int) -> str | None:
     """Run process ``pid`` ``steps`` nice values below this one (at most 19): every thread it has
     now (those it starts later take their creator's value), and its autogroup when it leads a
-    session of its own. None when done, else what could not be done (the process runs as it was).
+    session of its own: ``steps`` below the nice value every new session's autogroup starts at, so
+    below the other children's, whatever autogroup (or none) this process runs in. None when done,
+    else what could not be done (the process runs as it was).
     """
     if steps <= 0:
         return None
@@ -55,9 +60,8 @@ def lower(pid: int, steps: int) -> str | None:
         except OSError as error:
             problems.append(f"nice {target}: {error.strerror}")
             break
-    own = autogroup_nice()
-    if own is not None and _leads_session(pid):
-        problem = _set_autogroup(pid, min(19, own + steps))
+    if autogroup_nice(pid) is not None and _leads_session(pid):
+        problem = _set_autogroup(pid, min(19, NEW_AUTOGROUP_NICE + steps))
         if problem:
             problems.append(problem)
     return "; ".join(problems) or None
