@@ -66,6 +66,7 @@ class ScriptedWorker(pb_grpc.WorkerNodeServiceServicer):
         self.incoming: list[tuple[str, int]] = []  # every ExecuteTask call, as it arrives
         self.silent = threading.Event()
         self._closed = threading.Event()
+        self._runs: list[threading.Thread] = []
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         pb_grpc.add_WorkerNodeServiceServicer_to_server(self, self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
@@ -139,7 +140,9 @@ class ScriptedWorker(pb_grpc.WorkerNodeServiceServicer):
         self.executed.append(key)
         release = threading.Event()
         self.running[request.task_id] = release
-        threading.Thread(target=self._run, args=(request.task_id, request.attempt, release), daemon=True).start()
+        run = threading.Thread(target=self._run, args=(request.task_id, request.attempt, release), daemon=True)
+        self._runs.append(run)
+        run.start()
         return pb.ExecuteTaskResponse(success=True, message="accepted")
 
     def StopTaskExecution(
@@ -178,8 +181,8 @@ class ScriptedWorker(pb_grpc.WorkerNodeServiceServicer):
                     return
             else:
                 release.wait(self.script.run_seconds)
-            if self.silent.is_set():
-                return  # a dead node reports nothing
+            if self.silent.is_set() or self._closed.is_set():
+                return  # a dead node reports nothing, nor one whose test has ended
             if self.script.result_rpc == "StoreResult":
                 master.StoreResult(
                     pb.StoreResultRequest(task_id=task_id, result_zip=self.script.result, attempt=attempt),
@@ -216,7 +219,11 @@ class ScriptedWorker(pb_grpc.WorkerNodeServiceServicer):
         self.server.stop(grace=None)
 
     def close(self) -> None:
+        """Stop every task it runs and wait for their threads, so that none calls the pool after
+        the test has closed its channels."""
         self._closed.set()
         for event in list(self.running.values()):
             event.set()
+        for run in self._runs:
+            run.join(timeout=10)
         self.server.stop(grace=None)
