@@ -3,7 +3,8 @@
 :class:`Heartbeat` sends ReportStatus every few seconds ("Idle", "Running 2 tasks").
 :class:`TaskReporter` streams one task attempt: output lines batched into StoreOutput calls,
 the agent's own log records into StoreLogs (a JSON list of ``{"level", "message", "ts"}``),
-usage into ReportRunningStatus, then ReturnTaskResult and TaskCompleted. Every report carries
+usage into ReportRunningStatus, then the last lines, the result zip and the verdict in one
+FinishTask (or, to a pool without it, ReturnTaskResult and TaskCompleted). Every report carries
 the attempt number, so a pool that has moved on to another attempt can refuse stale ones.
 """
 
@@ -14,6 +15,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+
+import grpc
 
 from agent.outcome import Outcome
 from agent.session import CALL_TIMEOUT, PoolSession
@@ -126,34 +129,60 @@ class TaskReporter:
         self._thread.start()
 
     def finish(self, outcome: Outcome) -> None:
-        """Send what is left, the result zip (if any), then TaskCompleted. Never raises."""
+        """Send what is left and the end of the attempt: its last output lines, its result zip
+        (if any) and its verdict in one FinishTask, or, where the pool does not take that (or
+        refuses part of it), in StoreOutput, ReturnTaskResult and TaskCompleted. Never raises."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=CALL_TIMEOUT * 2)
         try:
-            self.flush()
-            node = self.session.node_id
-            if outcome.result_zip:
-                request = pb.ReturnTaskResultRequest(
-                    task_id=self.task_id, result_zip=outcome.result_zip, attempt=self.attempt
-                )
-                self.session.call(
-                    self.session.master.ReturnTaskResult,
-                    request,
-                    name="ReturnTaskResult",
-                    timeout=60,
-                    tries=FINAL_TRIES,
-                )
-            done = pb.TaskCompletedRequest(
-                task_id=self.task_id,
-                node_id=node,
-                success=outcome.success,
-                attempt=self.attempt,
-                message="" if outcome.success else outcome.reason,
-            )
-            self.session.call(self.session.master.TaskCompleted, done, name="TaskCompleted", tries=FINAL_TRIES)
+            one_call = self.session.finishes_in_one_call
+            batches = self.flush(keep_last=one_call)
+            last = "\n".join(batches[-1]) if one_call and batches else ""  # the lines flush kept
+            if not one_call or not self._finish_in_one_call(outcome, last):
+                if last:
+                    self._send_output(last)
+                self._finish_in_three_calls(outcome)
         except Exception:
             log.exception("reporting the end of task %s failed", self.task_id)
+
+    def _finish_in_one_call(self, outcome: Outcome, output: str) -> bool:
+        """FinishTask; False when the pool took none of it (then the three calls say it again)."""
+        request = pb.FinishTaskRequest(
+            task_id=self.task_id,
+            node_id=self.session.node_id,
+            success=outcome.success,
+            attempt=self.attempt,
+            message="" if outcome.success else outcome.reason,
+            output=output,
+            result_zip=outcome.result_zip or b"",
+        )
+        try:
+            self.session.send(self.session.master.FinishTask, request, timeout=60, tries=FINAL_TRIES)
+            return True
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED:  # a pool that does not know it
+                self.session.finishes_in_one_call = False
+            else:  # refused (a result or output the pool does not take, a stale attempt…)
+                log.warning("FinishTask for %s failed: %s %s", self.task_id, error.code().name, error.details())
+            return False
+
+    def _finish_in_three_calls(self, outcome: Outcome) -> None:
+        if outcome.result_zip:
+            request = pb.ReturnTaskResultRequest(
+                task_id=self.task_id, result_zip=outcome.result_zip, attempt=self.attempt
+            )
+            self.session.call(
+                self.session.master.ReturnTaskResult, request, name="ReturnTaskResult", timeout=60, tries=FINAL_TRIES
+            )
+        done = pb.TaskCompletedRequest(
+            task_id=self.task_id,
+            node_id=self.session.node_id,
+            success=outcome.success,
+            attempt=self.attempt,
+            message="" if outcome.success else outcome.reason,
+        )
+        self.session.call(self.session.master.TaskCompleted, done, name="TaskCompleted", tries=FINAL_TRIES)
 
     def _loop(self) -> None:
         next_usage = time.monotonic() + self._usage_seconds
@@ -168,8 +197,9 @@ class TaskReporter:
 
     # ------------------------------------------------------------------ calls
 
-    def flush(self) -> None:
-        """Send the pending output lines (in batches) and log records."""
+    def flush(self, *, keep_last: bool = False) -> list[list[str]]:
+        """Send the pending output lines (in batches) and log records. With ``keep_last``, the
+        last batch is not sent; every batch is returned."""
         with self._send_lock:
             with self._lock:
                 lines, self._lines = self._lines, []
@@ -177,9 +207,9 @@ class TaskReporter:
                 dropped, self._dropped = self._dropped, 0
             if dropped:
                 lines.append(f"[hivemind-agent: {dropped} output lines dropped; the task printed faster than sent]")
-            for batch in _batches(lines, self._batch_lines):
-                request = pb.StoreOutputRequest(task_id=self.task_id, output="\n".join(batch), attempt=self.attempt)
-                self.session.call(self.session.master.StoreOutput, request, name="StoreOutput")
+            batches = _batches(lines, self._batch_lines)
+            for batch in batches[:-1] if keep_last else batches:
+                self._send_output("\n".join(batch))
             if records:
                 request_logs = pb.StoreLogsRequest(
                     node_id=self.session.node_id,
@@ -189,6 +219,11 @@ class TaskReporter:
                     attempt=self.attempt,
                 )
                 self.session.call(self.session.master.StoreLogs, request_logs, name="StoreLogs")
+            return batches
+
+    def _send_output(self, output: str) -> None:
+        request = pb.StoreOutputRequest(task_id=self.task_id, output=output, attempt=self.attempt)
+        self.session.call(self.session.master.StoreOutput, request, name="StoreOutput")
 
     def report_usage(self) -> None:
         """One ReportRunningStatus with the task's share of the machine's CPU and memory."""

@@ -77,6 +77,7 @@ class PoolSession:
         self._sleep = sleep
         self._rng = rng
         self.tries = tries
+        self.finishes_in_one_call = True  # FinishTask, until the pool says it does not know it
         self._token = ""
         self._lock = threading.Lock()
 

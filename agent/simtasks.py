@@ -1,8 +1,9 @@
 """The tasks of a simulated fleet: accepted, "run" for a fixed time, then reported as done.
 
 A simulated task runs nothing. It waits ``task_seconds`` on a timetable (no thread per task),
-then its node reports one output line, a tiny result zip and TaskCompleted(success=true),
-with its own token, as a real node would. A stopped task is reported failed ("stopped by the
+then its node reports one output line, a tiny result zip and success in one FinishTask (or, to a
+pool without it, StoreOutput, ReturnTaskResult and TaskCompleted), with its own token, as a real
+node would. A stopped task is reported failed ("stopped by the
 pool"); tasks still running when the fleet closes are reported failed ("agent shutting down").
 """
 
@@ -64,12 +65,13 @@ class SimulatedTasks:
         self._running: dict[Key, str] = {}  # -> node_id
         self._wake = threading.Condition()
         self._closing = threading.Event()
-        # Each task's three reports are sequential calls; a fleet stands for many machines
+        # Each task's reports are sequential calls; a fleet stands for many machines
         # reporting at once, so many tasks report side by side.
         self._reports = ThreadPoolExecutor(report_threads, thread_name_prefix="fleet-report")
         self._thread = threading.Thread(target=self._timetable, name="fleet-timetable", daemon=True)
         self._completed = 0
         self._count_lock = threading.Lock()
+        self.finishes_in_one_call = True  # FinishTask, until the pool says it does not know it
 
     @property
     def completed(self) -> int:
@@ -129,27 +131,48 @@ class SimulatedTasks:
         task_id, attempt = key
         node = self.nodes[node_id]
         master = self.masters[node.lane]
-        if success:
-            line = pb.StoreOutputRequest(task_id=task_id, output="simulated task done", attempt=attempt)
-            self._call(node, master.StoreOutput, line)
-            result = tiny_result(node_id, task_id)
+        output, result = ("simulated task done", tiny_result(node_id, task_id)) if success else ("", b"")
+        if self.finishes_in_one_call:
+            end = pb.FinishTaskRequest(
+                task_id=task_id,
+                node_id=node_id,
+                success=success,
+                attempt=attempt,
+                message=reason,
+                output=output,
+                result_zip=result,
+            )
+            try:
+                self._counted(self._call(node, master.FinishTask, end, raise_on=grpc.StatusCode.UNIMPLEMENTED), end)
+                return
+            except grpc.RpcError:  # a pool without FinishTask: the three calls from now on
+                self.finishes_in_one_call = False
+        if output:
+            self._call(node, master.StoreOutput, pb.StoreOutputRequest(task_id=task_id, output=output, attempt=attempt))
+        if result:
             upload = pb.ReturnTaskResultRequest(task_id=task_id, result_zip=result, attempt=attempt)
             self._call(node, master.ReturnTaskResult, upload)
         done = pb.TaskCompletedRequest(
             task_id=task_id, node_id=node_id, success=success, attempt=attempt, message=reason
         )
-        reply = self._call(node, master.TaskCompleted, done)
+        self._counted(self._call(node, master.TaskCompleted, done), done)
+
+    def _counted(self, reply: Any, end: pb.FinishTaskRequest | pb.TaskCompletedRequest) -> None:
         if reply is not None and not reply.success:
-            log.warning("the pool refused TaskCompleted of %s from %s: %s", task_id, node_id, reply.message)
-        elif reply is not None and success:
+            log.warning("the pool refused the end of %s from %s: %s", end.task_id, end.node_id, reply.message)
+        elif reply is not None and end.success:
             with self._count_lock:
                 self._completed += 1
 
-    def _call(self, node: Node, method: Any, request: Any) -> Any:
+    def _call(self, node: Node, method: Any, request: Any, *, raise_on: grpc.StatusCode | None = None) -> Any:
+        """The reply, or None when the pool refused the call or stayed unavailable (logged); an
+        error of code ``raise_on`` is raised."""
         for attempt in range(6):
             try:
                 return method(request, metadata=bearer(node.token), timeout=CALL_TIMEOUT)
             except grpc.RpcError as error:
+                if error.code() == raise_on:
+                    raise
                 if error.code() not in RETRYABLE:
                     name = type(request).__name__
                     log.warning("%s for %s: %s %s", name, node.node_id, error.code().name, error.details())

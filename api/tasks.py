@@ -193,11 +193,23 @@ class MasterNodeService(pb_grpc.MasterNodeServiceServicer):
 
     @rpc(pb.StatusResponse)
     def TaskCompleted(self, request: pb.TaskCompletedRequest, call: Call) -> pb.StatusResponse:
-        said = self.lifecycle.complete(
+        said = self.lifecycle.finish(
             reporter(call, node_id=request.node_id, attempt=request.attempt),
             request.task_id,
             request.success,
             request.message,
+        )
+        return pb.StatusResponse(success=True, message=f"completion {said}")
+
+    @rpc(pb.StatusResponse)
+    def FinishTask(self, request: pb.FinishTaskRequest, call: Call) -> pb.StatusResponse:
+        said = self.lifecycle.finish(
+            reporter(call, node_id=request.node_id, attempt=request.attempt),
+            request.task_id,
+            request.success,
+            request.message,
+            output=request.output,
+            result=request.result_zip,
         )
         return pb.StatusResponse(success=True, message=f"completion {said}")
 

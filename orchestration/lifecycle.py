@@ -238,16 +238,37 @@ class Lifecycle:
     # ------------------------------------------------------------------ nodes
 
     def store_result(self, reporter: reports.Reporter, task_id: str, data: bytes) -> None:
-        uploads.check_zip(data, limit=self.settings.MAX_RESULT_SIZE, settings=self.settings, what="result_zip")
+        self._check_result(data)
         reports.authorized(self.db, reporter, task_id)
         self.storage.write(self.storage.result_zip(task_id), data)
 
-    def complete(self, reporter: reports.Reporter, task_id: str, success: bool, message: str) -> str:
-        attempt, recorded = reports.record_completion(self.db, reporter, task_id, success, message)
-        self.request_archival(task_id, attempt)
-        return "recorded" if recorded else "already recorded"
+    def _check_result(self, data: bytes) -> None:
+        uploads.check_zip(data, limit=self.settings.MAX_RESULT_SIZE, settings=self.settings, what="result_zip")
 
-    # ------------------------------------------------------------------ jobs
+    def finish(
+        self,
+        reporter: reports.Reporter,
+        task_id: str,
+        success: bool,
+        message: str,
+        *,
+        output: str = "",
+        result: bytes = b"",
+    ) -> str:
+        """TaskCompleted: the node's verdict (the first one wins), then archival asked for.
+        FinishTask: the same after StoreOutput (when ``output`` has lines) and :meth:`store_result`
+        (when there is a ``result``), with one check of the reporter and one write to the
+        database. Everything sent is checked before anything is kept."""
+        lines = reports.output_lines(output)
+        if result:
+            self._check_result(result)
+        task = reports.authorized(self.db, reporter, task_id)
+        if result:
+            self.storage.write(self.storage.result_zip(task.task_id), result)
+        max_lines = self.settings.OUTPUT_MAX_LINES
+        attempt, recorded = reports.record_end(self.db, reporter, task, lines, success, message, max_lines=max_lines)
+        self.request_archival(task.task_id, attempt)
+        return "recorded" if recorded else "already recorded"
 
     def archive(self, task_id: str, attempt: int) -> str:
         """Finish one attempt whose node reported its outcome; the task's status afterwards."""

@@ -85,10 +85,15 @@ def _append(
     return kept
 
 
-def store_output(db: Database, reporter: Reporter, task_id: str, output: str, *, max_lines: int) -> int:
+def output_lines(output: str) -> list[str]:
+    """The lines of a node's output report; InvalidArgument when it is too long for one message."""
     if len(output) > MAX_OUTPUT_PAYLOAD:
         raise InvalidArgument(f"output is over {MAX_OUTPUT_PAYLOAD} characters; send it in smaller pieces")
-    lines = output.splitlines() or [""]
+    return output.splitlines()
+
+
+def store_output(db: Database, reporter: Reporter, task_id: str, output: str, *, max_lines: int) -> int:
+    lines = output_lines(output) or [""]
     return _append(
         db,
         reporter,
@@ -155,13 +160,20 @@ _RECORD_OUTCOME = (  # the first verdict wins, while the attempt is the one repo
 )
 
 
-def record_completion(db: Database, reporter: Reporter, task_id: str, success: bool, message: str) -> tuple[int, bool]:
-    """Remember the node's verdict (first one wins); (attempt, whether this call recorded it).
-
-    A task being stopped keeps no verdict: the stop decides its end."""
-    task = authorized(db, reporter, task_id)
-    if task.status == tasks.STOPPING:
-        return task.attempt, False
+def record_end(
+    db: Database,
+    reporter: Reporter,
+    task: tasks.TaskView,
+    lines: list[str],
+    success: bool,
+    message: str,
+    *,
+    max_lines: int,
+) -> tuple[int, bool]:
+    """The end of ``task``'s attempt, which :func:`authorized` found live: its last output
+    ``lines`` (if any) and the node's verdict, in one write; (attempt, whether this call recorded
+    the verdict). The first verdict wins; a task being stopped keeps none: the stop decides its end.
+    """
     values = {
         "pk": task.pk,
         "b_attempt": task.attempt,
@@ -170,13 +182,20 @@ def record_completion(db: Database, reporter: Reporter, task_id: str, success: b
         "now": utcnow(),  # the recovery sweep leaves fresh reports to their archival job
     }
 
-    def work(session: Session) -> bool:
+    def work(session: Session) -> bool | None:
+        if lines and task_output.append_output(session, task.pk, task.attempt, lines, max_lines=max_lines) is None:
+            return None  # moved on: nothing written
+        if task.status == tasks.STOPPING:
+            return False
         return session.execute(_RECORD_OUTCOME, values).rowcount == 1  # type: ignore[attr-defined]
 
-    if db.transaction(work, grouped=True):
-        return task.attempt, True
-    now = authorized(db, reporter, task_id)  # not recorded: why?
-    if now.attempt != task.attempt:
+    if not lines and task.status == tasks.STOPPING:
+        return task.attempt, False  # nothing to write
+    recorded = db.transaction(work, grouped=True)
+    if recorded or (recorded is False and task.status == tasks.STOPPING):
+        return task.attempt, bool(recorded)
+    now = authorized(db, reporter, task.task_id)  # not recorded: why?
+    if recorded is None or now.attempt != task.attempt:
         raise moved_on(task, now)
     return task.attempt, False  # a verdict was recorded first, or the task is being stopped
 

@@ -288,6 +288,24 @@ class TaskCompletedRequest(_message.Message):
     message: str
     def __init__(self, task_id: _Optional[str] = ..., node_id: _Optional[str] = ..., success: _Optional[bool] = ..., attempt: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
+class FinishTaskRequest(_message.Message):
+    __slots__ = ("task_id", "node_id", "success", "attempt", "message", "output", "result_zip")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_ZIP_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    node_id: str
+    success: bool
+    attempt: int
+    message: str
+    output: str
+    result_zip: bytes
+    def __init__(self, task_id: _Optional[str] = ..., node_id: _Optional[str] = ..., success: _Optional[bool] = ..., attempt: _Optional[int] = ..., message: _Optional[str] = ..., output: _Optional[str] = ..., result_zip: _Optional[bytes] = ...) -> None: ...
+
 class StoreLogsRequest(_message.Message):
     __slots__ = ("node_id", "task_id", "logs", "timestamp", "attempt")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]

@@ -559,6 +559,11 @@ class MasterNodeServiceStub:
                 request_serializer=protos_dot_nodepool__pb2.UploadTaskRequest.SerializeToString,
                 response_deserializer=protos_dot_nodepool__pb2.UploadTaskResponse.FromString,
                 _registered_method=True)
+        self.FinishTask = channel.unary_unary(
+                '/nodepool.MasterNodeService/FinishTask',
+                request_serializer=protos_dot_nodepool__pb2.FinishTaskRequest.SerializeToString,
+                response_deserializer=protos_dot_nodepool__pb2.StatusResponse.FromString,
+                _registered_method=True)
 
 
 class MasterNodeServiceServicer:
@@ -648,6 +653,15 @@ class MasterNodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FinishTask(self, request, context):
+        """Added: the end of an attempt in one call: its last output lines, its result zip and its
+        verdict, taken as StoreOutput, ReturnTaskResult and TaskCompleted sent in that order would be,
+        in one round trip and one write. Workers that do not know it send those three calls instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MasterNodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -715,6 +729,11 @@ def add_MasterNodeServiceServicer_to_server(servicer, server):
                     servicer.UploadTaskStream,
                     request_deserializer=protos_dot_nodepool__pb2.UploadTaskRequest.FromString,
                     response_serializer=protos_dot_nodepool__pb2.UploadTaskResponse.SerializeToString,
+            ),
+            'FinishTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishTask,
+                    request_deserializer=protos_dot_nodepool__pb2.FinishTaskRequest.FromString,
+                    response_serializer=protos_dot_nodepool__pb2.StatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1070,6 +1089,33 @@ class MasterNodeService:
             '/nodepool.MasterNodeService/UploadTaskStream',
             protos_dot_nodepool__pb2.UploadTaskRequest.SerializeToString,
             protos_dot_nodepool__pb2.UploadTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodepool.MasterNodeService/FinishTask',
+            protos_dot_nodepool__pb2.FinishTaskRequest.SerializeToString,
+            protos_dot_nodepool__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

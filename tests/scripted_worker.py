@@ -38,7 +38,7 @@ class Script:
     accept_delay: float = 0.0  # seconds before answering ExecuteTask
     lines: tuple[str, ...] = ("hello from the node", "working…", "done")
     result: bytes = field(default_factory=result_zip)
-    result_rpc: str = "ReturnTaskResult"  # or StoreResult
+    result_rpc: str = "ReturnTaskResult"  # or StoreResult, or FinishTask (output, result and verdict in one)
     succeed: bool = True
     run_seconds: float = 0.2
 
@@ -158,11 +158,12 @@ class ScriptedWorker(pb_grpc.WorkerNodeServiceServicer):
     def _run(self, task_id: str, attempt: int, release: threading.Event) -> None:
         auth = bearer(self.token)
         master = self.pool.master
+        output = "\n".join(self.script.lines)
         try:
-            master.StoreOutput(
-                pb.StoreOutputRequest(task_id=task_id, output="\n".join(self.script.lines), attempt=attempt),
-                metadata=auth,
-            )
+            if self.script.result_rpc != "FinishTask":
+                master.StoreOutput(
+                    pb.StoreOutputRequest(task_id=task_id, output=output, attempt=attempt), metadata=auth
+                )
             logs = json.dumps(
                 [
                     {"level": "info", "message": "started", "ts": time.time()},
@@ -183,6 +184,17 @@ class ScriptedWorker(pb_grpc.WorkerNodeServiceServicer):
                 release.wait(self.script.run_seconds)
             if self.silent.is_set() or self._closed.is_set():
                 return  # a dead node reports nothing, nor one whose test has ended
+            verdict: dict[str, Any] = {
+                "task_id": task_id,
+                "node_id": self.node_id,
+                "success": self.script.succeed,
+                "attempt": attempt,
+                "message": "" if self.script.succeed else "exit code 3",
+            }
+            if self.script.result_rpc == "FinishTask":
+                finish = pb.FinishTaskRequest(output=output, result_zip=self.script.result, **verdict)
+                master.FinishTask(finish, metadata=auth)
+                return
             if self.script.result_rpc == "StoreResult":
                 master.StoreResult(
                     pb.StoreResultRequest(task_id=task_id, result_zip=self.script.result, attempt=attempt),
@@ -193,16 +205,7 @@ class ScriptedWorker(pb_grpc.WorkerNodeServiceServicer):
                     pb.ReturnTaskResultRequest(task_id=task_id, result_zip=self.script.result, attempt=attempt),
                     metadata=auth,
                 )
-            master.TaskCompleted(
-                pb.TaskCompletedRequest(
-                    task_id=task_id,
-                    node_id=self.node_id,
-                    success=self.script.succeed,
-                    attempt=attempt,
-                    message="" if self.script.succeed else "exit code 3",
-                ),
-                metadata=auth,
-            )
+            master.TaskCompleted(pb.TaskCompletedRequest(**verdict), metadata=auth)
         except grpc.RpcError as error:
             self.errors.append(f"{error.code().name}: {error.details()}")  # the pool may have moved on
         finally:

@@ -6,8 +6,10 @@ Bringing nodes online runs against the real pool; the task reports go to the rec
 
 from __future__ import annotations
 
+import io
 import stat
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,15 +96,35 @@ def test_a_task_is_routed_to_the_node_its_token_names_and_reported_by_that_node(
     reply = execute(fleet_on_recording_pool, recording_pool.signer, "sim00007", "sim-task-1")
     assert reply.success, reply.message
 
-    assert recording_pool.wait_for(lambda p: p.count("TaskCompleted") == 1)
+    assert recording_pool.wait_for(lambda p: p.count("FinishTask") == 1)
     calls = [c for c in recording_pool.calls if getattr(c.request, "task_id", "") == "sim-task-1"]
-    assert [c.name for c in calls] == ["StoreOutput", "ReturnTaskResult", "TaskCompleted"]
+    assert [c.name for c in calls] == ["FinishTask"]  # output, result and verdict in one call
     login = next(
         i for i, c in enumerate(recording_pool.calls) if c.name == "Login" and c.request.username == "sim00007"
     )
     assert {c.token for c in calls} == {f"token-sim00007-{_login_number(recording_pool, login)}"}
     done = calls[-1].request
-    assert (done.node_id, done.success, done.attempt) == ("sim00007", True, 1)
+    assert (done.node_id, done.success, done.attempt, done.output) == ("sim00007", True, 1, "simulated task done")
+    assert zipfile.ZipFile(io.BytesIO(done.result_zip)).namelist() == ["output/result.txt"]
+
+
+def test_to_a_pool_without_finish_task_the_fleet_reports_in_three_calls(
+    fleet_on_recording_pool: RunningFleet, recording_pool: RecordingPool
+) -> None:
+    recording_pool.failures["FinishTask"] = [grpc.StatusCode.UNIMPLEMENTED] * 5  # as a pool that predates it
+    for number in (1, 2):  # one after the other: the second finds the fleet knowing better
+        assert execute(fleet_on_recording_pool, recording_pool.signer, "sim00003", f"old-pool-{number}").success
+        assert recording_pool.wait_for(lambda p, n=number: p.count("TaskCompleted") == n)  # type: ignore[misc]
+
+    assert recording_pool.names(task_id="old-pool-1") == [
+        "FinishTask",
+        "StoreOutput",
+        "ReturnTaskResult",
+        "TaskCompleted",
+    ]
+    assert recording_pool.names(task_id="old-pool-2") == ["StoreOutput", "ReturnTaskResult", "TaskCompleted"]
+    assert recording_pool.of("StoreOutput")[0].output == "simulated task done"
+    assert all(done.success and done.node_id == "sim00003" for done in recording_pool.of("TaskCompleted"))
 
 
 def _login_number(pool: RecordingPool, index: int) -> int:
@@ -129,9 +151,9 @@ def test_a_simulated_task_can_be_stopped(recording_pool: RecordingPool) -> None:
         reply = running.stub.StopTaskExecution(pb.StopTaskExecutionRequest(task_id="long-1"), metadata=metadata)
 
         assert reply.success
-        assert recording_pool.wait_for(lambda p: p.count("TaskCompleted") == 1)
-        done = recording_pool.of("TaskCompleted")[0]
-        assert (done.success, done.message) == (False, "stopped by the pool")
+        assert recording_pool.wait_for(lambda p: p.count("FinishTask") == 1)
+        done = recording_pool.of("FinishTask")[0]
+        assert (done.success, done.message, done.output, done.result_zip) == (False, "stopped by the pool", "", b"")
     finally:
         running.close()
 
@@ -140,8 +162,8 @@ def test_a_burst_of_tasks_all_complete(fleet_on_recording_pool: RunningFleet, re
     for i in range(200):
         assert execute(fleet_on_recording_pool, recording_pool.signer, f"sim{i % 20:05d}", f"burst-{i}").success
 
-    assert recording_pool.wait_for(lambda p: p.count("TaskCompleted") == 200, timeout=60)
-    assert all(r.success for r in recording_pool.of("TaskCompleted"))
+    assert recording_pool.wait_for(lambda p: p.count("FinishTask") == 200, timeout=60)
+    assert all(r.success for r in recording_pool.of("FinishTask"))
     deadline = time.monotonic() + 10
     while fleet_on_recording_pool.fleet.completed < 200 and time.monotonic() < deadline:
         time.sleep(0.02)  # the pool has answered; the fleet counts as the answers arrive
@@ -166,13 +188,13 @@ def test_the_nodes_spread_over_the_fleets_connections_each_node_keeping_one(
     try:
         running.wait_online(9)
         assert execute(running, recording_pool.signer, "lane00004", "lane-task").success
-        assert recording_pool.wait_for(lambda p: p.count("TaskCompleted") == 1 and p.count("ReportStatus") >= 27)
+        assert recording_pool.wait_for(lambda p: p.count("FinishTask") == 1 and p.count("ReportStatus") >= 27)
     finally:
         running.close()
 
     peers: dict[str, set[str]] = {}  # node -> the connections its registration, beats and reports came on
     for call in recording_pool.calls:
-        if getattr(call.request, "task_id", "") == "lane-task":  # StoreOutput and ReturnTaskResult name no node
+        if getattr(call.request, "task_id", "") == "lane-task":
             peers.setdefault("lane00004", set()).add(call.peer)
         elif getattr(call.request, "node_id", ""):
             peers.setdefault(call.request.node_id, set()).add(call.peer)

@@ -131,7 +131,9 @@ def test_heartbeats_report_what_the_node_is_doing(recording_pool: RecordingPool)
     assert {c.token for c in recording_pool.calls if c.name == "ReportStatus"} == {"token-alice-1"}
 
 
-def test_a_task_report_batches_output_and_ends_with_result_then_completion(recording_pool: RecordingPool) -> None:
+def test_a_task_report_batches_output_and_ends_with_result_and_verdict_in_one_call(
+    recording_pool: RecordingPool,
+) -> None:
     session = session_for(recording_pool.address)
     session.start()
     reporter = TaskReporter(session, "t9", 3, usage=lambda: (150.0, 2**30), cores=2, total_memory=4 * 2**30,
@@ -140,19 +142,80 @@ def test_a_task_report_batches_output_and_ends_with_result_then_completion(recor
     for i in range(25):
         reporter.output(f"line {i}")
     reporter.log("info", "started")
-    assert wait_until(lambda: recording_pool.count("ReportRunningStatus") >= 1)
+    assert wait_until(lambda: recording_pool.count("ReportRunningStatus") >= 1)  # after the lines went
 
-    reporter.finish(Outcome(False, "exit code 3", b"PK\x05\x06" + b"\0" * 18, 3))
+    reporter.finish(Outcome(False, "exit code 3", RESULT, 3))
 
     names = [n for n in recording_pool.names(task_id="t9") if n != "ReportRunningStatus"]
-    assert names[:3] == ["StoreOutput"] * 3 and names[-2:] == ["ReturnTaskResult", "TaskCompleted"]
+    assert names[:3] == ["StoreOutput"] * 3 and names[-1] == "FinishTask" and "TaskCompleted" not in names
     outputs = recording_pool.of("StoreOutput")
     assert [len(r.output.split("\n")) for r in outputs] == [10, 10, 5]
     assert {r.attempt for r in outputs} == {3}
     usage = recording_pool.of("ReportRunningStatus")[0]
     assert (usage.cpu_usage, usage.memory_usage, usage.attempt, usage.node_id) == (75, 25, 3, "alice")
-    done = recording_pool.of("TaskCompleted")[0]
+    done = recording_pool.of("FinishTask")[0]
     assert (done.success, done.message, done.attempt, done.node_id) == (False, "exit code 3", 3, "alice")
+    assert (done.output, done.result_zip) == ("", RESULT)  # every line had gone already
+
+
+RESULT = b"PK\x05\x06" + b"\0" * 18  # an empty zip
+
+
+def test_the_last_lines_go_with_the_end_of_the_task(recording_pool: RecordingPool) -> None:
+    session = session_for(recording_pool.address)
+    session.start()
+    reporter = TaskReporter(session, "tail", 1, batch_lines=10)
+
+    for i in range(15):
+        reporter.output(f"line {i}")
+    reporter.finish(Outcome(True, "completed", RESULT, 0))
+
+    assert recording_pool.names(task_id="tail") == ["StoreOutput", "FinishTask"]
+    assert recording_pool.of("StoreOutput")[0].output == "\n".join(f"line {i}" for i in range(10))
+    done = recording_pool.of("FinishTask")[0]
+    assert (done.output, done.result_zip, done.success, done.message) == (
+        "\n".join(f"line {i}" for i in range(10, 15)),
+        RESULT,
+        True,
+        "",
+    )
+
+
+def test_to_a_pool_without_finish_task_a_node_ends_tasks_in_three_calls(recording_pool: RecordingPool) -> None:
+    recording_pool.failures["FinishTask"] = [grpc.StatusCode.UNIMPLEMENTED] * 5  # as a pool that predates it
+    session = session_for(recording_pool.address)
+    session.start()
+
+    for task_id in ("first", "second"):
+        reporter = TaskReporter(session, task_id, 2, batch_lines=10)
+        for i in range(15):
+            reporter.output(f"line {i}")
+        reporter.finish(Outcome(False, "exit code 1", RESULT, 1))
+
+    three = ["StoreOutput", "StoreOutput", "ReturnTaskResult", "TaskCompleted"]
+    assert recording_pool.names(task_id="first") == ["StoreOutput", "FinishTask", *three[1:]]
+    assert recording_pool.names(task_id="second") == three  # the session remembers
+    assert [len(r.output.split("\n")) for r in recording_pool.of("StoreOutput")] == [10, 5, 10, 5]
+    assert [(d.success, d.message, d.attempt) for d in recording_pool.of("TaskCompleted")] == [
+        (False, "exit code 1", 2)
+    ] * 2
+    assert [r.result_zip for r in recording_pool.of("ReturnTaskResult")] == [RESULT, RESULT]
+
+
+def test_a_refused_finish_task_is_said_again_in_three_calls(recording_pool: RecordingPool) -> None:
+    """A pool that knows FinishTask but refuses it (here: an answer a real pool gives to a result it
+    does not take) still gets the verdict, through the calls that can each be refused alone."""
+    recording_pool.failures["FinishTask"] = [grpc.StatusCode.INVALID_ARGUMENT]
+    session = session_for(recording_pool.address)
+    session.start()
+
+    for task_id in ("refused", "next"):
+        reporter = TaskReporter(session, task_id, 1)
+        reporter.output("done")
+        reporter.finish(Outcome(True, "completed", RESULT, 0))
+
+    assert recording_pool.names(task_id="refused") == ["FinishTask", "StoreOutput", "ReturnTaskResult", "TaskCompleted"]
+    assert recording_pool.names(task_id="next") == ["FinishTask"]  # FinishTask is still tried
 
 
 def test_output_beyond_the_backlog_is_dropped_and_the_drop_is_said(recording_pool: RecordingPool) -> None:
@@ -164,7 +227,7 @@ def test_output_beyond_the_backlog_is_dropped_and_the_drop_is_said(recording_poo
         reporter.output(f"line {i}")
     reporter.finish(Outcome(True, "completed"))
 
-    text = "\n".join(r.output for r in recording_pool.of("StoreOutput")).split("\n")
+    assert [n for n in recording_pool.names(task_id="flood")] == ["FinishTask"]
+    text = recording_pool.of("FinishTask")[0].output.split("\n")
     assert text[:100] == [f"line {i}" for i in range(100)]
     assert text[100:] == ["[hivemind-agent: 150 output lines dropped; the task printed faster than sent]"]
-    assert [n for n in recording_pool.names(task_id="flood")] == ["StoreOutput", "TaskCompleted"]

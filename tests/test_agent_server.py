@@ -35,11 +35,19 @@ def dispatch(
     return node.stub.ExecuteTask(request, metadata=metadata, timeout=10)
 
 
-def completed(pool: RecordingPool, task_id: str, timeout: float = 30) -> pb.TaskCompletedRequest:
-    assert pool.wait_for(lambda p: any(r.task_id == task_id for r in p.of("TaskCompleted")), timeout), pool.names(
+def completed(pool: RecordingPool, task_id: str, timeout: float = 30) -> pb.FinishTaskRequest:
+    """The end of ``task_id`` as the node reported it: its last lines, result and verdict in one call."""
+    assert pool.wait_for(lambda p: any(r.task_id == task_id for r in p.of("FinishTask")), timeout), pool.names(
         task_id=task_id
     )
-    return next(r for r in pool.of("TaskCompleted") if r.task_id == task_id)
+    return next(r for r in pool.of("FinishTask") if r.task_id == task_id)
+
+
+def output(pool: RecordingPool, task_id: str) -> list[str]:
+    """The output lines the node sent for ``task_id``: StoreOutput's, then those FinishTask carried."""
+    sent = [r.output for r in pool.of("StoreOutput") if r.task_id == task_id]
+    sent += [r.output for r in pool.of("FinishTask") if r.task_id == task_id and r.output]
+    return "\n".join(sent).split("\n")
 
 
 def test_a_task_streams_output_and_logs_then_uploads_its_result_then_completes(
@@ -59,15 +67,12 @@ def test_a_task_streams_output_and_logs_then_uploads_its_result_then_completes(
 
     assert (done.success, done.node_id, done.attempt, done.message) == (True, running_node.node_id, 1, "")
     sequence = [n for n in recording_pool.names(task_id="job-ok") if n != "ReportRunningStatus"]
-    first_result = sequence.index("ReturnTaskResult")
-    assert set(sequence[:first_result]) == {"StoreOutput", "StoreLogs"}
-    assert sequence[first_result:] == ["ReturnTaskResult", "TaskCompleted"]
+    assert set(sequence[:-1]) == {"StoreOutput", "StoreLogs"} and sequence[-1] == "FinishTask"
     outputs = [r for r in recording_pool.of("StoreOutput") if r.task_id == "job-ok"]
     assert 3 <= len(outputs) < 120  # batched, several lines per call
-    assert "\n".join(r.output for r in outputs).split("\n") == [f"line {i}" for i in range(120)]
+    assert output(recording_pool, "job-ok") == [f"line {i}" for i in range(120)]
     assert {r.attempt for r in outputs} == {1}
-    result = next(r for r in recording_pool.of("ReturnTaskResult") if r.task_id == "job-ok")
-    with zipfile.ZipFile(io.BytesIO(result.result_zip)) as archive:
+    with zipfile.ZipFile(io.BytesIO(done.result_zip)) as archive:
         assert archive.read("output/answer.txt") == b"FORTY-TWO"
     records = [rec for r in recording_pool.of("StoreLogs") if r.task_id == "job-ok" for rec in json.loads(r.logs)]
     assert {"level", "message", "ts"} <= set(records[0])
@@ -102,7 +107,7 @@ def test_stop_kills_the_task_and_its_children_and_reports_it_stopped(
     assert recording_pool.wait_for(
         lambda p: "ready" in "\n".join(r.output for r in p.of("StoreOutput") if r.task_id == "job-stop")
     )
-    lines = "\n".join(r.output for r in recording_pool.of("StoreOutput") if r.task_id == "job-stop").split("\n")
+    lines = output(recording_pool, "job-stop")
     pids = [int(line.split()[1]) for line in lines if line.startswith(("child", "escaped"))]
 
     metadata = signed(pool_signer, node_id=running_node.node_id, task_id="job-stop", action="stop")
@@ -138,8 +143,8 @@ def test_a_new_attempt_of_a_task_supersedes_the_old_one(
 
     assert dispatch(running_node, pool_signer, "job-re", {"main.py": "print('second')"}, attempt=2).success
 
-    assert recording_pool.wait_for(lambda p: len([r for r in p.of("TaskCompleted") if r.task_id == "job-re"]) == 2)
-    ends = {r.attempt: (r.success, r.message) for r in recording_pool.of("TaskCompleted") if r.task_id == "job-re"}
+    assert recording_pool.wait_for(lambda p: len([r for r in p.of("FinishTask") if r.task_id == "job-re"]) == 2)
+    ends = {r.attempt: (r.success, r.message) for r in recording_pool.of("FinishTask") if r.task_id == "job-re"}
     assert ends == {1: (False, "superseded by attempt 2"), 2: (True, "")}
 
 

@@ -105,6 +105,10 @@ MATRIX: dict[str, tuple[Build, tuple[str, ...]]] = {
         held(pb.TaskCompletedRequest, success=True, attempt=999),
         (UN, UN, UN, PD, NO, PD, PD),
     ),
+    "MasterNodeService/FinishTask": (
+        held(pb.FinishTaskRequest, success=True, attempt=999, output="matrix line", result_zip=task_zip()),
+        (UN, UN, UN, PD, NO, PD, PD),
+    ),
     "MasterNodeService/StoreLogs": (
         held(pb.StoreLogsRequest, logs='{"message": "matrix"}'),
         (UN, UN, UN, PD, OK, PD, PD),

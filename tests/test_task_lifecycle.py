@@ -22,7 +22,7 @@ def no_active_allocations(pool: PoolHarness, task_id: str) -> bool:
         return all(allocation.active_allocation(session, task_id, n) is None for n in range(1, 6))
 
 
-@pytest.mark.parametrize("result_rpc", ["ReturnTaskResult", "StoreResult"])
+@pytest.mark.parametrize("result_rpc", ["ReturnTaskResult", "StoreResult", "FinishTask"])
 def test_happy_path(fast_pool: PoolHarness, workers: list, result_rpc: str) -> None:
     pool = fast_pool
     worker = ScriptedWorker(pool, script=Script(result_rpc=result_rpc, run_seconds=1.0))
