@@ -3,8 +3,8 @@
 A simulated task runs nothing. It waits ``task_seconds`` on a timetable (no thread per task),
 then its node reports one output line, a tiny result zip and success in one FinishTask (or, to a
 pool without it, StoreOutput, ReturnTaskResult and TaskCompleted), with its own token, as a real
-node would. A stopped task is reported failed ("stopped by the
-pool"); tasks still running when the fleet closes are reported failed ("agent shutting down").
+node would. A stopped task is reported failed ("stopped by the pool"); tasks still running when
+the fleet closes are reported failed ("agent shutting down").
 """
 
 from __future__ import annotations
