@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -148,15 +149,7 @@ class TaskReporter:
 
     def _finish_in_one_call(self, outcome: Outcome, output: str) -> bool:
         """FinishTask; False when the pool took none of it (then the three calls say it again)."""
-        request = pb.FinishTaskRequest(
-            task_id=self.task_id,
-            node_id=self.session.node_id,
-            success=outcome.success,
-            attempt=self.attempt,
-            message="" if outcome.success else outcome.reason,
-            output=output,
-            result_zip=outcome.result_zip or b"",
-        )
+        request = pb.FinishTaskRequest(output=output, result_zip=outcome.result_zip or b"", **self._verdict(outcome))
         try:
             self.session.send(self.session.master.FinishTask, request, timeout=60, tries=FINAL_TRIES)
             return True
@@ -175,14 +168,19 @@ class TaskReporter:
             self.session.call(
                 self.session.master.ReturnTaskResult, request, name="ReturnTaskResult", timeout=60, tries=FINAL_TRIES
             )
-        done = pb.TaskCompletedRequest(
+        done = pb.TaskCompletedRequest(**self._verdict(outcome))
+        self.session.call(self.session.master.TaskCompleted, done, name="TaskCompleted", tries=FINAL_TRIES)
+
+    def _verdict(self, outcome: Outcome) -> dict[str, Any]:
+        """The fields TaskCompleted and FinishTask share."""
+        message = "" if outcome.success else outcome.reason
+        return dict(
             task_id=self.task_id,
             node_id=self.session.node_id,
             success=outcome.success,
             attempt=self.attempt,
-            message="" if outcome.success else outcome.reason,
+            message=message,
         )
-        self.session.call(self.session.master.TaskCompleted, done, name="TaskCompleted", tries=FINAL_TRIES)
 
     def _loop(self) -> None:
         next_usage = time.monotonic() + self._usage_seconds

@@ -193,23 +193,18 @@ class MasterNodeService(pb_grpc.MasterNodeServiceServicer):
 
     @rpc(pb.StatusResponse)
     def TaskCompleted(self, request: pb.TaskCompletedRequest, call: Call) -> pb.StatusResponse:
-        said = self.lifecycle.finish(
-            reporter(call, node_id=request.node_id, attempt=request.attempt),
-            request.task_id,
-            request.success,
-            request.message,
-        )
-        return pb.StatusResponse(success=True, message=f"completion {said}")
+        return self._finish(request, call)
 
     @rpc(pb.StatusResponse)
     def FinishTask(self, request: pb.FinishTaskRequest, call: Call) -> pb.StatusResponse:
+        return self._finish(request, call, output=request.output, result=request.result_zip)
+
+    def _finish(
+        self, request: pb.TaskCompletedRequest | pb.FinishTaskRequest, call: Call, output: str = "", result: bytes = b""
+    ) -> pb.StatusResponse:
+        who = reporter(call, node_id=request.node_id, attempt=request.attempt)
         said = self.lifecycle.finish(
-            reporter(call, node_id=request.node_id, attempt=request.attempt),
-            request.task_id,
-            request.success,
-            request.message,
-            output=request.output,
-            result=request.result_zip,
+            who, request.task_id, request.success, request.message, output=output, result=result
         )
         return pb.StatusResponse(success=True, message=f"completion {said}")
 
