@@ -270,6 +270,8 @@ class Lifecycle:
         self.request_archival(task.task_id, attempt)
         return "recorded" if recorded else "already recorded"
 
+    # ------------------------------------------------------------------ jobs
+
     def archive(self, task_id: str, attempt: int) -> str:
         """Finish one attempt whose node reported its outcome; the task's status afterwards."""
         return self.archive_many([(task_id, attempt)]).get((task_id, attempt), "unknown")
