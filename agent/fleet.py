@@ -63,7 +63,7 @@ class FleetSpec:
     heartbeat_seconds: float = 0.0  # 0: every 5 s, slower for big fleets (see heartbeat_interval)
     heartbeat_threads: int = 4
     connections: int = 1  # to the pool, the nodes spread over them (see open_channels)
-    report_threads: int = 16  # tasks reporting their end at once (output, result, TaskCompleted)
+    report_threads: int = 16  # tasks reporting their end at once (FinishTask, or the three calls)
     login_workers: int = 8
     create_accounts: bool = True
     cpu_cores: int = 4

@@ -15,7 +15,7 @@ SHUTTING_DOWN = "agent shutting down"
 
 @dataclass(frozen=True)
 class Outcome:
-    """The end of one task: what the node reports in TaskCompleted."""
+    """The end of one task: what the node reports in FinishTask (or TaskCompleted)."""
 
     success: bool
     reason: str  # "completed", or why it failed
