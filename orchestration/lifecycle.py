@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
-from pathlib import Path
 
 import redis
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models import task_output, tasks
@@ -24,6 +20,7 @@ from orchestration import outcomes, reports, uploads
 from orchestration.archival_queue import ArchivalQueue
 from orchestration.enqueue import Coalesced, JobQueue
 from orchestration.followups import FollowupSender
+from orchestration.intake import Asker, Intake
 from orchestration.storage import TaskStorage, sha256, validate_task_id
 from pool.settings import Settings
 
@@ -35,15 +32,6 @@ DISPATCH_MANY = "pool.dispatch.execute_many"
 STOP = "pool.dispatch.stop"
 
 
-@dataclass(frozen=True)
-class Asker:
-    """A user asking about tasks (identity from the token)."""
-
-    user_id: int
-    username: str
-    is_operator: bool = False
-
-
 class Lifecycle:
     def __init__(
         self, db: Database, storage: TaskStorage, settings: Settings, jobs: JobQueue, client: redis.Redis
@@ -52,7 +40,7 @@ class Lifecycle:
         self.matching = Coalesced(client, jobs, MATCH, f"{settings.REDIS_KEY_PREFIX}:matching")
         self.archival = ArchivalQueue(client, jobs, settings.REDIS_KEY_PREFIX)
         self.followups: FollowupSender | None = None
-        self._accounts_seen: set[tuple[str, int]] = set()  # (username, id) pairs found in the database
+        self.intake = Intake(db, storage, settings, on_created=self.request_matching)
 
     # ------------------------------------------------------------------ enqueueing
 
@@ -78,100 +66,14 @@ class Lifecycle:
     # ------------------------------------------------------------------ users
 
     def upload(self, caller: Asker, request: uploads.UploadRequest) -> tuple[str, bool]:
-        """Store and record a task, escrow its price, then ask for matching. (task_id, newly created).
-
-        The zip is written (durably) to a staging file first, outside the transaction; the
-        transaction that inserts the task moves it into place, so neither a repeat nor an upload
-        that loses a race for the task id touches the stored zip. A large zip is checked while
-        it is written; a zip the check refuses is removed again.
-        """
-        request = uploads.validate(request, caller.username, self.settings)
-        path = self.storage.task_zip(request.task_id)
-        try:
-            staged = self.storage.stage(path, request.task_zip)
-        except BaseException:
-            request.checked()  # a refused zip says so, rather than what went wrong with storage
-            raise
-        try:
-            request.checked()
-        except BaseException:
-            staged.unlink(missing_ok=True)
-            raise
-        return self._record_upload(caller, request, path, staged)
+        """Store and record a task, escrow its price, then ask for matching (:class:`Intake`)."""
+        return self.intake.upload(caller, request)
 
     def upload_pieces(
         self, caller: Asker, request: uploads.UploadRequest, pieces: Iterable[bytes | memoryview]
     ) -> tuple[str, bool]:
-        """:meth:`upload` of a zip that arrives in ``pieces`` (UploadTaskStream); ``request``'s own
-        task_zip is ignored. The fields are checked before any piece is read; each piece is written
-        as it arrives, and the zip checked once it is whole."""
-        request = uploads.validate_fields(request, caller.username, self.settings)
-        path = self.storage.task_zip(request.task_id)
-        limit = self.settings.MAX_FILE_SIZE
-
-        def check(staged: Path) -> None:
-            uploads.check_zip(staged, limit=limit, settings=self.settings, what="task_zip")
-
-        staged, size, digest = self.storage.stage_pieces(path, pieces, limit=limit, digest=True, check=check)
-        request = replace(request, task_zip=b"", zip_size=size, zip_sha256=uploads.ZipDigest(digest))
-        return self._record_upload(caller, request, path, staged)
-
-    def _record_upload(
-        self, caller: Asker, request: uploads.UploadRequest, path: Path, staged: Path
-    ) -> tuple[str, bool]:
-        """Insert the task whose zip is ``staged`` (beside ``path``) and move the zip into place;
-        (task id, whether this call created it)."""
-        known = caller.user_id if (caller.username.lower(), caller.user_id) in self._accounts_seen else None
-        try:
-            if not self.db.is_sqlite and uploads.escrow_amount(request, self.settings) > 0:
-                owner_id = uploads.insert_alone(self.db, request, caller.username, self.settings, owner_id=known)
-                os.replace(staged, path)  # after the commit (see uploads.insert_alone)
-            else:
-                owner_id = self._insert_in_transaction(caller, request, path, staged, known)
-        except IntegrityError:  # the task id exists: a repeat of this upload, or another one?
-            with self.db.reading() as session:
-                existing = tasks.get(session, request.task_id)
-            if existing is None:
-                raise
-            uploads.check_repeat(existing, request, caller.user_id)
-            if existing.status not in tasks.TERMINAL and not path.exists() and staged.exists():
-                os.replace(staged, path)  # the first upload committed but stopped before placing its zip
-            return request.task_id, False
-        finally:
-            staged.unlink(missing_ok=True)
-        if owner_id == caller.user_id:  # accounts are never deleted: no need to look this one up again
-            self._accounts_seen.add((caller.username.lower(), caller.user_id))
-        self.request_matching()
-        uploads.log_uploaded(request, caller.username, self.settings)
-        return request.task_id, True
-
-    def _insert_in_transaction(
-        self, caller: Asker, request: uploads.UploadRequest, path: Path, staged: Path, known: int | None
-    ) -> int:
-        """The task and its escrow in one transaction, the zip moved into place inside it."""
-        placed = False
-
-        def work(session: Session) -> int:
-            nonlocal placed
-            owner_id = uploads.insert(session, request, caller.username, self.settings, owner_id=known)
-            if staged.exists():
-                os.replace(staged, path)
-                placed = True
-            return owner_id
-
-        # Grouped with other uploads of this process (SQLite): should its group roll back, the work
-        # runs again alone. The zip was put in place while this transaction held the one writer
-        # and its insert had succeeded, so no committed task owned that path; run again, the work
-        # finds the zip placed already, and an upload of the same id committed in between has
-        # replaced it with its own (this one's insert then fails as a clash).
-        try:
-            return self.db.transaction(work, grouped=True)
-        except Exception:
-            if placed:  # the commit failed after the zip was put in place
-                with self.db.reading() as session:
-                    if tasks.get(session, request.task_id) is None:
-                        path.unlink(missing_ok=True)
-            raise
+        """:meth:`upload` of a zip that arrives in ``pieces`` (UploadTaskStream)."""
+        return self.intake.upload_pieces(caller, request, pieces)
 
     def owned(self, session: Session, caller: Asker, task_id: str) -> tasks.TaskView:
         task = tasks.get(session, validate_task_id(task_id))

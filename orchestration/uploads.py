@@ -205,7 +205,7 @@ def insert_alone(db: Database, request: UploadRequest, caller: str, settings: Se
     The caller moves the zip into place afterwards; a matching job may place the task in between,
     and dispatch waits for its zip (dispatcher.ZIP_WAIT_SECONDS). Should the process stop in
     between, the task has no zip until the upload is repeated (a client that got no answer
-    repeats it, and the repeat puts the zip in place: Lifecycle._record_upload); a task
+    repeats it, and the repeat puts the zip in place: Intake._record); a task
     dispatched without its zip goes to its next attempt, at no cost to the node."""
     if owner_id is None:
         with db.reading() as session:
