@@ -96,11 +96,12 @@ class Uploader:
             )
             self.body = [pb.UploadTaskRequest(task_zip=data).SerializeToString()]
         self.pid, self.metadata, self.sent = pid, [("authorization", f"Bearer {token}")], 0
+        self.prefix = "stream" if pieces else "unary"  # every upload a new task: a repeat is answered from the database
 
     def once(self) -> tuple[float, float]:
         """(seconds for the call, peak RSS growth of the server in MiB)."""
         self.sent += 1
-        head = pb.UploadTaskRequest(task_id=f"upload-{self.sent}", cpu_score=100, memory_gb=1).SerializeToString()
+        head = pb.UploadTaskRequest(task_id=f"{self.prefix}-{self.sent}", cpu_score=100, memory_gb=1).SerializeToString()
         first = head + self.body[0]  # concatenated messages merge: these fields plus task_zip
         request: bytes | Iterator[bytes] = first if len(self.body) == 1 else iter([first, *self.body[1:]])
         before = memory_kib(self.pid, "VmRSS")
@@ -109,8 +110,8 @@ class Uploader:
         reply = self.call(request, metadata=self.metadata, timeout=600)
         seconds = time.perf_counter() - started
         growth = (memory_kib(self.pid, "VmHWM") - before) / 1024
-        if not reply.success:
-            raise RuntimeError(f"upload refused: {reply.message}")
+        if not reply.success or "already" in reply.message:
+            raise RuntimeError(f"upload refused or taken for a repeat: {reply.message}")
         return seconds, growth
 
     def close(self) -> None:
