@@ -101,7 +101,9 @@ class Uploader:
     def once(self) -> tuple[float, float]:
         """(seconds for the call, peak RSS growth of the server in MiB)."""
         self.sent += 1
-        head = pb.UploadTaskRequest(task_id=f"{self.prefix}-{self.sent}", cpu_score=100, memory_gb=1).SerializeToString()
+        head = pb.UploadTaskRequest(
+            task_id=f"{self.prefix}-{self.sent}", cpu_score=100, memory_gb=1
+        ).SerializeToString()
         first = head + self.body[0]  # concatenated messages merge: these fields plus task_zip
         request: bytes | Iterator[bytes] = first if len(self.body) == 1 else iter([first, *self.body[1:]])
         before = memory_kib(self.pid, "VmRSS")

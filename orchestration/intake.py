@@ -72,10 +72,14 @@ class Intake:
         path = self.storage.task_zip(request.task_id)
         limit = self.settings.MAX_FILE_SIZE
 
-        def check(staged: Path) -> None:
-            uploads.check_zip(staged, limit=limit, settings=self.settings, what="task_zip")
+        arriving = uploads.zip_stream(self.settings)  # its members read as they arrive, not again after
 
-        staged, size, digest = self.storage.stage_pieces(path, pieces, limit=limit, digest=True, check=check)
+        def check(staged: Path) -> None:
+            uploads.check_zip(staged, limit=limit, settings=self.settings, what="task_zip", read=arriving.members)
+
+        staged, size, digest = self.storage.stage_pieces(
+            path, pieces, limit=limit, digest=True, check=check, reader=arriving.feed
+        )
         request = replace(request, task_zip=b"", zip_size=size, zip_sha256=uploads.ZipDigest(digest))
         return self._record(caller, request, path, staged)
 

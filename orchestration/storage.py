@@ -83,6 +83,7 @@ class TaskStorage:
         limit: int | None = None,
         digest: bool = False,
         check: Callable[[Path], object] | None = None,
+        reader: Callable[[bytes | memoryview], object] | None = None,
     ) -> tuple[Path, int, str]:
         """Write ``pieces`` one after another, durably, to a new hidden file beside ``path``.
 
@@ -90,8 +91,10 @@ class TaskStorage:
         ``limit`` bytes arrive. From the first large piece on, the pieces are written and hashed
         on two threads of their own (:class:`Lane`; file writes and hashlib release the GIL) while
         the caller goes on receiving the next ones, and ``check(file)``, if given, runs while the
-        file is flushed to disk. Whatever goes wrong (the pieces' iterator, the write and ``check``
-        may raise), the file is removed before the error propagates.
+        file is flushed to disk. ``reader``, if given, is given every piece too, in order (on a
+        thread of its own from the first large piece on), and has read them all before ``check``
+        runs. Whatever goes wrong (the pieces' iterator, the write, ``reader`` and ``check`` may
+        raise), the file is removed before the error propagates.
 
         A file of DROP_CACHED_BYTES or more is dropped from the page cache once it is on disk: it
         is read again only when a task is dispatched, and the pages it gives back are the ones the
@@ -105,7 +108,7 @@ class TaskStorage:
         hasher = hashlib.sha256() if digest else None
         size = 0
         try:
-            with open(temporary, "wb") as handle, _Staging(handle, hasher) as staging:
+            with open(temporary, "wb") as handle, _Staging(handle, hasher, reader) as staging:
                 for piece in pieces:
                     size += len(piece)
                     if limit is not None and size > limit:
@@ -202,21 +205,22 @@ class Lane:
 
 
 class _Staging:
-    """The pieces of one staged file, written and hashed in order: inline while they are small,
-    on a writing and a hashing :class:`Lane` from the first one of BACKGROUND_HASH_BYTES on."""
+    """The pieces of one staged file, written, hashed and read in order: inline while they are
+    small, on a :class:`Lane` each from the first one of BACKGROUND_HASH_BYTES on."""
 
-    def __init__(self, handle: BinaryIO, hasher: Any) -> None:
-        self.handle, self.hasher = handle, hasher
+    def __init__(self, handle: BinaryIO, hasher: Any, reader: Callable[[bytes | memoryview], object] | None) -> None:
+        self.handle, self.hasher, self.reader = handle, hasher, reader
         self.size = self.flushed = 0
         self.writing: Lane | None = None
         self.hashing: Lane | None = None
+        self.reading: Lane | None = None
 
     def __enter__(self) -> _Staging:
         return self
 
     def __exit__(self, kind: object, error: object, traceback: object) -> None:
         if kind is not None:  # the file is about to be removed: nothing more is written to it
-            for lane in (self.writing, self.hashing):
+            for lane in (self.writing, self.hashing, self.reading):
                 if lane is not None:
                     lane.abandon()
 
@@ -224,14 +228,19 @@ class _Staging:
         if self.writing is None and len(piece) >= BACKGROUND_HASH_BYTES:
             self.writing = Lane("storage-write")
             self.hashing = Lane("storage-hash") if self.hasher is not None else None
+            self.reading = Lane("storage-read") if self.reader is not None else None
         if self.writing is None:
             self._write(piece)
             if self.hasher is not None:
                 self.hasher.update(piece)
+            if self.reader is not None:
+                self.reader(piece)
             return
         self.writing.put(functools.partial(self._write, piece))
         if self.hashing is not None:
             self.hashing.put(functools.partial(self.hasher.update, piece))
+        if self.reading is not None and self.reader is not None:
+            self.reading.put(functools.partial(self.reader, piece))
 
     def _write(self, piece: bytes | memoryview) -> None:
         self.handle.write(piece)
@@ -244,10 +253,13 @@ class _Staging:
             self.flushed = self.size
 
     def written(self) -> None:
-        """Every piece given is in the file (its buffer not yet flushed)."""
+        """Every piece given is in the file (its buffer not yet flushed), and read."""
         if self.writing is not None:
             self.writing.finish()
             self.writing = None
+        if self.reading is not None:
+            self.reading.finish()
+            self.reading = None
 
     def hashed(self) -> None:
         """Every piece given is in the hash."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,6 +17,7 @@ from models.errors import InvalidArgument, NotFound, PermissionDenied, Refused, 
 from orchestration import economy
 from orchestration.policies.pricing import PriceList, price_per_minute
 from orchestration.policies.zips import UnsafeZip, ZipLimits, inspect_zip
+from orchestration.policies.zipstream import ReadMember, ZipStream
 from orchestration.storage import BACKGROUND_HASH_BYTES, background, sha256, validate_task_id
 from pool.settings import Settings
 
@@ -82,10 +84,23 @@ def zip_limits(settings: Settings) -> ZipLimits:
     return ZipLimits(settings.MAX_ZIP_ENTRIES, settings.MAX_UNZIPPED_BYTES, settings.MAX_ZIP_RATIO)
 
 
-def check_zip(data: bytes | memoryview | Path, *, limit: int, settings: Settings, what: str) -> None:
+def zip_stream(settings: Settings) -> ZipStream:
+    limits = zip_limits(settings)
+    return ZipStream(max_total_bytes=limits.max_total_bytes, max_ratio=limits.max_ratio)
+
+
+def check_zip(
+    data: bytes | memoryview | Path,
+    *,
+    limit: int,
+    settings: Settings,
+    what: str,
+    read: Mapping[int, ReadMember] | None = None,
+) -> None:
     """TooLarge past ``limit`` bytes; InvalidArgument for anything the zip checks refuse.
 
-    ``data``: the zip, or the file it was written to.
+    ``data``: the zip, or the file it was written to; ``read``: the members a :func:`zip_stream`
+    read as it arrived (see inspect_zip).
     """
     size = data.stat().st_size if isinstance(data, Path) else len(data)
     if not size:
@@ -95,9 +110,9 @@ def check_zip(data: bytes | memoryview | Path, *, limit: int, settings: Settings
     try:
         if isinstance(data, Path):
             with data.open("rb") as handle:
-                inspect_zip(handle, zip_limits(settings))
+                inspect_zip(handle, zip_limits(settings), read)
         else:
-            inspect_zip(data, zip_limits(settings))
+            inspect_zip(data, zip_limits(settings), read)
     except UnsafeZip as error:
         raise InvalidArgument(f"{what} refused: {error}") from error
 

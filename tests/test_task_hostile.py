@@ -37,6 +37,21 @@ def symlink_entry() -> zipfile.ZipInfo:
     return info
 
 
+def patched(data: bytes, signature: bytes, at: int, value: bytes) -> bytes:
+    """``data`` with ``value`` written ``at`` bytes into every header that starts with ``signature``."""
+    out, start = bytearray(data), data.find(signature)
+    while start >= 0:
+        out[start + at : start + at + len(value)] = value
+        start = data.find(signature, start + 1)
+    return bytes(out)
+
+
+def corrupt_deflate() -> bytes:
+    """A member marked deflated whose data is no deflate stream (zlib raises, not zipfile)."""
+    stored = zip_with([("a.txt", b"\xff" * 16)])
+    return patched(patched(stored, b"PK\x03\x04", 8, b"\x08\x00"), b"PK\x01\x02", 10, b"\x08\x00")
+
+
 HOSTILE_ZIPS = {
     "zip-slip": zip_with([("../../evil.py", b"print('owned')")]),
     "absolute path": zip_with([("/etc/cron.d/evil", b"* * * * * root sh")]),
@@ -45,6 +60,8 @@ HOSTILE_ZIPS = {
     "zip bomb": zip_with([("bomb.txt", b"\0" * (64 << 20))], zipfile.ZIP_DEFLATED),
     "not a zip": b"#!/bin/sh\nrm -rf /\n",
     "truncated zip": task_zip()[:40],
+    "corrupt deflate stream": corrupt_deflate(),
+    "zip version past zipfile's": patched(task_zip(), b"PK\x01\x02", 6, b"\x40"),  # version 6.4 to extract
     "empty": b"",
 }
 

@@ -193,6 +193,22 @@ def test_a_stream_whose_bytes_are_no_zip_is_invalid(sqlite_pool: PoolHarness, zi
     assert_nothing_kept(pool, token, task_id, balance)
 
 
+@pytest.mark.parametrize("piece", [PIECE, BACKGROUND_HASH_BYTES], ids=["read-inline", "read-on-its-own-thread"])
+def test_a_streamed_zip_with_an_altered_member_is_invalid(sqlite_pool: PoolHarness, piece: int) -> None:
+    """Its members are read as they arrive, not again from the file: the CRC-32 is checked there."""
+    pool = sqlite_pool
+    token, balance, task_id = newcomer(pool)
+    data = bytearray(large_zip(3 << 20))
+    data[len(data) // 2] ^= 1  # inside data.bin
+    messages = pieces(task_id, bytes(data), first_bytes=piece, piece=piece)
+    call = pool.master.UploadTaskStream.future(iter(messages), metadata=bearer(token))
+    with pytest.raises(grpc.RpcError) as raised:
+        call.result(timeout=30)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "entry 'data.bin' cannot be read (Bad CRC-32" in raised.value.details()  # type: ignore[attr-defined]
+    assert_nothing_kept(pool, token, task_id, balance)
+
+
 def test_bytes_that_are_no_message_mid_stream_are_invalid(sqlite_pool: PoolHarness) -> None:
     pool = sqlite_pool
     token, balance, task_id = newcomer(pool)

@@ -8,12 +8,18 @@ header that lies about its size is caught too.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import io
 import stat
 import zipfile
+import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, BinaryIO
+
+from orchestration.policies.zipstream import UNFOLLOWED_FLAGS, ReadMember
 
 
 class UnsafeZip(ValueError):
@@ -88,17 +94,23 @@ class BufferReader(io.RawIOBase):
         return len(chunk)
 
 
-def inspect_zip(data: bytes | memoryview | BinaryIO, limits: ZipLimits = ZipLimits()) -> ZipSummary:
+def inspect_zip(
+    data: bytes | memoryview | BinaryIO, limits: ZipLimits = ZipLimits(), read: Mapping[int, ReadMember] | None = None
+) -> ZipSummary:
     """Check ``data`` (the zip, or a file open on it) as described above; UnsafeZip with a
-    person-readable reason otherwise."""
+    person-readable reason otherwise. ``read``: members read already as the zip arrived
+    (:class:`~orchestration.policies.zipstream.ZipStream`), taken where they agree with the
+    central directory instead of being read again."""
     try:
         archive = zipfile.ZipFile(data if hasattr(data, "read") else BufferReader(data))  # type: ignore[arg-type]
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as error:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, ValueError, OSError) as error:
+        # NotImplementedError: a zip version past what zipfile reads
         raise UnsafeZip(f"not a valid zip archive ({error})") from error
     with archive:
         infos = archive.infolist()
         if len(infos) > limits.max_entries:
             raise UnsafeZip(f"too many entries ({len(infos)} > {limits.max_entries})")
+        sizes = _sizes_read(archive, infos, read) if read else {}
         total = 0
         names = []
         for info in infos:
@@ -111,16 +123,48 @@ def inspect_zip(data: bytes | memoryview | BinaryIO, limits: ZipLimits = ZipLimi
                 raise UnsafeZip(f"entry {name!r} is encrypted")
             if info.file_size > limits.max_ratio * max(info.compress_size, 1) and info.file_size > 1 << 20:
                 raise UnsafeZip(f"entry {name!r} expands {info.file_size // max(info.compress_size, 1)}× (zip bomb?)")
-            total += _measured_size(archive, info, limits.max_total_bytes - total)
+            total += _measured_size(archive, info, limits.max_total_bytes - total, sizes.get(id(info)))
             names.append(name)
         return ZipSummary(entries=len(infos), total_bytes=total, names=tuple(names))
 
 
-def _measured_size(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: int) -> int:
+def _sizes_read(
+    archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo], read: Mapping[int, ReadMember]
+) -> dict[int, int]:
+    """{id(info): size} for each central directory entry whose member was read as the zip
+    arrived, in agreement with every field ``ZipFile.open`` reads it by: at the same offset, the
+    same name, method, sizes and CRC-32, readable (no flag ZipFile refuses), and overlapping
+    nothing (one entry per offset, its data ending before the next entry's or the directory)."""
+    starts = sorted({info.header_offset for info in infos} | {archive.start_dir})
+    at_offset = collections.Counter(info.header_offset for info in infos)
+    sizes = {}
+    for info in infos:
+        member = read.get(info.header_offset)
+        if (
+            member is not None
+            and at_offset[info.header_offset] == 1
+            and member.end <= _next(starts, info.header_offset)
+            and not info.flag_bits & UNFOLLOWED_FLAGS
+            and (member.name, member.method, member.compress_size, member.size, member.crc)
+            == (info.orig_filename, info.compress_type, info.compress_size, info.file_size, info.CRC)
+        ):
+            sizes[id(info)] = member.size
+    return sizes
+
+
+def _next(starts: list[int], offset: int) -> int:
+    """The first of ``starts`` past ``offset``; -1 when there is none."""
+    following = bisect.bisect_right(starts, offset)
+    return starts[following] if following < len(starts) else -1
+
+
+def _measured_size(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: int, read: int | None = None) -> int:
     if info.is_dir():
         return 0
     if info.file_size > budget:
         raise UnsafeZip("the archive expands past the size limit (zip bomb?)")
+    if read is not None:  # read in full as the zip arrived, exactly as below
+        return read
     size = 0
     try:
         with archive.open(info) as member:
@@ -130,7 +174,7 @@ def _measured_size(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: int)
                     raise UnsafeZip("the archive expands past the size it declares (zip bomb?)")
     except UnsafeZip:
         raise
-    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError, ValueError) as error:
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, RuntimeError, ValueError) as error:
         # ValueError: a central directory pointing before the archive's start ("negative seek value")
         raise UnsafeZip(f"entry {info.filename!r} cannot be read ({error})") from error
     return size
