@@ -104,7 +104,8 @@ def extract(data: bytes, dest: Path, limits: ZipLimits | None = None) -> list[st
     limits = limits or ZipLimits()
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, ValueError) as error:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, ValueError) as error:
+        # NotImplementedError: a zip version past what zipfile reads
         raise UnsafeZip(f"not a zip file ({error})") from None
     with archive:
         entries = check(archive, limits)
@@ -114,14 +115,18 @@ def extract(data: bytes, dest: Path, limits: ZipLimits | None = None) -> list[st
         for info in entries:
             name = info.filename.replace("\\", "/")
             target = dest.joinpath(*PurePosixPath(name).parts)
-            if info.is_dir() or name.endswith("/"):
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                if info.is_dir() or name.endswith("/"):
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):  # a file where a folder goes: "a", then "a/b"
+                raise UnsafeZip(f"entry {info.filename!r}: clashes with another entry") from None
             executable = bool((info.external_attr >> 16) & 0o100)
             try:
                 budget -= _copy_entry(archive, info, target, 0o755 if executable else 0o644, budget)
-            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as error:
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, ValueError) as error:
+                # ValueError: a directory pointing before the archive's start ("negative seek value")
                 raise UnsafeZip(f"entry {info.filename!r}: corrupt or unsupported ({error})") from None
             written.append(name)
     return written

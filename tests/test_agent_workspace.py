@@ -9,6 +9,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent import workspace
 from agent.workspace import UnsafeZip, ZipLimits
@@ -172,3 +174,31 @@ def test_a_result_over_the_limit_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(workspace.ResultTooLarge):
         workspace.result_zip(root, {}, max_bytes=100_000)
+
+
+@pytest.mark.parametrize("names", [("a", "a/b"), ("a/b", "a"), ("a", "a/b/c"), ("a/b", "a/b/c")])
+def test_a_file_where_a_folder_goes_is_a_clash(tmp_path: Path, names: tuple[str, str]) -> None:
+    with pytest.raises(UnsafeZip, match="clashes with another entry"):
+        workspace.extract(make_zip(dict.fromkeys(names, "x")), tmp_path / "ws")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    changes=st.lists(st.tuples(st.integers(min_value=0), st.integers(min_value=0, max_value=255)), max_size=4),
+)
+def test_a_zip_with_any_bytes_changed_is_extracted_or_refused_as_unsafe(
+    tmp_path_factory: pytest.TempPathFactory, changes: list[tuple[int, int]]
+) -> None:
+    """A pool could send anything: the agent extracts it or refuses it, and nothing else happens."""
+    data = bytearray(CHANGED_BASE)
+    for at, value in changes:
+        data[at % len(data)] = value
+    dest = tmp_path_factory.mktemp("ws") / "ws"
+    try:
+        written = workspace.extract(bytes(data), dest)
+    except UnsafeZip:
+        return
+    assert all((dest / name).resolve().is_relative_to(dest.resolve()) for name in written)
+
+
+CHANGED_BASE = make_zip({"main.py": "print(1)\n", "data/notes.txt": "line of text\n" * 200, "data/empty": b""})

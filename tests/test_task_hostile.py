@@ -61,6 +61,8 @@ HOSTILE_ZIPS = {
     "not a zip": b"#!/bin/sh\nrm -rf /\n",
     "truncated zip": task_zip()[:40],
     "corrupt deflate stream": corrupt_deflate(),
+    # in the central directory: the name's length 0, its one byte taken for an extra field
+    "an entry without a name": patched(zip_with([("a", b"x")]), b"PK\x01\x02", 28, b"\x00\x00\x01\x00"),
     "zip version past zipfile's": patched(task_zip(), b"PK\x01\x02", 6, b"\x40"),  # version 6.4 to extract
     "empty": b"",
 }

@@ -42,6 +42,8 @@ class ZipSummary:
 
 def safe_member_name(name: str) -> str:
     """The entry name if it is a safe relative path, else UnsafeZip."""
+    if not name:
+        raise UnsafeZip("an entry has an empty name")
     if "\x00" in name:
         raise UnsafeZip(f"entry {name!r} has a NUL byte in its name")
     normalized = name.replace("\\", "/")
