@@ -6,6 +6,7 @@ alone. On PostgreSQL ``grouped`` changes nothing: its transactions run side by s
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from models.db import Database
 from models.errors import Refused, Unavailable
+from models.write_group import LIMIT, WriteGroups
 
 
 @pytest.fixture
@@ -188,3 +190,29 @@ def test_what_a_work_writes_alone_is_committed_statement_by_statement(db: Databa
     with pytest.raises(sa.exc.IntegrityError):
         db.alone(then_clash)
     assert _notes(db) == [1, 2, 3]  # the statement before the failing one stays: it was committed
+
+
+def test_past_limit_the_lead_passes_on_and_every_thread_gets_its_own_answer() -> None:
+    """More threads than one group takes: the leader hands the lead to the next work queued."""
+    sizes: list[int] = []
+    one_at_a_time = threading.Lock()
+
+    def transaction(works: Callable[[Any], Any]) -> Any:
+        with one_at_a_time:
+            time.sleep(0.005)  # long enough for the other threads to queue behind this one
+            result = works(None)
+            sizes.append(len(result) if isinstance(result, list) else 1)
+            return result
+
+    groups = WriteGroups(transaction)
+    threads = 3 * LIMIT
+    start = threading.Barrier(threads)
+
+    def write(n: int) -> int:
+        start.wait()
+        return groups.run(lambda _session: n * n)
+
+    with ThreadPoolExecutor(threads) as pool:
+        answers = list(pool.map(write, range(threads), timeout=30))
+    assert answers == [n * n for n in range(threads)]
+    assert sum(sizes) == threads and max(sizes) == LIMIT
