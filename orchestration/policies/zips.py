@@ -3,7 +3,8 @@
 The archive must be a real zip whose every entry is a regular file or folder with a relative
 path that stays inside the archive; the entry count, the total uncompressed size and the
 compression ratio are bounded (zip bombs). Sizes are verified by streaming each entry, so a
-header that lies about its size is caught too.
+header that lies about its size is caught too. A zip that arrived in pieces may have had its
+entries streamed as it arrived (:mod:`orchestration.policies.zipstream`); those are not read again.
 """
 
 from __future__ import annotations
