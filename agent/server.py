@@ -18,6 +18,7 @@ import grpc
 from agent.verify import CallRefused, CallVerifier, PoolClaims
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
+from protos.malformed import MalformedRequests
 
 log = logging.getLogger("agent.server")
 
@@ -108,6 +109,7 @@ def create_server(servicer: WorkerNodeServicer, address: str, *, max_workers: in
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
         ],
+        interceptors=[MalformedRequests()],  # bytes that are no message: INVALID_ARGUMENT, not INTERNAL
     )
     pb_grpc.add_WorkerNodeServiceServicer_to_server(servicer, server)
     try:

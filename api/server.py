@@ -12,16 +12,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from api.context import PoolContext, build_context
-from api.malformed import MalformedRequests
 from api.metrics import start_metrics
 from api.nodes import NodeManagerService
 from api.tasks import MasterNodeService, WorkerReports
 from api.upload_wire import ZeroCopyUploads
 from api.users import UserService
 from models import schema
+from models.errors import InvalidArgument
 from pool.settings import Settings
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
+from protos.malformed import MalformedRequests
 
 log = logging.getLogger("api.server")
 
@@ -48,7 +49,7 @@ def create_server(ctx: PoolContext, address: str) -> tuple[grpc.Server, int]:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.GRPC_MAX_WORKERS, thread_name_prefix="rpc"),
         options=server_options(settings),
-        interceptors=[MalformedRequests(), ZeroCopyUploads()],
+        interceptors=[MalformedRequests(stream_error=InvalidArgument), ZeroCopyUploads()],
     )
     pb_grpc.add_UserServiceServicer_to_server(UserService(ctx), server)
     pb_grpc.add_NodeManagerServiceServicer_to_server(NodeManagerService(ctx), server)

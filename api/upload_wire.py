@@ -104,7 +104,7 @@ class ZeroCopyUploads(grpc.ServerInterceptor):
     """Server interceptor: UploadTask requests (and each message of UploadTaskStream) are parsed
     by :func:`parse_upload`.
 
-    Place it after MalformedRequests, which then answers unparsable uploads as it answers any
+    Place it after protos.malformed.MalformedRequests, which then answers unparsable uploads as it answers any
     other unparsable request.
     """
 

@@ -4,7 +4,10 @@ grpc answers INTERNAL ("Exception deserializing request!") when a request cannot
 client sending bad bytes is malformed input, not a server fault (SPEC §2). This interceptor gives
 every method a deserializer that turns a parse failure into a marker, and a behaviour that
 answers the marker with INVALID_ARGUMENT before any servicer code runs. In a request stream the
-marker becomes InvalidArgument where the handler reads it.
+marker becomes the server's own invalid-argument error where the handler reads it.
+
+Written by hand (unlike the generated modules beside it): the pool's server and the worker
+agent's both use it.
 """
 
 from __future__ import annotations
@@ -13,8 +16,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-
-from models.errors import InvalidArgument
 
 
 class _Unparsable:
@@ -43,33 +44,40 @@ def _refusing(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable
     return handle
 
 
-def _checked(requests: Iterator[Any]) -> Iterator[Any]:
+def _checked(requests: Iterator[Any], error: Callable[[str], BaseException]) -> Iterator[Any]:
     for number, request in enumerate(requests, start=1):
         if isinstance(request, _Unparsable):
-            raise InvalidArgument(f"message {number} of the request stream is not a valid message ({request.reason})")
+            raise error(f"message {number} of the request stream is not a valid message ({request.reason})")
         yield request
 
 
-def _refusing_stream(
-    behaviour: Callable[[Iterator[Any], grpc.ServicerContext], Any],
-) -> Callable[[Iterator[Any], grpc.ServicerContext], Any]:
-    """The handler meets an unparsable message as InvalidArgument when it reads that far (it may
-    have begun its work: it answers the error as it answers its own)."""
+StreamBehaviour = Callable[[Iterator[Any], grpc.ServicerContext], Any]
 
-    def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        return behaviour(_checked(requests), context)
 
-    return handle
+def _refusing_stream(error: Callable[[str], BaseException]) -> Callable[[StreamBehaviour], StreamBehaviour]:
+    """The handler meets an unparsable message as ``error`` when it reads that far (it may have
+    begun its work: it answers the error as it answers its own)."""
+
+    def wrap(behaviour: StreamBehaviour) -> StreamBehaviour:
+        def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            return behaviour(_checked(requests, error), context)
+
+        return handle
+
+    return wrap
 
 
 class MalformedRequests(grpc.ServerInterceptor):
     """Server interceptor: unparsable requests → INVALID_ARGUMENT instead of INTERNAL.
 
     grpc asks the interceptor on every call; the wrapped handler of each method is built once
-    (the services are fixed when the server starts) and handed out from then on.
+    (the services are fixed when the server starts) and handed out from then on. ``stream_error``
+    makes the error an unparsable message of a request stream raises in its handler: one the
+    server answers INVALID_ARGUMENT.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stream_error: Callable[[str], BaseException] = ValueError) -> None:
+        self._stream_error = stream_error
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}  # method: (inner, ours)
 
     def intercept_service(
@@ -87,7 +95,7 @@ class MalformedRequests(grpc.ServerInterceptor):
         kind = ("stream_" if handler.request_streaming else "unary_") + (
             "stream" if handler.response_streaming else "unary"
         )
-        refusing = _refusing_stream if handler.request_streaming else _refusing
+        refusing = _refusing_stream(self._stream_error) if handler.request_streaming else _refusing
         wrapped = handler._replace(  # type: ignore[attr-defined]
             request_deserializer=_lenient(handler.request_deserializer),
             **{kind: refusing(getattr(handler, kind))},
