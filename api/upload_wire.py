@@ -11,13 +11,13 @@ request is accepted or refused exactly as by ``UploadTaskRequest.FromString``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from protos import nodepool_pb2 as pb
+from protos.malformed import HandlerRewriter
 
 METHODS = ("/nodepool.MasterNodeService/UploadTask", "/nodepool.MasterNodeService/UploadTaskStream")
 TASK_ZIP = 2  # field number of task_zip in UploadTaskRequest
@@ -100,27 +100,15 @@ def parse_upload(data: bytes) -> pb.UploadTaskRequest | ReceivedUpload:
     return ReceivedUpload(pb.UploadTaskRequest.FromString(others), task_zip)
 
 
-class ZeroCopyUploads(grpc.ServerInterceptor):
+class ZeroCopyUploads(HandlerRewriter):
     """Server interceptor: UploadTask requests (and each message of UploadTaskStream) are parsed
     by :func:`parse_upload`.
 
-    Place it after protos.malformed.MalformedRequests, which then answers unparsable uploads as it answers any
-    other unparsable request.
+    Place it after :class:`protos.malformed.MalformedRequests`, which then answers unparsable
+    uploads as it answers any other unparsable request.
     """
 
-    def __init__(self) -> None:
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}  # method: (inner, ours)
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method  # type: ignore[attr-defined]
-        if handler is None or method not in METHODS:
+    def rewrite(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if method not in METHODS:
             return handler
-        known = self._wrapped.get(method)
-        if known is None or known[0] is not handler:  # built once (see MalformedRequests)
-            known = self._wrapped[method] = (handler, handler._replace(request_deserializer=parse_upload))  # type: ignore[attr-defined]
-        return known[1]
+        return handler._replace(request_deserializer=parse_upload)  # type: ignore[attr-defined,no-any-return]

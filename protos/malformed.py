@@ -67,18 +67,19 @@ def _refusing_stream(error: Callable[[str], BaseException]) -> Callable[[StreamB
     return wrap
 
 
-class MalformedRequests(grpc.ServerInterceptor):
-    """Server interceptor: unparsable requests → INVALID_ARGUMENT instead of INTERNAL.
+class HandlerRewriter(grpc.ServerInterceptor):
+    """A server interceptor that gives some methods a handler of its own making (:meth:`rewrite`).
 
-    grpc asks the interceptor on every call; the wrapped handler of each method is built once
-    (the services are fixed when the server starts) and handed out from then on. ``stream_error``
-    makes the error an unparsable message of a request stream raises in its handler: one the
-    server answers INVALID_ARGUMENT.
+    grpc asks the interceptor on every call; the rewritten handler of each method is built once
+    (the services are fixed when the server starts) and handed out from then on.
     """
 
-    def __init__(self, stream_error: Callable[[str], BaseException] = ValueError) -> None:
-        self._stream_error = stream_error
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}  # method: (inner, ours)
+    def __init__(self) -> None:
+        self._rewritten: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}  # method: (inner, ours)
+
+    def rewrite(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The handler to serve ``method`` with instead of ``handler`` (``handler`` itself to leave it)."""
+        raise NotImplementedError
 
     def intercept_service(
         self,
@@ -86,19 +87,34 @@ class MalformedRequests(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None:
-            return handler
+        if handler is None:
+            return None
         method = handler_call_details.method  # type: ignore[attr-defined]
-        known = self._wrapped.get(method)
-        if known is not None and known[0] is handler:
-            return known[1]
+        known = self._rewritten.get(method)
+        if known is None or known[0] is not handler:
+            known = self._rewritten[method] = (handler, self.rewrite(method, handler))
+        return known[1]
+
+
+class MalformedRequests(HandlerRewriter):
+    """Server interceptor: unparsable requests → INVALID_ARGUMENT instead of INTERNAL.
+
+    ``stream_error`` makes the error an unparsable message of a request stream raises in its
+    handler: one the server answers INVALID_ARGUMENT.
+    """
+
+    def __init__(self, stream_error: Callable[[str], BaseException] = ValueError) -> None:
+        super().__init__()
+        self._stream_error = stream_error
+
+    def rewrite(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.request_deserializer is None:
+            return handler
         kind = ("stream_" if handler.request_streaming else "unary_") + (
             "stream" if handler.response_streaming else "unary"
         )
         refusing = _refusing_stream(self._stream_error) if handler.request_streaming else _refusing
-        wrapped = handler._replace(  # type: ignore[attr-defined]
+        return handler._replace(  # type: ignore[attr-defined,no-any-return]
             request_deserializer=_lenient(handler.request_deserializer),
             **{kind: refusing(getattr(handler, kind))},
         )
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped  # type: ignore[no-any-return]
