@@ -180,14 +180,26 @@ Snapshot = dict[str, tuple[int, int]]
 
 
 def _regular_files(root: Path) -> list[tuple[str, os.stat_result]]:
+    """Every regular file under ``root`` by relative path: links not followed, SKIPPED_DIRS left
+    out, folders that vanish or cannot be read skipped. Walked with a stack of its own: a task
+    can nest its folders deeper than Python's recursion (os.walk's) allows."""
     found = []
-    for folder, dirs, files in os.walk(root, followlinks=False):
-        dirs[:] = [d for d in dirs if d not in SKIPPED_DIRS]
-        for name in files:
-            path = os.path.join(folder, name)
-            info = os.lstat(path)
-            if stat.S_ISREG(info.st_mode):
-                found.append((os.path.relpath(path, root), info))
+    pending = [str(root)]
+    while pending:
+        try:
+            with os.scandir(pending.pop()) as entries:
+                listed = list(entries)
+        except OSError:
+            continue
+        for entry in listed:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.name not in SKIPPED_DIRS:
+                        pending.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    found.append((os.path.relpath(entry.path, root), entry.stat(follow_symlinks=False)))
+            except OSError:
+                continue
     return sorted(found, key=lambda item: item[0])
 
 
@@ -247,7 +259,7 @@ def _add_file(
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode) or (owner_uid is not None and info.st_uid != owner_uid):
             return
-        entry = zipfile.ZipInfo(rel, date_time=_date_time(info.st_mtime))
+        entry = zipfile.ZipInfo(_zip_name(rel), date_time=_date_time(info.st_mtime))
         entry.external_attr = (stat.S_IFREG | (info.st_mode & 0o755)) << 16
         entry.compress_type = zipfile.ZIP_DEFLATED
         with archive.open(entry, "w", force_zip64=True) as out:
@@ -255,6 +267,12 @@ def _add_file(
                 out.write(chunk)
                 if too_large():
                     return  # the caller sees the size and refuses the result
+
+
+def _zip_name(rel: str) -> str:
+    """``rel`` as a zip can name it: a name that is not UTF-8 (Linux allows any bytes) with
+    U+FFFD for the bytes that are not."""
+    return os.fsencode(rel).decode("utf-8", "replace")
 
 
 def _date_time(mtime: float) -> tuple[int, int, int, int, int, int]:

@@ -167,6 +167,28 @@ def test_without_an_output_folder_the_result_is_what_the_task_created_or_changed
     assert _names(workspace.result_zip(root, before, max_bytes=10**6)) == ["new.txt", "notes.txt"]
 
 
+def test_what_a_task_names_or_nests_oddly_is_still_in_its_result(tmp_path: Path) -> None:
+    """Linux lets a task name a file with any bytes, and nest folders without end."""
+    root = tmp_path / "ws"
+    output = os.fsencode(root / "output")
+    os.makedirs(output + b"/caf\xe9")  # Latin-1, not UTF-8
+    (Path(os.fsdecode(output + b"/caf\xe9")) / "menu.txt").write_text("soup")
+    deep = output
+    for _ in range(1200):  # deeper than os.walk's recursion goes (and os.makedirs's)
+        deep += b"/d"
+        os.mkdir(deep)
+    Path(os.fsdecode(deep + b"/bottom.txt")).write_text("found")
+
+    data = workspace.result_zip(root, {}, max_bytes=10**6)
+
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        names = archive.namelist()
+        assert "output/caf\ufffd/menu.txt" in names
+        assert archive.read("output/caf\ufffd/menu.txt") == b"soup"
+        bottom = "output" + "/d" * 1200 + "/bottom.txt"
+        assert archive.read(bottom) == b"found"
+
+
 def test_a_result_over_the_limit_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "ws"
     root.mkdir()
