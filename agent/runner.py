@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -140,4 +139,4 @@ class Runner:
 
     def _discard(self, task_dir: Path, user: sandbox.TaskUser | None) -> None:
         self.users.release(user)
-        shutil.rmtree(task_dir, ignore_errors=True)
+        workspace.remove_tree(task_dir)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -127,7 +126,7 @@ class TaskRun:
         finally:
             self._release(self.user)  # kills anything the task left behind
             if not self.settings.keep_workspaces:
-                shutil.rmtree(self.task_dir, ignore_errors=True)
+                workspace.remove_tree(self.task_dir)
             self._ended.set()
 
     def _run(self, events: TaskEvents) -> Outcome:

@@ -14,14 +14,19 @@ files are opened without following links, so a task cannot make the agent read o
 from __future__ import annotations
 
 import io
+import logging
 import os
+import shutil
 import stat
+import subprocess
 import time
 import zipfile
 import zlib
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+log = logging.getLogger("agent.workspace")
 
 ENTRYPOINTS = ("run.sh", "main.py", "app.py", "run.py", "start.py")  # HiveMind's convention, in order
 IGNORED_TOP = frozenset({"__MACOSX"})
@@ -146,6 +151,21 @@ def _copy_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, m
                 raise UnsafeZip(f"entry {info.filename!r}: larger than it declares (zip bomb?)")
             out.write(chunk)
     return size
+
+
+def remove_tree(root: Path) -> None:
+    """Remove the folder ``root`` and all it holds, as far as it can be; never raises. A task can
+    nest folders deeper than shutil.rmtree's recursion goes (RecursionError, even with
+    ``ignore_errors``): such a tree is left to ``rm -rf``, which walks it without recursing."""
+    try:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    except RecursionError:
+        pass
+    try:
+        subprocess.run(["rm", "-rf", "--", str(root)], check=False, capture_output=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as error:
+        log.warning("could not remove %s: %s", root, error)
 
 
 def task_root(workspace: Path) -> Path:

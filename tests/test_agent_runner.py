@@ -208,6 +208,26 @@ def test_a_task_that_exits_leaves_no_process_behind(runner: Runner) -> None:
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
 
 
+def test_a_task_that_nests_folders_without_end_is_reported_and_cleaned_up(runner: Runner, work_dir: Path) -> None:
+    main = (
+        "import os\n"
+        "os.makedirs('output', exist_ok=True)\n"
+        "os.chdir('output')\n"
+        "for _ in range(1500):\n"
+        "    os.mkdir('d')\n"
+        "    os.chdir('d')\n"
+        "open('bottom.txt', 'w').write('found')\n"
+        "print('nested')\n"
+    )
+
+    outcome, events = run_task(runner, {"main.py": main})
+
+    assert (outcome.success, outcome.reason) == (True, "completed"), outcome.reason
+    assert events.lines == ["nested"]
+    assert result_files(outcome) == {"output" + "/d" * 1500 + "/bottom.txt": "found"}
+    assert list((work_dir / "tasks").iterdir()) == []  # its workspace removed, all 1,500 levels
+
+
 def test_requirements_are_installed_into_the_task_venv(runner: Runner) -> None:
     main = "import six, sys\nprint('six', six.__version__)\nprint('venv', sys.prefix != sys.base_prefix)\n"
 

@@ -173,20 +173,21 @@ def test_what_a_task_names_or_nests_oddly_is_still_in_its_result(tmp_path: Path)
     output = os.fsencode(root / "output")
     os.makedirs(output + b"/caf\xe9")  # Latin-1, not UTF-8
     (Path(os.fsdecode(output + b"/caf\xe9")) / "menu.txt").write_text("soup")
-    deep = output
-    for _ in range(1200):  # deeper than os.walk's recursion goes (and os.makedirs's)
-        deep += b"/d"
-        os.mkdir(deep)
-    Path(os.fsdecode(deep + b"/bottom.txt")).write_text("found")
+    try:
+        deep = output
+        for _ in range(1200):  # deeper than os.walk's and shutil.rmtree's recursion goes
+            deep += b"/d"
+            os.mkdir(deep)
+        Path(os.fsdecode(deep + b"/bottom.txt")).write_text("found")
 
-    data = workspace.result_zip(root, {}, max_bytes=10**6)
+        data = workspace.result_zip(root, {}, max_bytes=10**6)
 
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        names = archive.namelist()
-        assert "output/caf\ufffd/menu.txt" in names
-        assert archive.read("output/caf\ufffd/menu.txt") == b"soup"
-        bottom = "output" + "/d" * 1200 + "/bottom.txt"
-        assert archive.read(bottom) == b"found"
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            assert archive.read("output/caf\ufffd/menu.txt") == b"soup"
+            assert archive.read("output" + "/d" * 1200 + "/bottom.txt") == b"found"
+    finally:  # the agent removes it afterwards, as pytest's own clean-up (shutil.rmtree) could not
+        workspace.remove_tree(root)
+    assert not root.exists()
 
 
 def test_a_result_over_the_limit_is_refused(tmp_path: Path) -> None:
