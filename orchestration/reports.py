@@ -192,10 +192,12 @@ def record_end(
     if not lines and task.status == tasks.STOPPING:
         return task.attempt, False  # nothing to write
     recorded = db.transaction(work, grouped=True)
-    if recorded or (recorded is False and task.status == tasks.STOPPING):
-        return task.attempt, bool(recorded)
+    if recorded is None:  # the lines found the attempt gone: nothing was written
+        raise moved_on(task, authorized(db, reporter, task.task_id))
+    if recorded or task.status == tasks.STOPPING:
+        return task.attempt, recorded
     now = authorized(db, reporter, task.task_id)  # not recorded: why?
-    if recorded is None or now.attempt != task.attempt:
+    if now.attempt != task.attempt:
         raise moved_on(task, now)
     return task.attempt, False  # a verdict was recorded first, or the task is being stopped
 
