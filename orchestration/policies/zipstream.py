@@ -19,6 +19,8 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from zlib_ng import zlib_ng
+
 LOCAL_HEADER = struct.Struct("<4sHHHHHLLLHH")  # signature, version, flags, method, time, date, crc, sizes, lengths
 LOCAL_SIGNATURE = b"PK\x03\x04"
 STORED, DEFLATED = 0, 8
@@ -148,7 +150,7 @@ class ZipStream:
         if self._expanded > self._header.size:
             self._spoiled = True
             return
-        self._crc = zlib.crc32(data, self._crc)
+        self._crc = zlib_ng.crc32(data, self._crc)  # the same CRC-32 as zlib's, computed with SIMD
 
     def _end(self) -> None:
         header, expander = self._header, self._expander
