@@ -25,7 +25,7 @@ class NewTask:
     gpu_name: str
     location: str
     max_minutes: int
-    zip_sha256: str
+    zip_digest: str
     zip_size: int
     price_per_minute: int
 
@@ -38,7 +38,7 @@ class NewTask:
             "gpu_name": self.gpu_name,
             "location": self.location,
             "max_minutes": self.max_minutes,
-            "zip_sha256": self.zip_sha256,
+            "zip_digest": self.zip_digest,
             "zip_size": self.zip_size,
             "price_per_minute": self.price_per_minute,
             "excluded_nodes": "",
@@ -96,7 +96,7 @@ _NEW_TASK = insert(_tasks).returning(_tasks.c.id)
 _events = table_of(TaskEvent)
 _NEW_EVENT = insert(_events)
 _NEW_TASK_COLUMNS = (
-    "task_id", "owner_id", "status", "attempt", "gpu_name", "location", "max_minutes", "zip_sha256", "zip_size",
+    "task_id", "owner_id", "status", "attempt", "gpu_name", "location", "max_minutes", "zip_digest", "zip_size",
     "price_per_minute", "excluded_nodes", "pending_reason", "message", "reported_outcome", "output_lines",
     "output_truncated", "result_sha256", "result_size", "result_pruned", *NEED_FIELDS,
 )  # fmt: skip

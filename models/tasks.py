@@ -42,7 +42,7 @@ class TaskView:
     gpu_name: str
     location: str
     max_minutes: int
-    zip_sha256: str
+    zip_digest: str
     excluded_nodes: tuple[str, ...]
     pending_reason: str
     message: str
@@ -62,7 +62,7 @@ NEED_FIELDS = ("cpu_score", "memory_gb", "gpu_score", "gpu_memory_gb")
 
 _TASK_COLUMNS = (
     "id", "task_id", "status", "attempt", "node_pk", *NEED_FIELDS, "gpu_name", "location", "max_minutes",
-    "zip_sha256", "excluded_nodes", "pending_reason", "message", "reported_outcome", "result_sha256",
+    "zip_digest", "excluded_nodes", "pending_reason", "message", "reported_outcome", "result_sha256",
     "result_size", "result_pruned", "price_per_minute", "created_at", "updated_at", "started_at", "accrued_until",
 )  # fmt: skip
 
@@ -102,7 +102,7 @@ def _view(row: Any) -> TaskView:
         gpu_name=row.gpu_name,
         location=row.location,
         max_minutes=row.max_minutes,
-        zip_sha256=row.zip_sha256,
+        zip_digest=row.zip_digest,
         excluded_nodes=tuple(row.excluded_nodes.split()),
         pending_reason=row.pending_reason,
         message=row.message,

@@ -80,7 +80,7 @@ class Intake:
         staged, size, digest = self.storage.stage_pieces(
             path, pieces, limit=limit, digest=True, check=check, reader=arriving.feed
         )
-        request = replace(request, task_zip=b"", zip_size=size, zip_sha256=uploads.ZipDigest(digest))
+        request = replace(request, task_zip=b"", zip_size=size, zip_digest=uploads.ZipDigest(digest))
         return self._record(caller, request, path, staged)
 
     def _record(self, caller: Asker, request: uploads.UploadRequest, path: Path, staged: Path) -> tuple[str, bool]:
@@ -98,7 +98,7 @@ class Intake:
                 existing = tasks.get(session, request.task_id)
             if existing is None:
                 raise
-            uploads.check_repeat(existing, request, caller.user_id)
+            uploads.check_repeat(existing, request, caller.user_id, staged)
             if existing.status not in tasks.TERMINAL and not path.exists() and staged.exists():
                 os.replace(staged, path)  # the first upload committed but stopped before placing its zip
             return request.task_id, False

@@ -18,7 +18,7 @@ from orchestration import economy
 from orchestration.policies.pricing import PriceList, price_per_minute
 from orchestration.policies.zips import UnsafeZip, ZipLimits, inspect_zip
 from orchestration.policies.zipstream import ReadMember, ZipStream
-from orchestration.storage import BACKGROUND_HASH_BYTES, background, sha256, validate_task_id
+from orchestration.storage import BACKGROUND_HASH_BYTES, background, file_zip_digest, validate_task_id, zip_digest
 from pool.settings import Settings
 
 log = logging.getLogger("orchestration.uploads")
@@ -27,20 +27,21 @@ NEED_BOUNDS = {"cpu_score": 10_000_000, "memory_gb": 65536, "gpu_score": 10_000_
 
 
 class ZipDigest:
-    """The sha256 of a task zip, computed on a background thread when the zip is large.
+    """The digest of a task zip (:func:`~orchestration.storage.zip_digest`), computed on a
+    background thread when the zip is large.
 
-    hashlib releases the GIL while it hashes, so a large zip is hashed on another core while it
-    is written to storage, instead of in a pass of its own afterwards. ``hexdigest`` waits for it.
+    The hash releases the GIL while it runs, so a large zip is hashed on another core while it
+    is written to storage, instead of in a pass of its own afterwards. ``value`` waits for it.
     """
 
     def __init__(self, digest: Future[str] | str) -> None:
-        self._digest = digest  # a hex digest, or the hashing under way
+        self._digest = digest  # "<algorithm>:<hex>", or the hashing under way
 
     @classmethod
     def of(cls, data: bytes | memoryview) -> ZipDigest:
-        return cls(background().submit(sha256, data) if len(data) >= BACKGROUND_HASH_BYTES else sha256(data))
+        return cls(background().submit(zip_digest, data) if len(data) >= BACKGROUND_HASH_BYTES else zip_digest(data))
 
-    def hexdigest(self) -> str:
+    def value(self) -> str:
         return self._digest if isinstance(self._digest, str) else self._digest.result()
 
 
@@ -53,7 +54,7 @@ class UploadRequest:
     location: str
     user_id: str
     max_minutes: int = 0
-    zip_sha256: ZipDigest | None = None  # set by validate, or as a streamed zip is staged
+    zip_digest: ZipDigest | None = None  # set by validate, or as a streamed zip is staged
     zip_size: int = 0  # likewise
     zip_check: Future[None] | None = None  # a large zip's check, under way (see validate)
 
@@ -62,7 +63,8 @@ class UploadRequest:
         return self.zip_size or len(self.task_zip)
 
     def digest(self) -> str:
-        return self.zip_sha256.hexdigest() if self.zip_sha256 else sha256(self.task_zip)
+        """The zip's digest as the task's row keeps it (storage.zip_digest)."""
+        return self.zip_digest.value() if self.zip_digest else zip_digest(self.task_zip)
 
     def checked(self) -> None:
         """Wait for the zip's check, if it is still under way; raises what it found."""
@@ -139,7 +141,7 @@ def validate(request: UploadRequest, caller: str, settings: Settings) -> UploadR
         check = None
     else:
         check = background().submit(check_zip, data, limit=limit, settings=settings, what="task_zip")
-    return replace(request, zip_size=len(data), zip_sha256=ZipDigest.of(data), zip_check=check)
+    return replace(request, zip_size=len(data), zip_digest=ZipDigest.of(data), zip_check=check)
 
 
 def validate_fields(request: UploadRequest, caller: str, settings: Settings) -> UploadRequest:
@@ -165,19 +167,31 @@ def validate_fields(request: UploadRequest, caller: str, settings: Settings) -> 
     )
 
 
-def check_repeat(existing: tasks.TaskView, request: UploadRequest, owner_id: int) -> None:
+def check_repeat(existing: tasks.TaskView, request: UploadRequest, owner_id: int, staged: Path) -> None:
     """An upload under a task id that exists already is accepted (and changes nothing) only when
-    it is the same upload by the same user: PermissionDenied or Refused otherwise."""
+    it is the same upload by the same user: PermissionDenied or Refused otherwise. ``staged``: the
+    file this upload's zip was written to (still there)."""
     if existing.owner_id != owner_id:
         raise PermissionDenied(f"task id {request.task_id!r} is taken by another user")
     same = (
-        existing.zip_sha256 == request.digest()
+        _same_zip(existing.zip_digest, request, staged)
         and existing.needs == request.needs
         and existing.gpu_name == request.gpu_name
         and existing.location == request.location
     )
     if not same:
         raise Refused(f"you already uploaded a different task as {request.task_id!r}; choose another task_id")
+
+
+def _same_zip(kept: str, request: UploadRequest, staged: Path) -> bool:
+    """Whether the zip of ``request`` has the digest ``kept``. A task uploaded before the pool
+    kept BLAKE3 digests has a sha256 one: the staged zip is hashed that way to compare."""
+    algorithm = kept.partition(":")[0]
+    if algorithm == request.digest().partition(":")[0]:
+        return kept == request.digest()
+    if request.task_zip:
+        return kept == zip_digest(request.task_zip, algorithm)
+    return kept == file_zip_digest(staged, algorithm)
 
 
 def insert(
@@ -256,7 +270,7 @@ def new_task(request: UploadRequest, owner_id: int, per_minute: int) -> new_task
         gpu_name=request.gpu_name,
         location=request.location,
         max_minutes=request.max_minutes,
-        zip_sha256=request.digest(),
+        zip_digest=request.digest(),
         zip_size=request.size,
         price_per_minute=per_minute,
     )

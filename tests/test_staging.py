@@ -4,7 +4,6 @@ caller receives the next ones; whatever fails, the staged file is removed and no
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import blake3
 import pytest
 
 from models.errors import Cancelled, TooLarge
@@ -38,7 +38,7 @@ def test_small_and_large_pieces_in_any_order_are_written_and_hashed_in_order(tmp
     staged, size, digest = TaskStorage.stage_pieces(tmp_path / "task.zip", iter(pieces), digest=True)
 
     assert staged.read_bytes() == data
-    assert (size, digest) == (len(data), hashlib.sha256(data).hexdigest())
+    assert (size, digest) == (len(data), "blake3:" + blake3.blake3(data).hexdigest())
     assert lanes_alive() == []
 
 

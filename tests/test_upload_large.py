@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import hashlib
 import io
 import mmap
 import os
@@ -14,6 +13,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import blake3
 import grpc
 import pytest
 
@@ -32,7 +32,7 @@ def large_zip(size: int) -> bytes:
     return buffer.getvalue()
 
 
-def test_a_large_upload_is_stored_whole_and_recorded_with_its_sha256(sqlite_pool: PoolHarness) -> None:
+def test_a_large_upload_is_stored_whole_and_recorded_with_its_digest(sqlite_pool: PoolHarness) -> None:
     pool = sqlite_pool
     _, token = pool.new_user()
     data = large_zip(max(BACKGROUND_HASH_BYTES, WRITE_CHUNK) * 2 + 12345)
@@ -42,7 +42,7 @@ def test_a_large_upload_is_stored_whole_and_recorded_with_its_sha256(sqlite_pool
     assert pool.ctx.lifecycle.storage.task_zip("large").read_bytes() == data
     with pool.ctx.db.reading() as session:
         row = tasks.get(session, "large")
-    assert row is not None and row.zip_sha256 == hashlib.sha256(data).hexdigest()
+    assert row is not None and row.zip_digest == "blake3:" + blake3.blake3(data).hexdigest()
     again = pb.UploadTaskRequest(
         task_id="large", task_zip=data, cpu_score=100, memory_gb=1, location="Any", gpu_name="Any"
     )

@@ -13,10 +13,13 @@ import time
 import uuid
 from collections.abc import Iterator
 
+import blake3
 import grpc
 import pytest
+from sqlalchemy import update
 
 from models import ledger, tasks
+from models.tables import Task
 from orchestration.storage import BACKGROUND_HASH_BYTES
 from protos import nodepool_pb2 as pb
 from tests.harness import PoolHarness, bearer
@@ -88,7 +91,8 @@ def test_a_streamed_zip_is_kept_exactly_and_escrowed_once(pool: PoolHarness) -> 
     assert pool.ctx.lifecycle.storage.task_zip(task_id).read_bytes() == data
     with pool.ctx.db.reading() as session:
         row = tasks.get(session, task_id)
-    assert row is not None and row.zip_sha256 == hashlib.sha256(data).hexdigest() and row.status == tasks.PENDING
+    assert row is not None and row.status == tasks.PENDING
+    assert row.zip_digest == "blake3:" + blake3.blake3(data).hexdigest()
     assert row.needs["cpu_score"] == 100 and row.needs["memory_gb"] == 1
     escrowed = before - pool.balance(token)
     assert escrowed > 0
@@ -101,6 +105,36 @@ def test_a_streamed_zip_is_kept_exactly_and_escrowed_once(pool: PoolHarness) -> 
     other = pool.master.UploadTaskStream(iter(pieces(task_id, large_zip(1 << 20))), metadata=bearer(token))
     assert not other.success and "different task" in other.message
     assert pool.balance(token) == before - escrowed
+    assert pool.ctx.lifecycle.storage.task_zip(task_id).read_bytes() == data
+    assert [p for p in leftovers(pool) if "/." in p] == []
+
+
+def test_a_task_kept_with_a_sha256_digest_is_told_from_another_upload(pool: PoolHarness) -> None:
+    """Tasks uploaded before BLAKE3 digests keep their sha256 ones (migration 0004): a repeat of such
+    an upload, streamed or whole, is still answered as a repeat, and another zip refused."""
+    _, token = pool.new_user()
+    data, task_id = large_zip(3 << 20), f"s-{uuid.uuid4().hex[:8]}"
+    big = pieces(task_id, data, piece=BACKGROUND_HASH_BYTES)  # hashed on a thread of its own
+    reply = pool.master.UploadTaskStream(iter(big), metadata=bearer(token))
+    assert reply.success, reply.message
+    with pool.ctx.db.engine.begin() as conn:
+        conn.execute(
+            update(Task).where(Task.task_id == task_id).values(zip_digest=f"sha256:{hashlib.sha256(data).hexdigest()}")
+        )
+    balance = pool.balance(token)
+
+    again = pool.master.UploadTaskStream(iter(big), metadata=bearer(token))
+    assert again.success and "already uploaded" in again.message
+    whole = pb.UploadTaskRequest(task_id=task_id, task_zip=data, cpu_score=100, memory_gb=1)
+    assert "already uploaded" in pool.master.UploadTask(whole, metadata=bearer(token)).message
+    other = large_zip(3 << 20)
+    streamed = pool.master.UploadTaskStream(iter(pieces(task_id, other)), metadata=bearer(token))
+    assert not streamed.success and "different task" in streamed.message
+    sent = pool.master.UploadTask(
+        pb.UploadTaskRequest(task_id=task_id, task_zip=other, cpu_score=100, memory_gb=1), metadata=bearer(token)
+    )
+    assert not sent.success and "different task" in sent.message
+    assert pool.balance(token) == balance
     assert pool.ctx.lifecycle.storage.task_zip(task_id).read_bytes() == data
     assert [p for p in leftovers(pool) if "/." in p] == []
 
