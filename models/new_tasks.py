@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import BigInteger, Connection, bindparam, insert, literal, select, text
+from sqlalchemy import BigInteger, Connection, LargeBinary, TextClause, bindparam, insert, literal, select, text
 from sqlalchemy.orm import Session
 
-from models import ledger
+from models import ledger, task_files
 from models.tables import Task, TaskEvent, UtcDateTime, table_of, utcnow
 from models.tasks import NEED_FIELDS, PENDING
 
@@ -54,26 +54,38 @@ class NewTask:
         }
 
 
-def create(session: Session, task: NewTask) -> int:
-    """Insert the task, PENDING at attempt 0, with its "uploaded" event; its primary key.
+def create(session: Session, task: NewTask, *, task_zip: bytes | memoryview | None = None) -> int:
+    """Insert the task, PENDING at attempt 0, with its "uploaded" event (and ``task_zip``, when
+    given, as its zip kept in the database: :mod:`models.task_files`); its primary key.
 
     IntegrityError when ``task_id`` exists already (the caller tells a repeat from a clash)."""
     row = task.row()
     if session.get_bind().dialect.name == "postgresql":  # the task and its first event in one round trip
-        return int(session.execute(_NEW_TASK_WITH_EVENT_PG, {**row, "at": utcnow()}).scalar_one())
-    pk = int(session.execute(_NEW_TASK, row).scalar_one())
-    session.execute(
-        _NEW_EVENT, {"task_pk": pk, "from_status": "", "to_status": PENDING, "attempt": 0, "reason": "uploaded"}
-    )
+        pk = int(session.execute(_NEW_TASK_WITH_EVENT_PG, {**row, "at": utcnow()}).scalar_one())
+    else:
+        pk = int(session.execute(_NEW_TASK, row).scalar_one())
+        session.execute(
+            _NEW_EVENT, {"task_pk": pk, "from_status": "", "to_status": PENDING, "attempt": 0, "reason": "uploaded"}
+        )
+    if task_zip is not None:
+        task_files.add(session, pk, task_files.TASK_ZIP, task_zip)
     return pk
 
 
 def create_escrowed_pg(
-    conn: Connection, task: NewTask, *, payer_key: str, escrow_prefix: str, amount: int, memo: str
+    conn: Connection,
+    task: NewTask,
+    *,
+    payer_key: str,
+    escrow_prefix: str,
+    amount: int,
+    memo: str,
+    task_zip: bytes | memoryview | None = None,
 ) -> int | None:
-    """PostgreSQL, one statement: :func:`create`, and ``amount`` taken from ``payer_key`` into the
-    task's new escrow account (key ``escrow_prefix`` + its primary key), as ledger.fund_new_account
-    does. The task's primary key; None, with nothing written, when the payer cannot cover it.
+    """PostgreSQL, one statement: :func:`create` (with ``task_zip`` kept in the database, when
+    given), and ``amount`` taken from ``payer_key`` into the task's new escrow account (key
+    ``escrow_prefix`` + its primary key), as ledger.fund_new_account does. The task's primary
+    key; None, with nothing written, when the payer cannot cover it.
 
     Run in autocommit (Database.alone), the payer's balance row is locked only while the server
     runs the statement and commits it. IntegrityError when ``task_id`` exists already."""
@@ -88,7 +100,10 @@ def create_escrowed_pg(
         "user_id": task.owner_id,
         "now": utcnow(),
     }
-    found = conn.execute(_NEW_ESCROWED_TASK_PG, params).scalar()
+    if task_zip is None:
+        found = conn.execute(_NEW_ESCROWED_TASK_PG, params).scalar()
+    else:
+        found = conn.execute(_NEW_ESCROWED_TASK_WITH_ZIP_PG, {**params, "task_zip": bytes(task_zip)}).scalar()
     return None if found is None else int(found)
 
 
@@ -120,16 +135,30 @@ _NEW_TASK_WITH_EVENT_PG = select(_new_task.c.id).add_cte(
     .cte("first_event")
 )
 _NOW_COLUMNS = ("next_attempt_at", "created_at", "updated_at")  # what SQLAlchemy's inserts default to utcnow()
-_NEW_ESCROWED_TASK_PG = text(
-    f"""
-    WITH {ledger.PAYER_PG}, new_task AS (
-        INSERT INTO tasks ({", ".join(_NEW_TASK_COLUMNS)}, {", ".join(_NOW_COLUMNS)})
-        SELECT {", ".join(f":{c}" for c in _NEW_TASK_COLUMNS)}, {", ".join(":now" for _ in _NOW_COLUMNS)}
-        FROM payer RETURNING id
-    ), first_event AS (
-        INSERT INTO task_events (task_pk, at, from_status, to_status, attempt, node_id, reason)
-        SELECT id, :now, '', '{PENDING}', 0, '', 'uploaded' FROM new_task
-    ), {ledger.funding_pg("CAST(:escrow_prefix AS VARCHAR) || new_task.id", "payer, new_task")}
-    SELECT new_task.id FROM new_task, account, debit, credit
-    """
-).bindparams(bindparam("now", type_=UtcDateTime()), bindparam("amount", type_=BigInteger()))
+
+
+def _escrowed_task_pg(*, with_zip: bool) -> TextClause:
+    kept_zip = (
+        f", task_zip AS (INSERT INTO task_files (task_pk, name, data) "
+        f"SELECT id, '{task_files.TASK_ZIP}', :task_zip FROM new_task)"
+        if with_zip
+        else ""
+    )
+    statement = text(
+        f"""
+        WITH {ledger.PAYER_PG}, new_task AS (
+            INSERT INTO tasks ({", ".join(_NEW_TASK_COLUMNS)}, {", ".join(_NOW_COLUMNS)})
+            SELECT {", ".join(f":{c}" for c in _NEW_TASK_COLUMNS)}, {", ".join(":now" for _ in _NOW_COLUMNS)}
+            FROM payer RETURNING id
+        ), first_event AS (
+            INSERT INTO task_events (task_pk, at, from_status, to_status, attempt, node_id, reason)
+            SELECT id, :now, '', '{PENDING}', 0, '', 'uploaded' FROM new_task
+        ){kept_zip}, {ledger.funding_pg("CAST(:escrow_prefix AS VARCHAR) || new_task.id", "payer, new_task")}
+        SELECT new_task.id FROM new_task, account, debit, credit
+        """
+    ).bindparams(bindparam("now", type_=UtcDateTime()), bindparam("amount", type_=BigInteger()))
+    return statement.bindparams(bindparam("task_zip", type_=LargeBinary())) if with_zip else statement
+
+
+_NEW_ESCROWED_TASK_PG = _escrowed_task_pg(with_zip=False)
+_NEW_ESCROWED_TASK_WITH_ZIP_PG = _escrowed_task_pg(with_zip=True)

@@ -12,6 +12,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -235,6 +236,17 @@ class TaskEvent(Base):
     attempt: Mapped[int] = mapped_column(Integer, nullable=False)
     node_id: Mapped[str] = mapped_column(String(80), nullable=False, default="")
     reason: Mapped[str] = mapped_column(String(300), nullable=False, default="")
+
+
+class TaskFile(Base):
+    """A task's small file kept in the database instead of its folder (``INLINE_ZIP_BYTES``):
+    ``task.zip`` while the task lives, ``result.zip`` until retention prunes it."""
+
+    __tablename__ = "task_files"
+
+    task_pk: Mapped[int] = mapped_column(ForeignKey("tasks.id", name="fk_task_files_task_pk_tasks"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(16), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
 
 
 class TaskOutput(Base):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from models import nodes, task_output, tasks
+from models import nodes, task_files, task_output, tasks
 from models.db import Database
 from orchestration.nodes import own_addresses, resolve_host
 from orchestration.policies.addresses import check_target
@@ -95,6 +95,7 @@ def execute_many(
         views = {view.task_id: view for view in tasks.get_many(session, [task_id for task_id, _ in attempts])}
         found = [(key, views.get(key[0])) for key in attempts]
         where = nodes.addresses(session, [t.node_id for _, t in found if t and t.node_id])
+        kept = task_files.get_many(session, [t.pk for _, t in found if t], task_files.TASK_ZIP)
     own = own_addresses()
     for key, task in found:
         address = where.get(task.node_id) if task and task.node_id else None
@@ -111,7 +112,7 @@ def execute_many(
         unplaced = []
         for item in sendable:
             key, task, hostname, port = item
-            payload = _stored_zip(storage, task.task_id)
+            payload = kept.get(task.pk) or _stored_zip(storage, task.task_id)
             if payload is None:
                 unplaced.append(item)
             elif isinstance(payload, Outcome):

@@ -7,8 +7,9 @@ after its commit (PostgreSQL, where one statement writes it all: ``uploads.inser
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,6 +50,8 @@ class Intake:
         it is written; a zip the check refuses is removed again.
         """
         request = uploads.validate(request, caller.username, self.settings)
+        if request.size <= self.settings.INLINE_ZIP_BYTES:  # checked already: small zips are checked at once
+            return self._record(caller, replace(request, kept_inline=True), None, None)
         path = self.storage.task_zip(request.task_id)
         try:
             staged = self.storage.stage(path, request.task_zip)
@@ -69,6 +72,9 @@ class Intake:
         task_zip is ignored. The fields are checked before any piece is read; each piece is written
         as it arrives, and the zip checked once it is whole."""
         request = uploads.validate_fields(request, caller.username, self.settings)
+        pieces, small = _whole_within(iter(pieces), self.settings.INLINE_ZIP_BYTES)
+        if small is not None:  # the whole zip came within INLINE_ZIP_BYTES: kept as UploadTask keeps it
+            return self.upload(caller, replace(request, task_zip=small))
         path = self.storage.task_zip(request.task_id)
         limit = self.settings.MAX_FILE_SIZE
 
@@ -83,14 +89,17 @@ class Intake:
         request = replace(request, task_zip=b"", zip_size=size, zip_digest=uploads.ZipDigest(digest))
         return self._record(caller, request, path, staged)
 
-    def _record(self, caller: Asker, request: uploads.UploadRequest, path: Path, staged: Path) -> tuple[str, bool]:
-        """Insert the task whose zip is ``staged`` (beside ``path``) and move the zip into place;
-        (task id, whether this call created it)."""
+    def _record(
+        self, caller: Asker, request: uploads.UploadRequest, path: Path | None, staged: Path | None
+    ) -> tuple[str, bool]:
+        """Insert the task whose zip is ``staged`` (beside ``path``) and move the zip into place, or
+        whose zip is kept with it in the database (both None); (task id, whether this call created it)."""
         known = caller.user_id if (caller.username.lower(), caller.user_id) in self._accounts_seen else None
         try:
             if not self.db.is_sqlite and uploads.escrow_amount(request, self.settings) > 0:
                 owner_id = uploads.insert_alone(self.db, request, caller.username, self.settings, owner_id=known)
-                os.replace(staged, path)  # after the commit (see uploads.insert_alone)
+                if staged is not None and path is not None:
+                    os.replace(staged, path)  # after the commit (see uploads.insert_alone)
             else:
                 owner_id = self._insert_in_transaction(caller, request, path, staged, known)
         except IntegrityError:  # the task id exists: a repeat of this upload, or another one?
@@ -99,11 +108,14 @@ class Intake:
             if existing is None:
                 raise
             uploads.check_repeat(existing, request, caller.user_id, staged)
+            if staged is None or path is None:
+                return request.task_id, False
             if existing.status not in tasks.TERMINAL and not path.exists() and staged.exists():
                 os.replace(staged, path)  # the first upload committed but stopped before placing its zip
             return request.task_id, False
         finally:
-            staged.unlink(missing_ok=True)
+            if staged is not None:
+                staged.unlink(missing_ok=True)
         if owner_id == caller.user_id:  # accounts are never deleted: no need to look this one up again
             self._accounts_seen.add((caller.username.lower(), caller.user_id))
         self.on_created()
@@ -111,7 +123,7 @@ class Intake:
         return request.task_id, True
 
     def _insert_in_transaction(
-        self, caller: Asker, request: uploads.UploadRequest, path: Path, staged: Path, known: int | None
+        self, caller: Asker, request: uploads.UploadRequest, path: Path | None, staged: Path | None, known: int | None
     ) -> int:
         """The task and its escrow in one transaction, the zip moved into place inside it."""
         placed = False
@@ -119,7 +131,7 @@ class Intake:
         def work(session: Session) -> int:
             nonlocal placed
             owner_id = uploads.insert(session, request, caller.username, self.settings, owner_id=known)
-            if staged.exists():
+            if staged is not None and path is not None and staged.exists():
                 os.replace(staged, path)
                 placed = True
             return owner_id
@@ -132,8 +144,24 @@ class Intake:
         try:
             return self.db.transaction(work, grouped=True)
         except Exception:
-            if placed:  # the commit failed after the zip was put in place
+            if placed and path is not None:  # the commit failed after the zip was put in place
                 with self.db.reading() as session:
                     if tasks.get(session, request.task_id) is None:
                         path.unlink(missing_ok=True)
             raise
+
+
+Piece = bytes | memoryview
+
+
+def _whole_within(pieces: Iterator[Piece], limit: int) -> tuple[Iterator[Piece], bytes | None]:
+    """((), the whole zip) when the pieces come to at most ``limit`` bytes; else (every piece,
+    those read already first, None)."""
+    head: list[Piece] = []
+    size = 0
+    for piece in pieces:
+        head.append(piece)
+        size += len(piece)
+        if size > limit:
+            return itertools.chain(head, pieces), None
+    return iter(()), b"".join(head)

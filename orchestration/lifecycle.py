@@ -6,6 +6,7 @@ the commit and carry ids, never payloads.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterable
@@ -13,7 +14,7 @@ from collections.abc import Iterable
 import redis
 from sqlalchemy.orm import Session
 
-from models import task_output, tasks
+from models import task_files, task_output, tasks
 from models.db import Database
 from models.errors import NotFound, PermissionDenied, Refused
 from orchestration import outcomes, reports, uploads
@@ -100,11 +101,12 @@ class Lifecycle:
     def result(self, caller: Asker, task_id: str) -> bytes:
         with self.db.reading() as session:
             task = self.owned(session, caller, task_id)
+            kept = task_files.get(session, task.pk, task_files.RESULT_ZIP)
         if task.status not in tasks.TERMINAL or not task.result_sha256:
             raise Refused(f"task {task_id} has no result yet (status {task.status})")
         if task.result_pruned:
             raise Refused(f"the result of task {task_id} was removed after {self.settings.RESULT_RETENTION_DAYS} days")
-        data = self.storage.archived_result(task_id).read_bytes()
+        data = kept if kept is not None else self.storage.archived_result(task_id).read_bytes()
         if sha256(data) != task.result_sha256:
             log.error("archived result of %s does not match its sha256", task_id)
             raise Refused("the stored result is damaged; the operator has been told")
@@ -141,8 +143,23 @@ class Lifecycle:
 
     def store_result(self, reporter: reports.Reporter, task_id: str, data: bytes) -> None:
         self._check_result(data)
-        reports.authorized(self.db, reporter, task_id)
-        self.storage.write(self.storage.result_zip(task_id), data)
+        task = reports.authorized(self.db, reporter, task_id)
+        if self._inline(data):
+            keep = functools.partial(task_files.put, task_pk=task.pk, name=task_files.RESULT_ZIP, data=data)
+            self.db.transaction(keep, grouped=True)
+            self.storage.result_zip(task_id).unlink(missing_ok=True)  # a larger one the node stored before
+        else:
+            self._store_result_file(task, data)
+
+    def _inline(self, data: bytes) -> bool:
+        """Whether a zip of this size is kept in the database rather than as a file."""
+        return len(data) <= self.settings.INLINE_ZIP_BYTES
+
+    def _store_result_file(self, task: tasks.TaskView, data: bytes) -> None:
+        """A result too large for the database, written as the task's file; a smaller one the
+        node stored before is removed first (a task has one result, the last one stored)."""
+        self.db.transaction(lambda session: task_files.drop(session, [task.pk], task_files.RESULT_ZIP), grouped=True)
+        self.storage.write(self.storage.result_zip(task.task_id), data)
 
     def _check_result(self, data: bytes) -> None:
         uploads.check_zip(data, limit=self.settings.MAX_RESULT_SIZE, settings=self.settings, what="result_zip")
@@ -165,10 +182,15 @@ class Lifecycle:
         if result:
             self._check_result(result)
         task = reports.authorized(self.db, reporter, task_id)
-        if result:
-            self.storage.write(self.storage.result_zip(task.task_id), result)
+        inline = bool(result) and self._inline(result)
+        if result and not inline:
+            self._store_result_file(task, result)
         max_lines = self.settings.OUTPUT_MAX_LINES
-        attempt, recorded = reports.record_end(self.db, reporter, task, lines, success, message, max_lines=max_lines)
+        attempt, recorded = reports.record_end(
+            self.db, reporter, task, lines, success, message, max_lines=max_lines, result=result if inline else None
+        )
+        if inline:
+            self.storage.result_zip(task.task_id).unlink(missing_ok=True)  # a larger one the node stored before
         self.request_archival(task.task_id, attempt)
         return "recorded" if recorded else "already recorded"
 
@@ -183,6 +205,7 @@ class Lifecycle:
         in one transaction; each one's status afterwards."""
         with self.db.reading() as session:
             by_id = {task.task_id: task for task in tasks.get_many(session, {task_id for task_id, _ in attempts})}
+            kept = task_files.get_many(session, [task.pk for task in by_id.values()], task_files.RESULT_ZIP)
         found = {key: by_id.get(key[0]) for key in attempts}
         statuses: dict[tuple[str, int], str] = {}
         archived: dict[tuple[str, int], tuple[str, int] | None] = {}
@@ -190,7 +213,10 @@ class Lifecycle:
             if task is None or task.attempt != attempt or task.status not in tasks.ACTIVE or not task.reported_outcome:
                 statuses[(task_id, attempt)] = task.status if task else "unknown"
             else:
-                archived[(task_id, attempt)] = self.storage.archive_result(task_id)
+                result = kept.get(task.pk)  # kept in the database: it stays there, as archived
+                archived[(task_id, attempt)] = (
+                    (sha256(result), len(result)) if result is not None else self.storage.archive_result(task_id)
+                )
         finished = outcomes.finish_many(self.db, self.settings, archived) if archived else {}
         statuses.update(finished)
         ended = [task_id for (task_id, _), status in finished.items() if status in tasks.TERMINAL]

@@ -16,7 +16,7 @@ import redis
 from sqlalchemy import bindparam, update
 from sqlalchemy.orm import Session
 
-from models import task_output, tasks
+from models import task_files, task_output, tasks
 from models.db import Database
 from models.errors import InvalidArgument, NotFound, PermissionDenied, Refused
 from models.tables import Task, table_of, utcnow
@@ -169,10 +169,12 @@ def record_end(
     message: str,
     *,
     max_lines: int,
+    result: bytes | None = None,
 ) -> tuple[int, bool]:
     """The end of ``task``'s attempt, which :func:`authorized` found live: its last output
-    ``lines`` (if any) and the node's verdict, in one write; (attempt, whether this call recorded
-    the verdict). The first verdict wins; a task being stopped keeps none: the stop decides its end.
+    ``lines`` (if any), its ``result`` (if given: a zip kept in the database) and the node's
+    verdict, in one write; (attempt, whether this call recorded the verdict). The first verdict
+    wins; a task being stopped keeps none: the stop decides its end.
     """
     values = {
         "pk": task.pk,
@@ -185,11 +187,13 @@ def record_end(
     def work(session: Session) -> bool | None:
         if lines and task_output.append_output(session, task.pk, task.attempt, lines, max_lines=max_lines) is None:
             return None  # moved on: nothing written
+        if result is not None:
+            task_files.put(session, task.pk, task_files.RESULT_ZIP, result)
         if task.status == tasks.STOPPING:
             return False
         return session.execute(_RECORD_OUTCOME, values).rowcount == 1  # type: ignore[attr-defined]
 
-    if not lines and task.status == tasks.STOPPING:
+    if not lines and result is None and task.status == tasks.STOPPING:
         return task.attempt, False  # nothing to write
     recorded = db.transaction(work, grouped=True)
     if recorded is None:  # the lines found the attempt gone: nothing was written

@@ -57,6 +57,7 @@ class UploadRequest:
     zip_digest: ZipDigest | None = None  # set by validate, or as a streamed zip is staged
     zip_size: int = 0  # likewise
     zip_check: Future[None] | None = None  # a large zip's check, under way (see validate)
+    kept_inline: bool = False  # the zip is kept in the database with the task (INLINE_ZIP_BYTES)
 
     @property
     def size(self) -> int:
@@ -176,10 +177,10 @@ def validate_fields(request: UploadRequest, caller: str, settings: Settings) -> 
     )
 
 
-def check_repeat(existing: tasks.TaskView, request: UploadRequest, owner_id: int, staged: Path) -> None:
+def check_repeat(existing: tasks.TaskView, request: UploadRequest, owner_id: int, staged: Path | None) -> None:
     """An upload under a task id that exists already is accepted (and changes nothing) only when
     it is the same upload by the same user: PermissionDenied or Refused otherwise. ``staged``: the
-    file this upload's zip was written to (still there)."""
+    file this upload's zip was written to (still there), or None when it is in ``request``."""
     if existing.owner_id != owner_id:
         raise PermissionDenied(f"task id {request.task_id!r} is taken by another user")
     same = (
@@ -192,13 +193,13 @@ def check_repeat(existing: tasks.TaskView, request: UploadRequest, owner_id: int
         raise Refused(f"you already uploaded a different task as {request.task_id!r}; choose another task_id")
 
 
-def _same_zip(kept: str, request: UploadRequest, staged: Path) -> bool:
+def _same_zip(kept: str, request: UploadRequest, staged: Path | None) -> bool:
     """Whether the zip of ``request`` has the digest ``kept``. A task uploaded before the pool
     kept BLAKE3 digests has a sha256 one: the staged zip is hashed that way to compare."""
     algorithm = kept.partition(":")[0]
     if algorithm == request.digest().partition(":")[0]:
         return kept == request.digest()
-    if request.task_zip:
+    if request.task_zip or staged is None:
         return kept == zip_digest(request.task_zip, algorithm)
     return kept == file_zip_digest(staged, algorithm)
 
@@ -216,7 +217,7 @@ def insert(
     """
     owner_id = owner_id if owner_id is not None else _owner(session, caller)
     per_minute, amount = _priced(request, settings)
-    pk = new_tasks.create(session, new_task(request, owner_id, per_minute))
+    pk = new_tasks.create(session, new_task(request, owner_id, per_minute), task_zip=_kept(request))
     economy.escrow(session, task_pk=pk, task_id=request.task_id, owner_id=owner_id, amount=amount)
     return owner_id
 
@@ -258,12 +259,18 @@ def insert_alone(db: Database, request: UploadRequest, caller: str, settings: Se
             escrow_prefix=economy.ESCROW_PREFIX,
             amount=amount,
             memo=economy.escrow_memo(request.task_id),
+            task_zip=_kept(request),
         )
     )
     if pk is None:
         with db.reading() as session:
             raise economy.short_of(session, owner_id, amount)
     return owner_id
+
+
+def _kept(request: UploadRequest) -> bytes | memoryview | None:
+    """The zip to keep in the database with the task, if it is kept there."""
+    return request.task_zip if request.kept_inline else None
 
 
 def escrow_amount(request: UploadRequest, settings: Settings) -> int:

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     MAX_TASK_ATTEMPTS: int = Field(default=3, ge=1)
     MAX_TASK_MINUTES: int = Field(default=60, ge=1)  # longest run a task may ask for (and the default)
     MAX_RESULT_SIZE: int = 50 * 1024 * 1024
+    # Task and result zips this small are kept in the database, written in the transaction that
+    # records them, instead of as files (a folder, a file and an fsync each); 0: every zip a file.
+    INLINE_ZIP_BYTES: int = Field(default=64 * 1024, ge=0, le=16 * 1024 * 1024)
     MAX_ZIP_ENTRIES: int = 10_000
     MAX_UNZIPPED_BYTES: int = 1 << 30
     MAX_ZIP_RATIO: int = 200

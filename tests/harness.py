@@ -15,7 +15,7 @@ import grpc
 
 from api.context import PoolContext, build_context
 from api.server import create_server
-from models import schema
+from models import schema, task_files, tasks
 from pool.settings import Settings
 from pool.up import celery_worker
 from protos import nodepool_pb2 as pb
@@ -104,6 +104,26 @@ class PoolHarness:
 
     def balance(self, token: str) -> int:
         return self.users.GetBalance(pb.GetBalanceRequest(), metadata=bearer(token)).balance
+
+    def kept_file(self, task_id: str, name: str) -> bytes | None:
+        """The task's zip (``task_files.TASK_ZIP``) or result (``RESULT_ZIP``) as the pool keeps it:
+        in the database when small (INLINE_ZIP_BYTES), else its file (a result: the archived one
+        when there is one); None when it has none."""
+        with self.ctx.db.reading() as session:
+            task = tasks.get(session, task_id)
+            kept = task_files.get(session, task.pk, name) if task is not None else None
+        if kept is not None:
+            return kept
+        storage = self.ctx.lifecycle.storage
+        paths = (
+            [storage.task_zip(task_id)]
+            if name == task_files.TASK_ZIP
+            else [
+                storage.archived_result(task_id),
+                storage.result_zip(task_id),
+            ]
+        )
+        return next((path.read_bytes() for path in paths if path.exists()), None)
 
 
 class CeleryWorker:

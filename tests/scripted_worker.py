@@ -64,6 +64,7 @@ class ScriptedWorker(pb_grpc.WorkerNodeServiceServicer):
         self.refused_tokens = 0
         self.errors: list[str] = []
         self.incoming: list[tuple[str, int]] = []  # every ExecuteTask call, as it arrives
+        self.zips: dict[tuple[str, int], bytes] = {}  # the task zip each call carried
         self.silent = threading.Event()
         self._closed = threading.Event()
         self._runs: list[threading.Thread] = []
@@ -128,6 +129,7 @@ class ScriptedWorker(pb_grpc.WorkerNodeServiceServicer):
         attempt = self._verify(context, request.task_id, "execute")
         assert attempt == request.attempt
         self.incoming.append((request.task_id, request.attempt))
+        self.zips[(request.task_id, request.attempt)] = request.task_zip
         if self.script.accept_delay:
             time.sleep(self.script.accept_delay)
         key = (request.task_id, request.attempt)

@@ -3,7 +3,8 @@
 On PostgreSQL an upload commits its task and then moves the zip into place (uploads.insert_alone);
 a matching job may place the task in between, the more so when the gRPC servers run at a lower
 priority than the jobs (`GRPC_NICE`). Dispatch waits for the zip, and a zip that never comes costs
-the node nothing: the missing zip is the pool's doing, not the node's.
+the node nothing: the missing zip is the pool's doing, not the node's. (A zip small enough to be
+kept in the database, INLINE_ZIP_BYTES, is written with its task: these pools keep every zip as a file.)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tests.test_economy import audit_ok, credit_of
 
 
 def test_dispatch_waits_for_a_zip_its_upload_is_still_placing(make_pool, database_url: str, workers: list) -> None:
-    pool = make_pool(database_url=database_url)
+    pool = make_pool(database_url=database_url, INLINE_ZIP_BYTES=0)
     node = ScriptedWorker(pool, owner=trusted(pool))
     workers.append(node)
     _, submitter = pool.new_user()
@@ -44,7 +45,7 @@ def test_dispatch_waits_for_a_zip_its_upload_is_still_placing(make_pool, databas
 def test_a_zip_that_never_comes_fails_the_task_and_costs_the_node_nothing(
     make_pool, database_url: str, celery_worker_for, workers: list
 ) -> None:
-    pool = make_pool(database_url=database_url, **FAST)
+    pool = make_pool(database_url=database_url, INLINE_ZIP_BYTES=0, **FAST)
     _, submitter = pool.new_user()
     task_id = upload(pool, submitter)  # no node yet: it waits PENDING
     pool.ctx.lifecycle.storage.task_zip(task_id).unlink()

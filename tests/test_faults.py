@@ -38,7 +38,9 @@ def node_on(pool: PoolHarness, task_id: str, token: str) -> str:
 def test_celery_worker_killed_mid_archival_settles_once(
     make_pool, database_url: str, celery_worker_for, workers: list
 ) -> None:
-    pool = make_pool(database_url=database_url, **FAST)
+    # The result is kept as a file (INLINE_ZIP_BYTES=0): the job moves it into the archive first,
+    # which tells this test that the job has started.
+    pool = make_pool(database_url=database_url, INLINE_ZIP_BYTES=0, **FAST)
     celery_worker_for(pool, queues=WORK_QUEUES, wait_ready=False)  # nobody archives yet
     node = ScriptedWorker(pool, script=Script(mode="hold"))
     workers.append(node)

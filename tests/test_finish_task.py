@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
+from models import task_files
 from orchestration.reports import MAX_OUTPUT_PAYLOAD
 from protos import nodepool_pb2 as pb
 from tests.adversary import trusted
@@ -44,8 +45,8 @@ class Held:
     def unchanged(self) -> bool:
         """Still RUNNING with only the lines the node sent when it began, and no result kept."""
         status = poll(self.pool, self.submitter, self.task_id)
-        stored = self.pool.ctx.lifecycle.storage.result_zip(self.task_id)
-        return status.status == "RUNNING" and list(status.output) == list(Script().lines) and not stored.exists()
+        stored = self.pool.kept_file(self.task_id, task_files.RESULT_ZIP)
+        return status.status == "RUNNING" and list(status.output) == list(Script().lines) and stored is None
 
 
 @pytest.fixture
@@ -90,7 +91,7 @@ def test_a_failure_with_no_result_or_lines_is_a_plain_verdict(held: Held) -> Non
     failed = wait_status(held.pool, held.submitter, held.task_id, "FAILED")
     assert failed.message == "exit code 2"
     assert list(failed.output) == list(Script().lines)  # no empty line added for the empty output
-    assert not held.pool.ctx.lifecycle.storage.archived_result(held.task_id).exists()
+    assert held.pool.kept_file(held.task_id, task_files.RESULT_ZIP) is None
 
 
 @pytest.mark.parametrize(

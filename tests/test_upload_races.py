@@ -11,7 +11,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
-from models import accounts, ledger
+from models import accounts, ledger, task_files
 from models.tables import Account, JournalEntry, Posting, Task, TaskEvent
 from orchestration import economy, uploads
 from orchestration.lifecycle import Asker
@@ -87,7 +87,7 @@ def test_different_users_racing_for_one_id_one_wins_the_others_are_told(pool: Po
     assert all(o == grpc.StatusCode.PERMISSION_DENIED for i, o in enumerate(outcomes) if i not in won), outcomes
     winner_name, winner_token = users[won[0]]
     assert listed(pool, winner_name) == [task_id]
-    stored = pool.ctx.lifecycle.storage.task_zip(task_id).read_bytes()
+    stored = pool.kept_file(task_id, task_files.TASK_ZIP)
     assert stored == sent[won[0]][1].task_zip  # the winner's zip, not a loser's
     charged = {token for _, token in users if pool.balance(token) != pool.ctx.settings.INITIAL_BALANCE}
     assert charged == {winner_token}  # the losers paid nothing
@@ -117,19 +117,20 @@ def test_one_users_uploads_at_once_are_taken_until_the_balance_runs_out(pool: Po
     assert pool.balance(token) == before - price * (affordable + 1)
     storage = pool.ctx.lifecycle.storage
     for r in sent:
-        zip_path = storage.task_zip(r.task_id)
-        assert zip_path.exists() == (r.task_id in won)
-        if r.task_id in won:
-            assert zip_path.read_bytes() == r.task_zip
+        assert pool.kept_file(r.task_id, task_files.TASK_ZIP) == (r.task_zip if r.task_id in won else None)
     staged = [p for p in storage.root.rglob(".*") if p.is_file()]
     assert staged == []
     with pool.ctx.db.reading() as session:
         assert ledger.audit(session).ok
 
 
-def test_a_task_whose_zip_was_not_put_in_place_gets_it_from_a_repeat_of_its_upload(pool: PoolHarness) -> None:
+def test_a_task_whose_zip_was_not_put_in_place_gets_it_from_a_repeat_of_its_upload(
+    make_pool, database_url: str
+) -> None:
     """As when the server stopped between the task's commit and the zip's move (PostgreSQL's
-    one-statement upload): the client, which got no answer, sends the upload again."""
+    one-statement upload): the client, which got no answer, sends the upload again. (A zip kept in
+    the database, INLINE_ZIP_BYTES, is written with its task: this pool keeps every zip as a file.)"""
+    pool = make_pool(database_url=database_url, INLINE_ZIP_BYTES=0)
     _, token = pool.new_user()
     task_id = f"heal-{uuid.uuid4().hex[:8]}"
     sent = request(task_id)

@@ -18,7 +18,7 @@ import grpc
 import pytest
 from sqlalchemy import update
 
-from models import ledger, tasks
+from models import ledger, task_files, tasks
 from models.tables import Task
 from orchestration.storage import BACKGROUND_HASH_BYTES
 from protos import nodepool_pb2 as pb
@@ -148,7 +148,7 @@ def test_one_message_may_carry_the_whole_zip_and_an_empty_id_gets_one(sqlite_poo
     )
     assert reply.success, reply.message
     task_id = reply.message.split()[1]
-    assert pool.ctx.lifecycle.storage.task_zip(task_id).read_bytes() == data
+    assert pool.kept_file(task_id, task_files.TASK_ZIP) == data
 
 
 def test_without_a_token_the_stream_is_refused_before_it_ends(sqlite_pool: PoolHarness) -> None:
@@ -303,7 +303,7 @@ def test_the_same_stream_sent_at_once_makes_one_task_and_one_escrow(pool: PoolHa
         assert ledger.audit(session).ok
     assert row is not None
     assert before - pool.balance(token) == row.price_per_minute * row.max_minutes
-    assert pool.ctx.lifecycle.storage.task_zip(task_id).read_bytes() == data
+    assert pool.kept_file(task_id, task_files.TASK_ZIP) == data
     assert [p for p in leftovers(pool) if "/." in p] == []
 
 

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from api.upload_wire import ReceivedUpload, parse_upload
+from models import task_files
 from orchestration.policies.zips import UnsafeZip, inspect_zip
 from protos import nodepool_pb2 as pb
 from tests.harness import PoolHarness, bearer
@@ -227,7 +228,7 @@ def test_an_upload_in_an_unusual_shape_is_stored_as_protobuf_reads_it(sqlite_poo
     reply = send_raw(sqlite_pool, data, token)
 
     assert reply.success, reply.message
-    assert sqlite_pool.ctx.lifecycle.storage.task_zip(task_id).read_bytes() == kept
+    assert sqlite_pool.kept_file(task_id, task_files.TASK_ZIP) == kept
 
 
 @pytest.mark.parametrize("data", BROKEN.values(), ids=BROKEN.keys())

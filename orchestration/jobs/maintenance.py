@@ -14,7 +14,7 @@ from celery import Task, shared_task
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from models import ledger, tasks
+from models import ledger, task_files, tasks
 from models.tables import Task as TaskRow
 from models.tables import utcnow
 from orchestration import nodes, recovery, settlement
@@ -62,11 +62,13 @@ def expire_heartbeats(self: Task) -> int:
 
 @shared_task(name="pool.maintenance.reclaim_resources", bind=True)
 def reclaim_resources(self: Task) -> dict[str, int]:
-    """Release allocations of vanished nodes and ended tasks; repair availability drift."""
+    """Release allocations of vanished nodes and ended tasks; repair availability drift; drop the
+    zips kept in the database of tasks that will not run again."""
     rt = runtime(self.app)
     freed, repaired = nodes.reclaim(rt.db)
     rt.lifecycle.ended_early([(r.task_id, r.attempt) for r in freed], "node gone", node_caused=True)
-    return {"released": len(freed), "repaired": len(repaired)}
+    dropped = rt.db.transaction(partial(task_files.drop_ended_task_zips, statuses=tasks.TERMINAL))
+    return {"released": len(freed), "repaired": len(repaired), "task_zips_dropped": dropped}
 
 
 @shared_task(name="pool.maintenance.recover_tasks", bind=True)
@@ -100,8 +102,9 @@ def accrue_rewards(self: Task) -> int:
     return moved
 
 
-def _mark_pruned(session: Session, *, task_id: str) -> None:
-    session.execute(update(TaskRow).where(TaskRow.task_id == task_id).values(result_pruned=True))
+def _mark_pruned(session: Session, *, task_pk: int) -> None:
+    session.execute(update(TaskRow).where(TaskRow.id == task_pk).values(result_pruned=True))
+    task_files.drop(session, [task_pk], task_files.RESULT_ZIP)
 
 
 @shared_task(name="pool.maintenance.prune_results", bind=True)
@@ -110,12 +113,12 @@ def prune_results(self: Task) -> int:
     rt = runtime(self.app)
     cutoff = utcnow() - timedelta(days=rt.settings.RESULT_RETENTION_DAYS)
     with rt.db.reading() as session:
-        old = session.scalars(
-            select(TaskRow.task_id).where(
+        old = session.execute(
+            select(TaskRow.id, TaskRow.task_id).where(
                 TaskRow.finished_at < cutoff, TaskRow.result_pruned.is_(False), TaskRow.result_sha256 != ""
             )
         ).all()
-    for task_id in old:
+    for task_pk, task_id in old:
         rt.lifecycle.storage.prune_archive(task_id)
-        rt.db.transaction(partial(_mark_pruned, task_id=task_id))
+        rt.db.transaction(partial(_mark_pruned, task_pk=task_pk))
     return len(old)
