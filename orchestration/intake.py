@@ -1,8 +1,10 @@
 """Uploads: a task's zip staged, checked and recorded with its escrow, then put in place.
 
-The zip is written (durably) to a staging file first, outside the transaction; the task's row
-and escrow are inserted, and the zip moved into place inside that transaction (SQLite) or right
-after its commit (PostgreSQL, where one statement writes it all: ``uploads.insert_alone``).
+A zip of at most INLINE_ZIP_BYTES is kept in the database, inserted with the task's row and
+escrow (``models.task_files``). A larger one is written (durably) to a staging file first,
+outside the transaction; the task's row and escrow are inserted, and the zip moved into place
+inside that transaction (SQLite) or right after its commit (PostgreSQL, where one statement
+writes it all: ``uploads.insert_alone``).
 """
 
 from __future__ import annotations
@@ -44,10 +46,11 @@ class Intake:
     def upload(self, caller: Asker, request: uploads.UploadRequest) -> tuple[str, bool]:
         """Store and record a task and escrow its price, then ``on_created()``; (task_id, newly created).
 
-        The zip is written (durably) to a staging file first, outside the transaction; the
-        transaction that inserts the task moves it into place, so neither a repeat nor an upload
-        that loses a race for the task id touches the stored zip. A large zip is checked while
-        it is written; a zip the check refuses is removed again.
+        A small zip (INLINE_ZIP_BYTES) is inserted with the task. A larger one is written
+        (durably) to a staging file first, outside the transaction; the transaction that inserts
+        the task moves it into place, so neither a repeat nor an upload that loses a race for the
+        task id touches the stored zip. A large zip is checked while it is written; a zip the
+        check refuses is removed again.
         """
         request = uploads.validate(request, caller.username, self.settings)
         if request.size <= self.settings.INLINE_ZIP_BYTES:  # checked already: small zips are checked at once
