@@ -199,9 +199,12 @@ def _same_zip(kept: str, request: UploadRequest, staged: Path | None) -> bool:
     algorithm = kept.partition(":")[0]
     if algorithm == request.digest().partition(":")[0]:
         return kept == request.digest()
-    if request.task_zip or staged is None:
-        return kept == zip_digest(request.task_zip, algorithm)
-    return kept == file_zip_digest(staged, algorithm)
+    try:
+        if request.task_zip or staged is None:
+            return kept == zip_digest(request.task_zip, algorithm)
+        return kept == file_zip_digest(staged, algorithm)
+    except ValueError:  # a digest of no algorithm the pool knows matches no upload
+        return False
 
 
 def insert(

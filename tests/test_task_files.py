@@ -8,10 +8,7 @@ results by retention.
 
 from __future__ import annotations
 
-import io
-import os
 import uuid
-import zipfile
 
 import grpc
 import pytest
@@ -24,17 +21,9 @@ from tests.harness import PoolHarness, bearer
 from tests.scripted_worker import ScriptedWorker, result_zip
 from tests.tasks_support import FAST, task_zip, upload, wait_status
 from tests.test_finish_task import Held
+from tests.test_upload_large import large_zip
 
 held = test_finish_task.held  # the fixture: a task RUNNING on a node that holds it
-
-
-def stored_zip(size: int) -> bytes:
-    """A zip of about ``size`` bytes (random, stored)."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
-        archive.writestr("main.py", "print('hello')\n")
-        archive.writestr("data.bin", os.urandom(size))
-    return buffer.getvalue()
 
 
 def folder(pool: PoolHarness, task_id: str) -> list[str]:
@@ -59,7 +48,7 @@ def streamed(pool: PoolHarness, token: str, task_id: str, data: bytes, piece: in
 def test_a_small_zip_is_kept_with_its_task_and_a_large_one_as_a_file(pool: PoolHarness) -> None:
     _, token = pool.new_user()
     limit = pool.settings.INLINE_ZIP_BYTES
-    small, large = task_zip(), stored_zip(limit + 1)
+    small, large = task_zip(), large_zip(limit + 1)
     assert len(small) <= limit < len(large)
 
     upload(pool, token, "small-unary", task_zip=small)
@@ -119,7 +108,7 @@ def test_the_node_gets_the_kept_zip_and_the_owner_the_kept_result(held: Held) ->
 @pytest.mark.parametrize("order", ["small then large", "large then small"])
 def test_a_task_has_one_result_the_last_one_stored(held: Held, order: str) -> None:
     pool, task_id = held.pool, held.task_id
-    small, large = result_zip("small\n"), stored_zip(pool.settings.INLINE_ZIP_BYTES + 1)
+    small, large = result_zip("small\n"), large_zip(pool.settings.INLINE_ZIP_BYTES + 1)
     first, last = (small, large) if order == "small then large" else (large, small)
     store = pool.master.ReturnTaskResult
     for data in (first, last):

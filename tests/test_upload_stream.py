@@ -137,6 +137,11 @@ def test_a_task_kept_with_a_sha256_digest_is_told_from_another_upload(pool: Pool
     assert pool.balance(token) == balance
     assert pool.ctx.lifecycle.storage.task_zip(task_id).read_bytes() == data
     assert [p for p in leftovers(pool) if "/." in p] == []
+    # A digest of an algorithm the pool does not know matches no upload (refused, not INTERNAL).
+    with pool.ctx.db.engine.begin() as conn:
+        conn.execute(update(Task).where(Task.task_id == task_id).values(zip_digest="md5:0123"))
+    unknown = pool.master.UploadTaskStream(iter(big), metadata=bearer(token))
+    assert not unknown.success and "different task" in unknown.message
 
 
 def test_one_message_may_carry_the_whole_zip_and_an_empty_id_gets_one(sqlite_pool: PoolHarness) -> None:
