@@ -53,8 +53,8 @@ class Intake:
         check refuses is removed again.
         """
         request = uploads.validate(request, caller.username, self.settings)
-        if request.size <= self.settings.INLINE_ZIP_BYTES:  # checked already: small zips are checked at once
-            return self._record(caller, replace(request, kept_inline=True), None, None)
+        if request.size <= self.settings.INLINE_ZIP_BYTES:
+            return self._keep_inline(caller, request)
         path = self.storage.task_zip(request.task_id)
         try:
             staged = self.storage.stage(path, request.task_zip)
@@ -77,7 +77,7 @@ class Intake:
         request = uploads.validate_fields(request, caller.username, self.settings)
         pieces, small = _whole_within(iter(pieces), self.settings.INLINE_ZIP_BYTES)
         if small is not None:  # the whole zip came within INLINE_ZIP_BYTES: kept as UploadTask keeps it
-            return self.upload(caller, replace(request, task_zip=small))
+            return self._keep_inline(caller, uploads.with_zip(replace(request, task_zip=small), self.settings))
         path = self.storage.task_zip(request.task_id)
         limit = self.settings.MAX_FILE_SIZE
 
@@ -91,6 +91,11 @@ class Intake:
         )
         request = replace(request, task_zip=b"", zip_size=size, zip_digest=uploads.ZipDigest(digest))
         return self._record(caller, request, path, staged)
+
+    def _keep_inline(self, caller: Asker, request: uploads.UploadRequest) -> tuple[str, bool]:
+        """:meth:`_record` of a task whose zip is kept in the database with it, once checked."""
+        request.checked()  # a zip of BACKGROUND_HASH_BYTES or more is checked on another thread
+        return self._record(caller, replace(request, kept_inline=True), None, None)
 
     def _record(
         self, caller: Asker, request: uploads.UploadRequest, path: Path | None, staged: Path | None

@@ -135,7 +135,11 @@ def validate(request: UploadRequest, caller: str, settings: Settings) -> UploadR
     to storage (the check reads every member, which is mostly CRC work that releases the GIL):
     ``request.checked()`` waits for it and raises what it found. A small one is checked here.
     """
-    request = validate_fields(request, caller, settings)
+    return with_zip(validate_fields(request, caller, settings), settings)
+
+
+def with_zip(request: UploadRequest, settings: Settings) -> UploadRequest:
+    """:func:`validate`'s part for the zip, of a request whose fields are valid already."""
     data, limit = request.task_zip, settings.MAX_FILE_SIZE
     if len(data) < BACKGROUND_HASH_BYTES or len(data) > limit:
         check_zip(data, limit=limit, settings=settings, what="task_zip")

@@ -139,3 +139,26 @@ def test_retention_prunes_a_kept_result(make_pool, database_url: str, celery_wor
     assert in_database(pool, task_id, task_files.RESULT_ZIP) is None
     reply = pool.master.GetTaskResult(pb.GetTaskResultRequest(task_id=task_id), metadata=bearer(token))
     assert not reply.success and "removed after" in reply.message
+
+
+def test_a_zip_kept_in_the_database_is_checked_first_whatever_its_size(make_pool, sqlite_url: str) -> None:
+    """Past BACKGROUND_HASH_BYTES a zip is checked on another thread; one that will be kept in the
+    database (a pool whose INLINE_ZIP_BYTES allows it) is still kept only once that check passed."""
+    pool = make_pool(database_url=sqlite_url, INLINE_ZIP_BYTES=4 << 20)
+    _, token = pool.new_user()
+    good = large_zip(2 << 20)
+    broken = bytearray(large_zip(2 << 20))
+    broken[len(broken) // 2] ^= 0xFF  # inside data.bin: its CRC-32 no longer matches
+
+    upload(pool, token, "good", task_zip=good)
+    assert in_database(pool, "good", task_files.TASK_ZIP) == good and folder(pool, "good") == []
+    whole = pb.UploadTaskRequest(task_id="broken", task_zip=bytes(broken), cpu_score=100, memory_gb=1)
+    for send in (
+        lambda: pool.master.UploadTask(whole, metadata=bearer(token)),
+        lambda: streamed(pool, token, "broken", bytes(broken), piece=1 << 20),
+    ):
+        with pytest.raises(grpc.RpcError) as raised:
+            send()
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        with pool.ctx.db.reading() as session:
+            assert tasks.get(session, "broken") is None
