@@ -203,7 +203,7 @@ class Task(Base):
     gpu_name: Mapped[str] = mapped_column(String(128), nullable=False, default="")
     location: Mapped[str] = mapped_column(String(64), nullable=False, default="")
     max_minutes: Mapped[int] = mapped_column(Integer, nullable=False)
-    zip_digest: Mapped[str] = mapped_column(String(80), nullable=False)  # storage.zip_digest: "<algorithm>:<hex>"
+    zip_digest: Mapped[str] = mapped_column(String(80), nullable=False)  # digests.zip_digest: "<algorithm>:<hex>"
     zip_size: Mapped[int] = mapped_column(BigInteger, nullable=False)
     excluded_nodes: Mapped[str] = mapped_column(String(2000), nullable=False, default="")  # space-separated
     next_attempt_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)

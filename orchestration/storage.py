@@ -16,9 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import blake3
-
 from models.errors import InvalidArgument, TooLarge
+from orchestration.digests import ZIP_DIGEST, zip_hasher
 
 TASK_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 WRITE_CHUNK = 4 << 20
@@ -36,37 +35,6 @@ def validate_task_id(task_id: str) -> str:
 
 def sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-# A task zip's digest, as its row keeps it: "<algorithm>:<hex>". It tells a repeated upload from a
-# different one under the same task id. BLAKE3 (vectorised: 100 MiB in 18 ms of a core here, where
-# sha256 with the CPU's SHA instructions took 73–84 ms). Rows from before it keep "sha256:<hex>".
-ZIP_DIGEST = "blake3"
-_ZIP_HASHERS: dict[str, Callable[[], Any]] = {"blake3": blake3.blake3, "sha256": hashlib.sha256}
-
-
-def zip_hasher(algorithm: str = ZIP_DIGEST) -> Any:
-    """A new hasher of ``algorithm`` (ValueError for one not known); see :func:`zip_digest`."""
-    try:
-        return _ZIP_HASHERS[algorithm]()
-    except KeyError:
-        raise ValueError(f"no such zip digest algorithm: {algorithm!r}") from None
-
-
-def zip_digest(data: bytes | memoryview, algorithm: str = ZIP_DIGEST) -> str:
-    """The digest of a task zip as its row keeps it, ``"<algorithm>:<hex>"``."""
-    hasher = zip_hasher(algorithm)
-    hasher.update(data)
-    return f"{algorithm}:{hasher.hexdigest()}"
-
-
-def file_zip_digest(path: Path, algorithm: str = ZIP_DIGEST) -> str:
-    """:func:`zip_digest` of the file at ``path``, read a piece at a time."""
-    hasher = zip_hasher(algorithm)
-    with path.open("rb") as handle:
-        while piece := handle.read(WRITE_CHUNK):
-            hasher.update(piece)
-    return f"{algorithm}:{hasher.hexdigest()}"
 
 
 @functools.cache
@@ -120,7 +88,7 @@ class TaskStorage:
     ) -> tuple[Path, int, str]:
         """Write ``pieces`` one after another, durably, to a new hidden file beside ``path``.
 
-        (the file, its size, its :func:`zip_digest` when ``digest`` else ""). TooLarge as soon as more than
+        (the file, its size, its digest (``digests.zip_digest``) when ``digest`` else ""). TooLarge as soon as more than
         ``limit`` bytes arrive. From the first large piece on, the pieces are written and hashed
         on two threads of their own (:class:`Lane`; file writes and hashlib release the GIL) while
         the caller goes on receiving the next ones, and ``check(file)``, if given, runs while the

@@ -15,10 +15,11 @@ from models import accounts, ledger, new_tasks, tasks
 from models.db import Database
 from models.errors import InvalidArgument, NotFound, PermissionDenied, Refused, TooLarge
 from orchestration import economy
+from orchestration.digests import matches, zip_digest
 from orchestration.policies.pricing import PriceList, price_per_minute
 from orchestration.policies.zips import UnsafeZip, ZipLimits, inspect_zip
 from orchestration.policies.zipstream import ReadMember, ZipStream
-from orchestration.storage import BACKGROUND_HASH_BYTES, background, file_zip_digest, validate_task_id, zip_digest
+from orchestration.storage import BACKGROUND_HASH_BYTES, background, validate_task_id
 from pool.settings import Settings
 
 log = logging.getLogger("orchestration.uploads")
@@ -27,7 +28,7 @@ NEED_BOUNDS = {"cpu_score": 10_000_000, "memory_gb": 65536, "gpu_score": 10_000_
 
 
 class ZipDigest:
-    """The digest of a task zip (:func:`~orchestration.storage.zip_digest`), computed on a
+    """The digest of a task zip (:func:`~orchestration.digests.zip_digest`), computed on a
     background thread when the zip is large.
 
     The hash releases the GIL while it runs, so a large zip is hashed on another core while it
@@ -64,7 +65,7 @@ class UploadRequest:
         return self.zip_size or len(self.task_zip)
 
     def digest(self) -> str:
-        """The zip's digest as the task's row keeps it (storage.zip_digest)."""
+        """The zip's digest as the task's row keeps it (digests.zip_digest)."""
         return self.zip_digest.value() if self.zip_digest else zip_digest(self.task_zip)
 
     def checked(self) -> None:
@@ -188,27 +189,13 @@ def check_repeat(existing: tasks.TaskView, request: UploadRequest, owner_id: int
     if existing.owner_id != owner_id:
         raise PermissionDenied(f"task id {request.task_id!r} is taken by another user")
     same = (
-        _same_zip(existing.zip_digest, request, staged)
+        matches(existing.zip_digest, request.digest(), data=request.task_zip, staged=staged)
         and existing.needs == request.needs
         and existing.gpu_name == request.gpu_name
         and existing.location == request.location
     )
     if not same:
         raise Refused(f"you already uploaded a different task as {request.task_id!r}; choose another task_id")
-
-
-def _same_zip(kept: str, request: UploadRequest, staged: Path | None) -> bool:
-    """Whether the zip of ``request`` has the digest ``kept``. A task uploaded before the pool
-    kept BLAKE3 digests has a sha256 one: the staged zip is hashed that way to compare."""
-    algorithm = kept.partition(":")[0]
-    if algorithm == request.digest().partition(":")[0]:
-        return kept == request.digest()
-    try:
-        if request.task_zip or staged is None:
-            return kept == zip_digest(request.task_zip, algorithm)
-        return kept == file_zip_digest(staged, algorithm)
-    except ValueError:  # a digest of no algorithm the pool knows matches no upload
-        return False
 
 
 def insert(
