@@ -7,6 +7,7 @@ result with the report that brings it. Names are those of the files they stand f
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from sqlalchemy import delete, exists, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -14,6 +15,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from models.tables import Task, TaskFile, table_of
+from models.tasks import TERMINAL
 
 TASK_ZIP, RESULT_ZIP = "task.zip", "result.zip"
 _files = table_of(TaskFile)
@@ -25,13 +27,18 @@ def add(session: Session, task_pk: int, name: str, data: bytes | memoryview) -> 
     session.execute(_NEW, {"task_pk": task_pk, "name": name, "data": bytes(data)})
 
 
+def _replacing(insert_of: Any) -> Any:
+    upsert = insert_of(_files)
+    return upsert.on_conflict_do_update(index_elements=["task_pk", "name"], set_={"data": upsert.excluded.data})
+
+
+_REPLACE = {"postgresql": _replacing(pg_insert), "sqlite": _replacing(sqlite_insert)}  # built once: a report's path
+
+
 def put(session: Session, task_pk: int, name: str, data: bytes | memoryview) -> None:
     """Keep ``data`` as the task's file ``name``, replacing the one it had."""
-    upsert = pg_insert(_files) if session.get_bind().dialect.name == "postgresql" else sqlite_insert(_files)
-    session.execute(
-        upsert.on_conflict_do_update(index_elements=["task_pk", "name"], set_={"data": upsert.excluded.data}),
-        {"task_pk": task_pk, "name": name, "data": bytes(data)},
-    )
+    statement = _REPLACE[session.get_bind().dialect.name]
+    session.execute(statement, {"task_pk": task_pk, "name": name, "data": bytes(data)})
 
 
 def get(session: Session, task_pk: int, name: str) -> bytes | None:
@@ -56,9 +63,9 @@ def drop(session: Session, task_pks: Iterable[int], name: str) -> int:
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-def drop_ended_task_zips(session: Session, statuses: Iterable[str]) -> int:
-    """Remove the zips of tasks in one of ``statuses`` (those that will not run again); how many."""
+def drop_ended_task_zips(session: Session) -> int:
+    """Remove the zips of tasks that will not run again (in a terminal status); how many."""
     tasks = table_of(Task)
-    ended = exists().where(tasks.c.id == _files.c.task_pk, tasks.c.status.in_(list(statuses)))
+    ended = exists().where(tasks.c.id == _files.c.task_pk, tasks.c.status.in_(sorted(TERMINAL)))
     result = session.execute(delete(_files).where(_files.c.name == TASK_ZIP, ended))
     return int(result.rowcount)  # type: ignore[attr-defined]

@@ -100,7 +100,7 @@ def test_the_node_gets_the_kept_zip_and_the_owner_the_kept_result(held: Held) ->
     assert task is not None and task.result_size == len(result)
 
     # The task will not run again: the sweep drops its zip, and keeps its result.
-    assert pool.ctx.db.transaction(lambda s: task_files.drop_ended_task_zips(s, tasks.TERMINAL)) == 1
+    assert pool.ctx.db.transaction(task_files.drop_ended_task_zips) == 1
     assert in_database(pool, task_id, task_files.TASK_ZIP) is None
     assert in_database(pool, task_id, task_files.RESULT_ZIP) == result
 

@@ -67,7 +67,7 @@ def reclaim_resources(self: Task) -> dict[str, int]:
     rt = runtime(self.app)
     freed, repaired = nodes.reclaim(rt.db)
     rt.lifecycle.ended_early([(r.task_id, r.attempt) for r in freed], "node gone", node_caused=True)
-    dropped = rt.db.transaction(partial(task_files.drop_ended_task_zips, statuses=tasks.TERMINAL))
+    dropped = rt.db.transaction(task_files.drop_ended_task_zips)
     return {"released": len(freed), "repaired": len(repaired), "task_zips_dropped": dropped}
 
 
