@@ -181,11 +181,20 @@ class Lifecycle:
         lines = reports.output_lines(output)
         if result:
             self._check_result(result)
-        task = reports.authorized(self.db, reporter, task_id)
         inline = bool(result) and self._inline(result)
+        max_lines = self.settings.OUTPUT_MAX_LINES
+        if not result or inline:  # PostgreSQL: the common end in one statement, when it applies
+            ended = reports.record_end_alone(
+                self.db, reporter, task_id, lines, success, message, max_lines=max_lines, result=result or None
+            )
+            if ended is not None:
+                if inline:
+                    self.storage.result_zip(task_id).unlink(missing_ok=True)  # a larger one the node stored before
+                self.request_archival(task_id, ended)
+                return "recorded"
+        task = reports.authorized(self.db, reporter, task_id)
         if result and not inline:
             self._store_result_file(task, result)
-        max_lines = self.settings.OUTPUT_MAX_LINES
         attempt, recorded = reports.record_end(
             self.db, reporter, task, lines, success, message, max_lines=max_lines, result=result if inline else None
         )

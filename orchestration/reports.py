@@ -16,7 +16,7 @@ import redis
 from sqlalchemy import bindparam, update
 from sqlalchemy.orm import Session
 
-from models import task_files, task_output, tasks
+from models import task_end, task_files, task_output, tasks
 from models.db import Database
 from models.errors import InvalidArgument, NotFound, PermissionDenied, Refused
 from models.tables import Task, table_of, utcnow
@@ -158,6 +158,40 @@ _RECORD_OUTCOME = (  # the first verdict wins, while the attempt is the one repo
     )
     .values(reported_outcome=bindparam("outcome"), message=bindparam("b_message"), updated_at=bindparam("now"))
 )
+
+
+def record_end_alone(
+    db: Database,
+    reporter: Reporter,
+    task_id: str,
+    lines: list[str],
+    success: bool,
+    message: str,
+    *,
+    max_lines: int,
+    result: bytes | None = None,
+) -> int | None:
+    """PostgreSQL: :func:`authorized` and :func:`record_end` in one statement for the common end
+    of an attempt (:func:`models.task_end.record_end_pg`); the attempt whose verdict it recorded.
+    None, with nothing written, when the report needs the general path."""
+    if db.is_sqlite:
+        return None
+    kept = [task_output.storable(line[:4000]) for line in lines]
+    return db.alone(
+        lambda conn: task_end.record_end_pg(
+            conn,
+            task_id=validate_task_id(task_id),
+            user_id=reporter.user_id,
+            node_id=reporter.node_id,
+            attempt=reporter.attempt,
+            lines=kept,
+            max_lines=max_lines,
+            outcome="success" if success else "failure",
+            message=task_output.storable(message[:500]),
+            now=utcnow(),
+            result=result,
+        )
+    )
 
 
 def record_end(
