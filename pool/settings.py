@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     DISPATCH_BACKOFF_MAX: float = 60.0
     STALE_ASSIGNED_SECONDS: float = 60.0  # an ASSIGNED task not RUNNING by then is dispatched again
     MATCH_BATCH: int = 200  # pending tasks placed per matching job
-    DISPATCH_BATCH: int = Field(default=25, ge=1)  # placed tasks sent to their nodes per dispatch job, in parallel
+    DISPATCH_BATCH: int = Field(default=100, ge=1)  # placed tasks sent to their nodes per dispatch job, in parallel
     CATALOG_REFRESH_SECONDS: float = Field(default=2.0, gt=0)  # the matcher reads the nodes changed this often
 
     # --- economy
