@@ -52,13 +52,18 @@ class Held:
 @pytest.fixture
 def held(fast_pool: PoolHarness, workers: list) -> Held:
     """A task RUNNING on a node that holds it until told otherwise."""
-    node = ScriptedWorker(fast_pool, script=Script(mode="hold"), owner=trusted(fast_pool))
+    return hold_a_task(fast_pool, workers)
+
+
+def hold_a_task(pool: PoolHarness, workers: list) -> Held:
+    """Upload a task and wait until it runs, with its first lines in, on a node that holds it."""
+    node = ScriptedWorker(pool, script=Script(mode="hold"), owner=trusted(pool))
     workers.append(node)
-    _, submitter = fast_pool.new_user()
-    task_id = upload(fast_pool, submitter)
-    wait_status(fast_pool, submitter, task_id, "RUNNING")
-    assert wait_until_output(fast_pool, submitter, task_id)
-    return Held(fast_pool, node, submitter, task_id)
+    _, submitter = pool.new_user()
+    task_id = upload(pool, submitter)
+    wait_status(pool, submitter, task_id, "RUNNING")
+    assert wait_until_output(pool, submitter, task_id)
+    return Held(pool, node, submitter, task_id)
 
 
 def wait_until_output(pool: PoolHarness, token: str, task_id: str) -> bool:

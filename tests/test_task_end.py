@@ -19,11 +19,10 @@ from models import task_files, task_output, tasks
 from models.tables import Task
 from models.task_output import TRUNCATION_MARKER
 from orchestration.reports import Reporter, record_end_alone
-from tests.adversary import trusted
 from tests.harness import PoolHarness
-from tests.scripted_worker import Script, ScriptedWorker, result_zip
-from tests.tasks_support import FAST, poll, upload, wait_status
-from tests.test_finish_task import Held, wait_until_output
+from tests.scripted_worker import Script, result_zip
+from tests.tasks_support import FAST, poll, wait_status
+from tests.test_finish_task import Held, hold_a_task
 
 MAX_LINES = 6  # the node sends Script().lines (3) as it begins
 
@@ -33,13 +32,7 @@ def capped(make_pool: Callable[..., PoolHarness], database_url: str, celery_work
     """A task RUNNING on a node that holds it, on a pool keeping at most MAX_LINES lines a task."""
     pool = make_pool(database_url=database_url, OUTPUT_MAX_LINES=MAX_LINES, **FAST)
     celery_worker_for(pool, wait_ready=False)
-    node = ScriptedWorker(pool, script=Script(mode="hold"), owner=trusted(pool))
-    workers.append(node)
-    _, submitter = pool.new_user()
-    task_id = upload(pool, submitter)
-    wait_status(pool, submitter, task_id, "RUNNING")
-    assert wait_until_output(pool, submitter, task_id)
-    return Held(pool, node, submitter, task_id)
+    return hold_a_task(pool, workers)
 
 
 def current(held: Held) -> tasks.TaskView:
@@ -109,10 +102,11 @@ def test_one_statement_records_the_common_end_on_postgres(capped: Held) -> None:
     [
         ({"attempt": 2}, []),
         ({"node_id": "someone/else"}, []),
+        ({"node_id": "a\x00b"}, []),  # a name PostgreSQL's text cannot hold
         ({"user_id": -1}, []),
         ({}, ["1", "2", "3", "4"]),  # over the cap: the general path cuts it
     ],
-    ids=["stale-attempt", "other-node", "other-owner", "over-the-cap"],
+    ids=["stale-attempt", "other-node", "nul-in-node", "other-owner", "over-the-cap"],
 )
 def test_one_statement_writes_nothing_when_the_report_needs_the_general_path(
     capped: Held, change: dict[str, object], lines: list[str]
