@@ -8,7 +8,6 @@ task and attempt, one action, and a minute.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from pool.secrets import keep_once
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +41,15 @@ class PoolSigner:
         Raises OSError when the file cannot be read or written, ValueError when it is not an
         Ed25519 private key.
         """
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            pem = Ed25519PrivateKey.generate().private_bytes(
+        pem = path.read_bytes() if path.exists() else None
+        if pem is None:
+            fresh = Ed25519PrivateKey.generate().private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(pem)
+            pem, created = keep_once(path, fresh)  # processes starting together all read the one kept
+            if created:
                 log.warning("generated the pool's signing key at %s", path)
-            except FileExistsError:
-                pass  # another process won the race; read its key
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(pem, password=None)
         if not isinstance(key, Ed25519PrivateKey):
             raise ValueError(f"{path} is not an Ed25519 private key")
         return cls(key)

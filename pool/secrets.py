@@ -10,6 +10,33 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def keep_once(path: Path, data: bytes) -> tuple[bytes, bool]:
+    """``data`` kept at ``path`` (mode 0600) unless a file is there already; (what the file holds,
+    whether this call wrote it).
+
+    The file appears whole or not at all: it is written and synced under a name of its own, then
+    linked in place, which fails if another process linked its own first. So processes that start
+    together (``up``'s servers) all read the one that was kept, never a file half written.
+    """
+    if path.exists():
+        return path.read_bytes(), False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(staged, path)
+        except FileExistsError:
+            return path.read_bytes(), False  # another process kept its own first
+    finally:
+        staged.unlink(missing_ok=True)
+    return data, True
+
+
 def load_or_create_jwt_secret(configured: str | None, data_dir: Path) -> str:
     """The configured secret, else the one kept in ``data_dir``, else a new one saved there (0600).
 
@@ -18,16 +45,7 @@ def load_or_create_jwt_secret(configured: str | None, data_dir: Path) -> str:
     if configured:
         return configured
     path = data_dir / "jwt_secret"
-    if path.exists():
-        return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_urlsafe(48)
-    # O_EXCL: if two processes race, one creates the file and the other reads it.
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secret)
-    log.warning("JWT_SECRET_KEY is not set: generated one and kept it in %s", path)
-    return secret
+    kept, created = keep_once(path, secrets.token_urlsafe(48).encode())
+    if created:
+        log.warning("JWT_SECRET_KEY is not set: generated one and kept it in %s", path)
+    return kept.decode().strip()
