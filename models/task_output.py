@@ -21,6 +21,11 @@ def storable(text: str) -> str:
     return text.replace("\x00", "\ufffd")
 
 
+def storable_line(line: str) -> str:
+    """An output line as the task keeps it: at most 4,000 characters (the column's size), storable."""
+    return storable(line[:4000])
+
+
 # The task, while its attempt is still the one reporting and it still takes reports; locked, so
 # that one report at a time counts what it may add.
 _LIVE = (
@@ -40,7 +45,7 @@ def append_output(session: Session, task_pk: int, attempt: int, lines: list[str]
         return None
     current, truncated = found
     room = max(0, max_lines - current)
-    kept = [storable(line[:4000]) for line in lines[:room]]
+    kept = [storable_line(line) for line in lines[:room]]
     rows = [{"task_pk": task_pk, "attempt": attempt, "line": line} for line in kept]
     cut = len(kept) < len(lines) and not truncated
     if cut:

@@ -182,25 +182,24 @@ class Lifecycle:
         if result:
             self._check_result(result)
         inline = bool(result) and self._inline(result)
+        kept = result if inline else None  # kept in the database with the verdict
         max_lines = self.settings.OUTPUT_MAX_LINES
+        attempt = None
         if not result or inline:  # PostgreSQL: the common end in one statement, when it applies
-            ended = reports.record_end_alone(
-                self.db, reporter, task_id, lines, success, message, max_lines=max_lines, result=result or None
+            attempt = reports.record_end_alone(
+                self.db, reporter, task_id, lines, success, message, max_lines=max_lines, result=kept
             )
-            if ended is not None:
-                if inline:
-                    self.storage.result_zip(task_id).unlink(missing_ok=True)  # a larger one the node stored before
-                self.request_archival(task_id, ended)
-                return "recorded"
-        task = reports.authorized(self.db, reporter, task_id)
-        if result and not inline:
-            self._store_result_file(task, result)
-        attempt, recorded = reports.record_end(
-            self.db, reporter, task, lines, success, message, max_lines=max_lines, result=result if inline else None
-        )
+        recorded = attempt is not None
+        if attempt is None:
+            task = reports.authorized(self.db, reporter, task_id)
+            if result and not inline:
+                self._store_result_file(task, result)
+            attempt, recorded = reports.record_end(
+                self.db, reporter, task, lines, success, message, max_lines=max_lines, result=kept
+            )
         if inline:
-            self.storage.result_zip(task.task_id).unlink(missing_ok=True)  # a larger one the node stored before
-        self.request_archival(task.task_id, attempt)
+            self.storage.result_zip(task_id).unlink(missing_ok=True)  # a larger one the node stored before
+        self.request_archival(task_id, attempt)
         return "recorded" if recorded else "already recorded"
 
     # ------------------------------------------------------------------ jobs

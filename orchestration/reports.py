@@ -160,6 +160,11 @@ _RECORD_OUTCOME = (  # the first verdict wins, while the attempt is the one repo
 )
 
 
+def verdict_message(message: str) -> str:
+    """A node's message with its verdict, as the task keeps it."""
+    return task_output.storable(message[:500])
+
+
 def record_end_alone(
     db: Database,
     reporter: Reporter,
@@ -176,7 +181,6 @@ def record_end_alone(
     None, with nothing written, when the report needs the general path."""
     if db.is_sqlite or "\x00" in reporter.node_id:  # PostgreSQL text holds no NUL: no node is named so
         return None
-    kept = [task_output.storable(line[:4000]) for line in lines]
     return db.alone(
         lambda conn: task_end.record_end_pg(
             conn,
@@ -184,10 +188,10 @@ def record_end_alone(
             user_id=reporter.user_id,
             node_id=reporter.node_id,
             attempt=reporter.attempt,
-            lines=kept,
+            lines=[task_output.storable_line(line) for line in lines],
             max_lines=max_lines,
             outcome="success" if success else "failure",
-            message=task_output.storable(message[:500]),
+            message=verdict_message(message),
             now=utcnow(),
             result=result,
         )
@@ -214,7 +218,7 @@ def record_end(
         "pk": task.pk,
         "b_attempt": task.attempt,
         "outcome": "success" if success else "failure",
-        "b_message": task_output.storable(message[:500]),
+        "b_message": verdict_message(message),
         "now": utcnow(),  # the recovery sweep leaves fresh reports to their archival job
     }
 
