@@ -13,6 +13,7 @@ from sqlalchemy import BigInteger, bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from models.errors import InsufficientBalance
+from models.prepared import Prepared
 from models.tables import Account, JournalEntry, Posting, UtcDateTime, table_of, utcnow
 
 MINT_KEY = "mint"
@@ -38,9 +39,9 @@ _DEBIT = (
     .values(balance=_accounts.c.balance - bindparam("amount"))
 )
 _DEBIT_COVERED = _DEBIT.where(_accounts.c.balance >= bindparam("amount"))
-_NEW_ACCOUNT = insert(_accounts).returning(_accounts.c.id)
-_NEW_ENTRY = insert(table_of(JournalEntry)).returning(table_of(JournalEntry).c.id)
-_NEW_POSTINGS = insert(table_of(Posting))
+_NEW_ACCOUNT = Prepared(insert(_accounts).returning(_accounts.c.id))
+_NEW_ENTRY = Prepared(insert(table_of(JournalEntry)).returning(table_of(JournalEntry).c.id))
+_NEW_POSTINGS = Prepared(insert(table_of(Posting)))
 
 
 def get_or_create_account(session: Session, key: str, kind: str, user_id: int | None = None) -> Account:
@@ -54,10 +55,10 @@ def get_or_create_account(session: Session, key: str, kind: str, user_id: int | 
 
 def open_account(session: Session, key: str, kind: str, user_id: int | None = None) -> int:
     """Create an account that cannot exist yet (a new task's escrow); its id."""
-    return int(session.execute(_NEW_ACCOUNT, {"key": key, "kind": kind, "user_id": user_id, "balance": 0}).scalar_one())
+    return int(_NEW_ACCOUNT.execute(session, {"key": key, "kind": kind, "user_id": user_id, "balance": 0}).scalar_one())
 
 
-_DEBIT_COVERED_BY_KEY = (
+_DEBIT_COVERED_BY_KEY = Prepared(
     update(_accounts)
     .where(_accounts.c.key == bindparam("b_key"), _accounts.c.balance >= bindparam("b_amount"))
     .values(balance=_accounts.c.balance - bindparam("b_amount"))
@@ -102,14 +103,14 @@ def fund_new_account(
         if found is None:
             raise InsufficientBalance(f"insufficient balance: {amount} CPT needed")
         return int(found)
-    entry_id: int = session.execute(
-        _NEW_ENTRY, {"kind": entry_kind, "memo": memo, "initiator_id": user_id}
+    entry_id: int = _NEW_ENTRY.execute(
+        session, {"kind": entry_kind, "memo": memo, "initiator_id": user_id}
     ).scalar_one()
-    payer = session.execute(_DEBIT_COVERED_BY_KEY, {"b_key": payer_key, "b_amount": amount}).scalar()
+    payer = _DEBIT_COVERED_BY_KEY.execute(session, {"b_key": payer_key, "b_amount": amount}).scalar()
     if payer is None:
         raise InsufficientBalance(f"insufficient balance: {amount} CPT needed")
     account = int(
-        session.execute(_NEW_ACCOUNT, {"key": key, "kind": kind, "user_id": user_id, "balance": amount}).scalar_one()
+        _NEW_ACCOUNT.execute(session, {"key": key, "kind": kind, "user_id": user_id, "balance": amount}).scalar_one()
     )
     _write_postings(session, entry_id, debit=payer, credit=account, amount=amount)
     return account
@@ -188,7 +189,7 @@ def post(
     if amount <= 0:
         raise ValueError("amount must be positive")
     entry = {"kind": kind, "initiator_id": initiator_id, "idempotency_key": idempotency_key, "memo": memo}
-    entry_id: int = session.execute(_NEW_ENTRY, entry).scalar_one()  # a unique idempotency key is checked here
+    entry_id: int = _NEW_ENTRY.execute(session, entry).scalar_one()  # a unique idempotency key is checked here
     for account, side in sorted([(debit, "debit"), (credit, "credit")]):
         if side == "credit":
             _credit(session, account, amount)
@@ -200,8 +201,8 @@ def post(
 
 def _write_postings(session: Session, entry_id: int, *, debit: int, credit: int, amount: int) -> None:
     """The two postings of an entry: ``-amount`` on ``debit``, ``+amount`` on ``credit``."""
-    session.execute(
-        _NEW_POSTINGS,
+    _NEW_POSTINGS.execute_many(
+        session,
         [
             {"entry_id": entry_id, "account_id": debit, "amount": -amount},
             {"entry_id": entry_id, "account_id": credit, "amount": amount},

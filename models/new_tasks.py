@@ -9,6 +9,7 @@ from sqlalchemy import BigInteger, Connection, LargeBinary, TextClause, bindpara
 from sqlalchemy.orm import Session
 
 from models import ledger, task_files
+from models.prepared import Prepared
 from models.tables import Task, TaskEvent, UtcDateTime, table_of, utcnow
 from models.tasks import NEED_FIELDS, PENDING
 
@@ -63,9 +64,9 @@ def create(session: Session, task: NewTask, *, task_zip: bytes | memoryview | No
     if session.get_bind().dialect.name == "postgresql":  # the task and its first event in one round trip
         pk = int(session.execute(_NEW_TASK_WITH_EVENT_PG, {**row, "at": utcnow()}).scalar_one())
     else:
-        pk = int(session.execute(_NEW_TASK, row).scalar_one())
-        session.execute(
-            _NEW_EVENT, {"task_pk": pk, "from_status": "", "to_status": PENDING, "attempt": 0, "reason": "uploaded"}
+        pk = int(_NEW_TASK.execute(session, row).scalar_one())
+        _NEW_EVENT.execute(
+            session, {"task_pk": pk, "from_status": "", "to_status": PENDING, "attempt": 0, "reason": "uploaded"}
         )
     if task_zip is not None:
         task_files.add(session, pk, task_files.TASK_ZIP, task_zip)
@@ -107,9 +108,9 @@ def create_escrowed_pg(
     return None if found is None else int(found)
 
 
-_NEW_TASK = insert(_tasks).returning(_tasks.c.id)
+_NEW_TASK = Prepared(insert(_tasks).returning(_tasks.c.id))
 _events = table_of(TaskEvent)
-_NEW_EVENT = insert(_events)
+_NEW_EVENT = Prepared(insert(_events))
 _NEW_TASK_COLUMNS = (
     "task_id", "owner_id", "status", "attempt", "gpu_name", "location", "max_minutes", "zip_digest", "zip_size",
     "price_per_minute", "excluded_nodes", "pending_reason", "message", "reported_outcome", "output_lines",

@@ -14,17 +14,18 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from models.prepared import Prepared
 from models.tables import Task, TaskFile, table_of
 from models.tasks import TERMINAL
 
 TASK_ZIP, RESULT_ZIP = "task.zip", "result.zip"
 _files = table_of(TaskFile)
-_NEW = insert(_files)
+_NEW = Prepared(insert(_files))
 
 
 def add(session: Session, task_pk: int, name: str, data: bytes | memoryview) -> None:
     """Keep ``data`` as the task's new file ``name`` (IntegrityError when it has one already)."""
-    session.execute(_NEW, {"task_pk": task_pk, "name": name, "data": bytes(data)})
+    _NEW.execute(session, {"task_pk": task_pk, "name": name, "data": bytes(data)})
 
 
 def _replacing(insert_of: Any) -> Any:
@@ -32,13 +33,16 @@ def _replacing(insert_of: Any) -> Any:
     return upsert.on_conflict_do_update(index_elements=["task_pk", "name"], set_={"data": upsert.excluded.data})
 
 
-_REPLACE = {"postgresql": _replacing(pg_insert), "sqlite": _replacing(sqlite_insert)}  # built once: a report's path
+_REPLACE = {
+    "postgresql": Prepared(_replacing(pg_insert)),
+    "sqlite": Prepared(_replacing(sqlite_insert)),
+}  # built once: a report's path
 
 
 def put(session: Session, task_pk: int, name: str, data: bytes | memoryview) -> None:
     """Keep ``data`` as the task's file ``name``, replacing the one it had."""
     statement = _REPLACE[session.get_bind().dialect.name]
-    session.execute(statement, {"task_pk": task_pk, "name": name, "data": bytes(data)})
+    statement.execute(session, {"task_pk": task_pk, "name": name, "data": bytes(data)})
 
 
 def get(session: Session, task_pk: int, name: str) -> bytes | None:

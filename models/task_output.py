@@ -6,9 +6,10 @@ log records past ``LOG_MAX_RECORDS`` are dropped. Text is stored as the database
 
 from __future__ import annotations
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
+from models.prepared import Prepared
 from models.tables import Task, TaskLog, TaskOutput, table_of
 from models.tasks import REPORTABLE
 
@@ -31,16 +32,16 @@ def storable_line(line: str) -> str:
 _LIVE = (
     _tasks.c.id == bindparam("pk"),
     _tasks.c.attempt == bindparam("b_attempt"),
-    _tasks.c.status.in_(sorted(REPORTABLE)),
+    _tasks.c.status.in_([literal(status) for status in sorted(REPORTABLE)]),  # values bound, not rendered
 )
-_OUTPUT_COUNT = select(_tasks.c.output_lines, _tasks.c.output_truncated).where(*_LIVE).with_for_update()
-_LIVE_TASK = select(_tasks.c.id).where(*_LIVE).with_for_update()
+_OUTPUT_COUNT = Prepared(select(_tasks.c.output_lines, _tasks.c.output_truncated).where(*_LIVE).with_for_update())
+_LIVE_TASK = Prepared(select(_tasks.c.id).where(*_LIVE).with_for_update())
 
 
 def append_output(session: Session, task_pk: int, attempt: int, lines: list[str], *, max_lines: int) -> int | None:
     """Append lines, keeping at most ``max_lines`` per task and marking the cut once. Lines kept;
     None, writing nothing, when the task is no longer at ``attempt`` or takes no more reports."""
-    found = session.execute(_OUTPUT_COUNT, {"pk": task_pk, "b_attempt": attempt}).first()
+    found = _OUTPUT_COUNT.execute(session, {"pk": task_pk, "b_attempt": attempt}).first()
     if found is None:
         return None
     current, truncated = found
@@ -51,13 +52,13 @@ def append_output(session: Session, task_pk: int, attempt: int, lines: list[str]
     if cut:
         rows.append({"task_pk": task_pk, "attempt": attempt, "line": TRUNCATION_MARKER.format(limit=max_lines)})
     if rows:
-        session.execute(_NEW_OUTPUT, rows)
-    session.execute(_OUTPUT_KEPT, {"pk": task_pk, "lines": current + len(kept), "cut": truncated or cut})
+        _NEW_OUTPUT.execute_many(session, rows)
+    _OUTPUT_KEPT.execute(session, {"pk": task_pk, "lines": current + len(kept), "cut": truncated or cut})
     return len(kept)
 
 
-_NEW_OUTPUT = insert(table_of(TaskOutput))
-_OUTPUT_KEPT = (
+_NEW_OUTPUT = Prepared(insert(table_of(TaskOutput)))
+_OUTPUT_KEPT = Prepared(
     update(_tasks)
     .where(_tasks.c.id == bindparam("pk"))
     .values(output_lines=bindparam("lines"), output_truncated=bindparam("cut"))
@@ -73,7 +74,7 @@ def append_logs(
 ) -> int | None:
     """Append log records, keeping at most ``max_records`` per task. Records kept; None, writing
     nothing, when the task is no longer at ``attempt`` or takes no more reports."""
-    if session.execute(_LIVE_TASK, {"pk": task_pk, "b_attempt": attempt}).first() is None:
+    if _LIVE_TASK.execute(session, {"pk": task_pk, "b_attempt": attempt}).first() is None:
         return None
     count = session.scalar(select(func.count()).select_from(TaskLog).where(TaskLog.task_pk == task_pk)) or 0
     kept = records[: max(0, max_records - count)]

@@ -17,6 +17,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from models import bulk
+from models.prepared import Prepared
 from models.tables import Node, Task, TaskEvent, User, table_of, utcnow
 
 PENDING, ASSIGNED, RUNNING = "PENDING", "ASSIGNED", "RUNNING"
@@ -119,12 +120,12 @@ def _view(row: Any) -> TaskView:
 
 
 # Built once: a statement object reused keeps its cache key, so each call only binds its parameters.
-_BY_TASK_ID = _select().where(_tasks.c.task_id == bindparam("task_id"))
+_BY_TASK_ID = Prepared(_select().where(_tasks.c.task_id == bindparam("task_id")))
 _BY_TASK_IDS = _select().where(_tasks.c.task_id.in_(bindparam("task_ids", expanding=True)))
 
 
 def get(session: Session, task_id: str) -> TaskView | None:
-    row = session.execute(_BY_TASK_ID, {"task_id": task_id}).first()
+    row = _BY_TASK_ID.execute(session, {"task_id": task_id}).first()
     return _view(row) if row else None
 
 

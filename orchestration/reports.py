@@ -13,12 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
-from sqlalchemy import bindparam, update
+from sqlalchemy import bindparam, literal, update
 from sqlalchemy.orm import Session
 
 from models import task_end, task_files, task_output, tasks
 from models.db import Database
 from models.errors import InvalidArgument, NotFound, PermissionDenied, Refused
+from models.prepared import Prepared
 from models.tables import Task, table_of, utcnow
 from orchestration import economy
 from orchestration.storage import validate_task_id
@@ -148,13 +149,13 @@ def store_logs(db: Database, reporter: Reporter, task_id: str, raw: str, timesta
 
 
 _tasks = table_of(Task)
-_RECORD_OUTCOME = (  # the first verdict wins, while the attempt is the one reporting and on its node
+_RECORD_OUTCOME = Prepared(  # the first verdict wins, while the attempt is the one reporting and on its node
     update(_tasks)
     .where(
         _tasks.c.id == bindparam("pk"),
         _tasks.c.attempt == bindparam("b_attempt"),
         _tasks.c.reported_outcome == "",
-        _tasks.c.status.in_(sorted(tasks.ACTIVE)),
+        _tasks.c.status.in_([literal(status) for status in sorted(tasks.ACTIVE)]),
     )
     .values(reported_outcome=bindparam("outcome"), message=bindparam("b_message"), updated_at=bindparam("now"))
 )
@@ -229,7 +230,7 @@ def record_end(
             task_files.put(session, task.pk, task_files.RESULT_ZIP, result)
         if task.status == tasks.STOPPING:
             return False
-        return session.execute(_RECORD_OUTCOME, values).rowcount == 1  # type: ignore[attr-defined]
+        return bool(_RECORD_OUTCOME.execute(session, values).rowcount == 1)
 
     if not lines and result is None and task.status == tasks.STOPPING:
         return task.attempt, False  # nothing to write
