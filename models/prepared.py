@@ -62,7 +62,8 @@ class _Plan:
         if not any(self.results):
             return self.row_type._make(raw)  # type: ignore[no-any-return]
         pairs = zip(raw, self.results, strict=True)
-        return self.row_type._make(value if process is None else process(value) for value, process in pairs)  # type: ignore[no-any-return]
+        values = (value if process is None else process(value) for value, process in pairs)
+        return self.row_type._make(values)  # type: ignore[no-any-return]
 
 
 class _Unsupported(Exception):
@@ -144,8 +145,10 @@ class Prepared:
     def execute_many(self, on: Session | Connection, rows: Sequence[Params]) -> Any:
         """:meth:`execute` once for each of ``rows`` (each with the same names), as executemany;
         for statements that return no rows."""
+        if not rows:
+            return _Rows([], 0)
         connection = on.connection() if isinstance(on, Session) else on
-        plan = self._plan_for(connection.dialect, rows[0]) if rows else None
+        plan = self._plan_for(connection.dialect, rows[0])
         if plan is None:
             return connection.execute(self.statement, list(rows))
         return self._run(connection, plan, rows, lambda raw: raw.executemany(plan.sql, [plan.args(p) for p in rows]))

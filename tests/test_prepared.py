@@ -9,7 +9,7 @@ column, read back with the driver itself, so a value SQLAlchemy would have proce
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -115,6 +115,7 @@ def test_executemany_writes_every_row(db: Database) -> None:
     many = Prepared(insert(_accounts))
     rows = [{"key": f"k{i}", "kind": "balance", "user_id": 1, "balance": i} for i in range(5)]
     db.transaction(lambda s: many.execute_many(s, rows))
+    db.transaction(lambda s: many.execute_many(s, []))  # no rows: nothing written, not a row of defaults
     assert [r[-1] for r in stored(db, _accounts, _accounts.c.key.like("k%"))] == [0, 1, 2, 3, 4]
 
 
@@ -156,21 +157,12 @@ def test_a_statement_with_values_rendered_at_execution_is_left_to_sqlalchemy(db:
 def test_threads_share_one_statement(db: Database) -> None:
     """The plans are built once, under a lock, whichever thread comes first."""
     new_account = Prepared(insert(_accounts).returning(_accounts.c.id))
-    ids: list[int] = []
-    failures: list[BaseException] = []
 
-    def insert_some(n: int) -> None:
-        try:
-            for i in range(25):
-                row = {"key": f"t{n}-{i}", "kind": "balance", "user_id": 1, "balance": i}
-                ids.append(db.transaction(lambda s, row=row: new_account.execute(s, row).scalar_one()))
-        except BaseException as error:  # reported below
-            failures.append(error)
+    def insert_some(n: int) -> list[int]:
+        rows = [{"key": f"t{n}-{i}", "kind": "balance", "user_id": 1, "balance": i} for i in range(25)]
+        return [db.transaction(lambda s, row=row: new_account.execute(s, row).scalar_one()) for row in rows]
 
-    threads = [threading.Thread(target=insert_some, args=(n,)) for n in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert failures == [] and len(set(ids)) == 150
+    with ThreadPoolExecutor(6) as threads:  # an error in a thread is raised again here
+        ids = [pk for some in threads.map(insert_some, range(6)) for pk in some]
+    assert len(set(ids)) == 150
     assert len(stored(db, _accounts, _accounts.c.key.like("t%"))) == 150
