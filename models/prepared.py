@@ -42,7 +42,7 @@ class _Plan:
     binds: dict[str, Processor]  # bind name -> its bind processor
     fixed: dict[str, Any]  # values of binds the caller need not give: literals, scalar defaults
     computed: dict[str, Callable[[], Any]]  # Python-side column defaults, computed per row
-    results: tuple[Processor, ...]  # per result column; empty when there are none
+    results: tuple[Processor, ...]  # per result column; empty when no column needs processing
     row_type: Any  # a namedtuple of the result columns' names (rows are read as row.name too)
 
     def args(self, params: Params) -> list[Any]:
@@ -59,7 +59,7 @@ class _Plan:
         return row
 
     def row(self, raw: tuple[Any, ...]) -> tuple[Any, ...]:
-        if not any(self.results):
+        if not self.results:
             return self.row_type._make(raw)  # type: ignore[no-any-return]
         pairs = zip(raw, self.results, strict=True)
         values = (value if process is None else process(value) for value, process in pairs)
@@ -95,6 +95,7 @@ def _plan(statement: Executable, dialect: Dialect, keys: Sequence[str]) -> _Plan
             fixed[name] = bind.effective_value
     columns = getattr(compiled, "_result_columns", ())
     results = tuple(entry.type._cached_result_processor(dialect, None) for entry in columns)
+    results = results if any(results) else ()
     try:
         row_type = collections.namedtuple("Row", [entry.keyname for entry in columns])  # type: ignore[misc]
     except ValueError:  # names a namedtuple cannot have (repeated, keywords, …): rows read by name would miss one

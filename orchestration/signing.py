@@ -25,6 +25,12 @@ ALGORITHM = "EdDSA"
 TOKEN_SECONDS = 60
 
 
+def _new_key_pem() -> bytes:
+    return Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
 class PoolSigner:
     def __init__(self, private_key: Ed25519PrivateKey) -> None:
         self._key = private_key
@@ -41,14 +47,9 @@ class PoolSigner:
         Raises OSError when the file cannot be read or written, ValueError when it is not an
         Ed25519 private key.
         """
-        pem = path.read_bytes() if path.exists() else None
-        if pem is None:
-            fresh = Ed25519PrivateKey.generate().private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-            pem, created = keep_once(path, fresh)  # processes starting together all read the one kept
-            if created:
-                log.warning("generated the pool's signing key at %s", path)
+        pem, created = keep_once(path, _new_key_pem)  # processes starting together all read the one kept
+        if created:
+            log.warning("generated the pool's signing key at %s", path)
         key = serialization.load_pem_private_key(pem, password=None)
         if not isinstance(key, Ed25519PrivateKey):
             raise ValueError(f"{path} is not an Ed25519 private key")

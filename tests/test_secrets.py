@@ -51,7 +51,7 @@ def test_processes_starting_together_all_read_the_one_kept(tmp_path: Path, what:
 def test_a_kept_file_is_private_and_never_replaced(tmp_path: Path) -> None:
     path = tmp_path / "deeper" / "secret"
 
-    assert keep_once(path, b"first") == (b"first", True)
-    assert keep_once(path, b"second") == (b"first", False)
+    assert keep_once(path, lambda: b"first") == (b"first", True)
+    assert keep_once(path, lambda: pytest.fail("made again although kept")) == (b"first", False)
     assert path.read_bytes() == b"first"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
