@@ -19,6 +19,7 @@ from api.upload_wire import ZeroCopyUploads
 from api.users import UserService
 from models import schema
 from models.errors import InvalidArgument
+from pool import collector
 from pool.settings import Settings
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
@@ -84,6 +85,7 @@ def serve(settings: Settings, *, replica: int = 0) -> None:
     ctx = build_context(settings)
     schema.upgrade(ctx.db.engine)
     server, port = create_server(ctx, settings.grpc_address)
+    collector.settle()  # before the first call: a full collection no longer walks all of the above
     server.start()
     named = f" (replica {replica})" if replica else ""
     log.info("gRPC server listening on %s:%d%s", settings.GRPC_SERVER_HOST, port, named)

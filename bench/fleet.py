@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 
 from agent.fleet import Fleet, FleetSpec, open_channels
-from agent.server import WorkerNodeServicer, create_server
+from agent.server import WorkerNodeServicer, create_server, settle
 from agent.simulation import pool_verifier
 from agent.verify import PoolClaims
 from protos import nodepool_pb2 as pb
@@ -52,6 +52,7 @@ def main() -> None:
     fleet.remember(json.loads(Path(tokens_file).read_text()))
     servicer = WorkerNodeServicer(pool_verifier(channels[0], None), fleet)
     server, port = create_server(servicer, "127.0.0.1:0", max_workers=16)
+    settle()  # as hivemind-agent simulate does
     server.start()
     fleet.start(port)
     stopping = threading.Event()

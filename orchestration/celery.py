@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery.signals import setup_logging
+from celery.signals import beat_init, setup_logging, worker_init, worker_process_init
 
 from orchestration.app import create_celery
+from pool import collector
 from pool.logs import configure_logging
 from pool.settings import Settings
 
@@ -18,3 +19,11 @@ app = create_celery(settings)
 def _configure_logging(**_: Any) -> None:
     # Our format (text or JSON lines) instead of Celery's own.
     configure_logging(settings)
+
+
+@worker_init.connect
+@worker_process_init.connect
+@beat_init.connect
+def _settle(**_: Any) -> None:
+    # A worker's main process before it forks its pool, each pool process after: see pool.collector.
+    collector.settle()

@@ -9,13 +9,16 @@ column, read back with the driver itself, so a value SQLAlchemy would have proce
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
+from functools import partial
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, NoResultFound, OperationalError
+from sqlalchemy.orm import Session
 
 from models import schema
 from models.db import Database
@@ -28,7 +31,7 @@ _accounts = table_of(Account)
 
 
 @pytest.fixture
-def db(database_url: str) -> Database:
+def db(database_url: str) -> Iterator[Database]:
     database = Database(database_url)
     schema.upgrade(database.engine)
     with database.engine.begin() as conn:
@@ -107,6 +110,7 @@ def test_rows_read_back_are_processed_as_sqlalchemy_processes_them(db: Database)
         assert read.execute(session, {"k": "nobody"}).first() is None
         with pytest.raises(NoResultFound):
             read.execute(session, {"k": "nobody"}).scalar_one()
+    assert ours is not None and theirs is not None
     assert tuple(ours) == tuple(theirs) and ours[2] is True
     assert (ours.id, ours.balance) == (theirs.id, theirs.balance)  # read by name, as TaskView's rows are
 
@@ -160,7 +164,10 @@ def test_threads_share_one_statement(db: Database) -> None:
 
     def insert_some(n: int) -> list[int]:
         rows = [{"key": f"t{n}-{i}", "kind": "balance", "user_id": 1, "balance": i} for i in range(25)]
-        return [db.transaction(lambda s, row=row: new_account.execute(s, row).scalar_one()) for row in rows]
+        def one(session: Session, row: dict[str, object]) -> int:
+            return int(new_account.execute(session, row).scalar_one())
+
+        return [db.transaction(partial(one, row=row)) for row in rows]
 
     with ThreadPoolExecutor(6) as threads:  # an error in a thread is raised again here
         ids = [pk for some in threads.map(insert_some, range(6)) for pk in some]
