@@ -11,7 +11,9 @@ in this process so it can heartbeat every half second; the pool is real, with a 
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -47,6 +49,26 @@ OUTAGE_SECONDS = 20.0
 def sleeper(seconds: int) -> str:
     """A task's main.py: prints "started", sleeps, prints "finished"."""
     return f'import time\nprint("started", flush=True)\ntime.sleep({seconds})\nprint("finished", flush=True)\n'
+
+
+def held(go: Path, *, at_most: int) -> str:
+    """A task's main.py: prints "started", waits until ``go`` exists (``at_most`` seconds at most),
+    prints "finished"."""
+    return (
+        f"import os, time\nprint('started', flush=True)\ndeadline = time.time() + {at_most}\n"
+        f"while not os.path.exists({str(go)!r}) and time.time() < deadline:\n    time.sleep(0.1)\n"
+        "print('finished', flush=True)\n"
+    )
+
+
+@pytest.fixture
+def go() -> Iterator[Path]:
+    """Where a test says a held task may finish: in a folder of its own that the task's user (not
+    the agent's) may look into, not under pytest's private one."""
+    folder = Path(tempfile.mkdtemp(prefix="hm-go-"))
+    folder.chmod(0o711)
+    yield folder / "go"
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @dataclass
@@ -145,12 +167,12 @@ def agent_pool(make_pool, sqlite_url: str, celery_worker_for) -> tuple[PoolHarne
 
 
 def test_a_pool_restart_does_not_requeue_the_task_the_agent_is_running(
-    agent_pool: tuple[PoolHarness, str, str], start_agent, caplog: pytest.LogCaptureFixture
+    agent_pool: tuple[PoolHarness, str, str], start_agent, go: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level("INFO")
     pool, owner, token = agent_pool
     agent = start_agent(pool, owner)
-    task_id = upload(pool, token, task_zip=task_zip({"main.py": sleeper(45)}))
+    task_id = upload(pool, token, task_zip=task_zip({"main.py": held(go, at_most=60)}))
     wait_for(lambda: "started" in wait_status(pool, token, task_id, "RUNNING", timeout=60).output, "the task to start")
     assert task_row(pool, task_id).attempt == 1
 
@@ -162,6 +184,7 @@ def test_a_pool_restart_does_not_requeue_the_task_the_agent_is_running(
 
     running = task_row(pool, task_id)
     assert (running.status, running.attempt) == ("RUNNING", 1)
+    go.touch()
     done = wait_status(pool, token, task_id, {"COMPLETED", "FAILED"}, timeout=90)
     assert done.status == "COMPLETED", done.message
     assert "finished" in done.output

@@ -164,6 +164,7 @@ def test_threads_share_one_statement(db: Database) -> None:
 
     def insert_some(n: int) -> list[int]:
         rows = [{"key": f"t{n}-{i}", "kind": "balance", "user_id": 1, "balance": i} for i in range(25)]
+
         def one(session: Session, row: dict[str, object]) -> int:
             return int(new_account.execute(session, row).scalar_one())
 

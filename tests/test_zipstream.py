@@ -206,7 +206,9 @@ HOSTILE: dict[str, Callable[[], bytes]] = {
 @pytest.mark.parametrize("case", HOSTILE, ids=list(HOSTILE))
 def test_hostile_zips_get_the_same_verdict(case: str) -> None:
     data = HOSTILE[case]()
-    for piece in (1, 64, 1 << 20):
+    # Byte by byte through every header; an 8 MiB member fed so would take seconds to say the same.
+    pieces = (1, 64, 1 << 20) if len(data) <= 1 << 20 else (4093, 1 << 16, 1 << 20)
+    for piece in pieces:
         alone, with_stream = both(data, piece)
         assert with_stream == alone
 
