@@ -65,6 +65,7 @@ def run(
     """Lend this machine to the pool: register, heartbeat and run the pool's tasks until Ctrl-C."""
     from agent import machine as machine_mod
     from agent.node import serve
+    from agent.server import settle
     from agent.session import LoginFailed
 
     _logging(log_level)
@@ -94,6 +95,7 @@ def run(
         f"machine: {machine.cpu_cores} cores, {machine.memory_gb} GB, cpu_score {machine.cpu_score}, "
         f"GPU {machine.gpu_name or 'none'}, Docker {machine.docker_status}"
     )
+    settle()  # this process's own: its imports stay out of the collector's full passes
     try:
         serve(settings, machine, stopping, create_account=register)
     except LoginFailed as error:
@@ -135,6 +137,7 @@ def simulate(
 ) -> None:
     """Serve NODES virtual worker nodes from this one process, for load tests and demos."""
     from agent.fleet import FleetSpec
+    from agent.server import settle
     from agent.simulation import serve_fleet
 
     _logging(log_level)
@@ -151,6 +154,7 @@ def simulate(
     )
     tokens = None if forget_tokens else token_file or default_work_dir() / "fleet" / f"{prefix}@{pool}.json"
     stopping = _stop_on_signals()
+    settle()
     try:
         serve_fleet(pool, spec, stopping, pool_key_file=pool_key, token_file=tokens, progress=typer.echo)
     except grpc.RpcError as error:

@@ -20,7 +20,7 @@ from agent import outcome, verify
 from agent.machine import Machine
 from agent.reporter import Heartbeat, TaskReporter
 from agent.runner import Runner, TaskRefused
-from agent.server import MAX_MESSAGE_BYTES, WorkerNodeServicer, create_server, settle
+from agent.server import MAX_MESSAGE_BYTES, WorkerNodeServicer, create_server
 from agent.session import PoolSession
 from agent.settings import AgentSettings
 from agent.task import TaskRun, TaskSpec
@@ -197,7 +197,6 @@ def serve(
         node = WorkerNode(settings, session, runner, machine)
         # serve before registering: the pool may dispatch the moment the node is registered
         server, port = create_server(WorkerNodeServicer(verifier, node), f"{settings.bind}:{settings.port}")
-        settle()
         server.start()
         session.start()
         log.info("node %s serving on port %d, registered with %s", settings.node_id, port, settings.pool)

@@ -101,7 +101,9 @@ def settle() -> None:
     """Collect once, then keep every object this process holds so far out of later collections
     (``gc.freeze``). A full collection walks every tracked object, the imports' included, with
     all threads stopped, the server's too: a tenth of a second and more on a busy machine. What
-    a node process holds from its start (its modules; a fleet's nodes) lives as long as it does.
+    a node process holds from its start (its modules) lives as long as it does. For a process's
+    entry point (``hivemind-agent run`` and ``simulate`` call it), not for code that hosts a node
+    in a process of its own: it freezes that process's objects too.
     """
     gc.collect()
     gc.freeze()

@@ -18,7 +18,7 @@ import grpc
 
 from agent import verify
 from agent.fleet import Fleet, FleetSpec, heartbeat_interval, open_channels
-from agent.server import WorkerNodeServicer, create_server, settle
+from agent.server import WorkerNodeServicer, create_server
 from agent.session import CALL_TIMEOUT
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
@@ -85,7 +85,6 @@ def serve_fleet(
         fleet = Fleet(channels, spec)
         fleet.remember(read_tokens(token_file))
         server, port = create_server(WorkerNodeServicer(verifier, fleet), f"{bind}:{spec.port}", max_workers=16)
-        settle()  # the imports and the nodes
         server.start()
         fleet.start(port)
         progress(

@@ -45,6 +45,7 @@ def write_json(path: Path, data: object) -> None:
 
 def main() -> None:
     pool, count, prefix, tokens_file, state_file = sys.argv[1:6]
+    settle()  # as hivemind-agent simulate does
     state = Path(state_file)
     spec = FleetSpec(prefix=prefix, count=int(count), create_accounts=False, login_workers=8, connections=CONNECTIONS)
     channels = open_channels(pool, spec.connections)
@@ -52,7 +53,6 @@ def main() -> None:
     fleet.remember(json.loads(Path(tokens_file).read_text()))
     servicer = WorkerNodeServicer(pool_verifier(channels[0], None), fleet)
     server, port = create_server(servicer, "127.0.0.1:0", max_workers=16)
-    settle()  # as hivemind-agent simulate does
     server.start()
     fleet.start(port)
     stopping = threading.Event()

@@ -5,7 +5,7 @@ CPython's cyclic collector makes a full collection whenever enough objects have 
 its oldest generation, and a full collection walks every object the process tracks: the
 modules', classes' and functions' of everything it imported too, some 100,000–150,000 in a gRPC
 server or a Celery worker of the pool. On a busy 2-core machine one such collection stopped the
-process for 100–800 ms every few seconds, with every thread of it waiting: the calls in flight,
+process for 100–800 ms every 5–25 s, with every thread of it waiting: the calls in flight,
 a matching job, a dispatch. Those objects live as long as the process does. :func:`settle`
 collects once and moves what survives into the permanent generation (``gc.freeze``), which no
 collection scans; a full collection then walks only what the process made since.
