@@ -107,7 +107,8 @@ class MasterNodeService(pb_grpc.MasterNodeServiceServicer):
             if first is None:
                 raise InvalidArgument("UploadTaskStream sent no message; the first one carries the task's fields")
             pieces = zip_pieces(first, requests)
-            return uploaded(*self.lifecycle.upload_pieces(caller, upload_request(first), pieces))
+            created = self.lifecycle.upload_pieces(caller, upload_request(first), pieces, wanted=call.context.is_active)
+            return uploaded(*created)
         finally:
             self.upload_streams.release()
 

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from models import tasks
 from models.db import Database
+from models.errors import Cancelled
 from orchestration import uploads
 from orchestration.storage import TaskStorage
 from pool.settings import Settings
@@ -69,15 +70,28 @@ class Intake:
         return self._record(caller, request, path, staged)
 
     def upload_pieces(
-        self, caller: Asker, request: uploads.UploadRequest, pieces: Iterable[bytes | memoryview]
+        self,
+        caller: Asker,
+        request: uploads.UploadRequest,
+        pieces: Iterable[bytes | memoryview],
+        *,
+        wanted: Callable[[], bool] = lambda: True,
     ) -> tuple[str, bool]:
         """:meth:`upload` of a zip that arrives in ``pieces`` (UploadTaskStream); ``request``'s own
         task_zip is ignored. The fields are checked before any piece is read; each piece is written
-        as it arrives, and the zip checked once it is whole."""
+        as it arrives, and the zip checked once it is whole.
+
+        ``wanted()`` is asked once the zip is whole and checked, just before the task is recorded:
+        a client that cancels after its last piece may show the server a stream that simply ended
+        (gRPC's request iterator stops the same way for both), but by then the cancellation has
+        arrived. One that lands after the commit is too late: the task stays, as any call's would.
+        """
         request = uploads.validate_fields(request, caller.username, self.settings)
         pieces, small = _whole_within(iter(pieces), self.settings.INLINE_ZIP_BYTES)
         if small is not None:  # the whole zip came within INLINE_ZIP_BYTES: kept as UploadTask keeps it
-            return self._keep_inline(caller, uploads.with_zip(replace(request, task_zip=small), self.settings))
+            request = uploads.with_zip(replace(request, task_zip=small), self.settings)
+            _still(wanted)
+            return self._keep_inline(caller, request)
         path = self.storage.task_zip(request.task_id)
         limit = self.settings.MAX_FILE_SIZE
 
@@ -90,6 +104,11 @@ class Intake:
             path, pieces, limit=limit, digest=True, check=check, reader=arriving.feed
         )
         request = replace(request, task_zip=b"", zip_size=size, zip_digest=uploads.ZipDigest(digest))
+        try:
+            _still(wanted)
+        except Cancelled:
+            staged.unlink(missing_ok=True)
+            raise
         return self._record(caller, request, path, staged)
 
     def _keep_inline(self, caller: Asker, request: uploads.UploadRequest) -> tuple[str, bool]:
@@ -160,6 +179,11 @@ class Intake:
 
 
 Piece = bytes | memoryview
+
+
+def _still(wanted: Callable[[], bool]) -> None:
+    if not wanted():
+        raise Cancelled("the upload stream was cancelled before the task was recorded")
 
 
 def _whole_within(pieces: Iterator[Piece], limit: int) -> tuple[Iterator[Piece], bytes | None]:

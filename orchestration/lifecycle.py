@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import redis
 from sqlalchemy.orm import Session
@@ -71,10 +71,16 @@ class Lifecycle:
         return self.intake.upload(caller, request)
 
     def upload_pieces(
-        self, caller: Asker, request: uploads.UploadRequest, pieces: Iterable[bytes | memoryview]
+        self,
+        caller: Asker,
+        request: uploads.UploadRequest,
+        pieces: Iterable[bytes | memoryview],
+        *,
+        wanted: Callable[[], bool] = lambda: True,
     ) -> tuple[str, bool]:
-        """:meth:`upload` of a zip that arrives in ``pieces`` (UploadTaskStream)."""
-        return self.intake.upload_pieces(caller, request, pieces)
+        """:meth:`upload` of a zip that arrives in ``pieces`` (UploadTaskStream), recorded only if
+        ``wanted()`` still says so once it is whole."""
+        return self.intake.upload_pieces(caller, request, pieces, wanted=wanted)
 
     def owned(self, session: Session, caller: Asker, task_id: str) -> tasks.TaskView:
         task = tasks.get(session, validate_task_id(task_id))
