@@ -90,6 +90,7 @@ class Intake:
         pieces, small = _whole_within(iter(pieces), self.settings.INLINE_ZIP_BYTES)
         if small is not None:  # the whole zip came within INLINE_ZIP_BYTES: kept as UploadTask keeps it
             request = uploads.with_zip(replace(request, task_zip=small), self.settings)
+            request.checked()
             _still(wanted)
             return self._keep_inline(caller, request)
         path = self.storage.task_zip(request.task_id)
