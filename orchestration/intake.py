@@ -105,11 +105,7 @@ class Intake:
             path, pieces, limit=limit, digest=True, check=check, reader=arriving.feed
         )
         request = replace(request, task_zip=b"", zip_size=size, zip_digest=uploads.ZipDigest(digest))
-        try:
-            _still(wanted)
-        except Cancelled:
-            staged.unlink(missing_ok=True)
-            raise
+        _still(wanted, staged)
         return self._record(caller, request, path, staged)
 
     def _keep_inline(self, caller: Asker, request: uploads.UploadRequest) -> tuple[str, bool]:
@@ -182,8 +178,11 @@ class Intake:
 Piece = bytes | memoryview
 
 
-def _still(wanted: Callable[[], bool]) -> None:
+def _still(wanted: Callable[[], bool], staged: Path | None = None) -> None:
+    """Cancelled (the ``staged`` zip removed) unless the uploader still ``wanted()`` the task."""
     if not wanted():
+        if staged is not None:
+            staged.unlink(missing_ok=True)
         raise Cancelled("the upload stream was cancelled before the task was recorded")
 
 

@@ -1,8 +1,9 @@
 """UploadTaskStream: a task zip in pieces, written as it arrives, kept exactly or not at all.
 
 Every refusal (no token, a later message with other fields, past MAX_FILE_SIZE, bytes that are no
-message, not a zip, a client that gives up) leaves no task, no escrow and no file behind; the
-first three are answered while the client is still sending, before the stream ends.
+message, not a zip; a client that gives up: tests/test_upload_cancel.py) leaves no task, no escrow
+and no file behind; the first three are answered while the client is still sending, before the
+stream ends.
 """
 
 from __future__ import annotations
@@ -16,10 +17,7 @@ import blake3
 import grpc
 import pytest
 
-from api.tasks import upload_request
-from models import accounts, ledger, task_files, tasks
-from models.errors import Cancelled
-from orchestration.lifecycle import Asker
+from models import ledger, task_files, tasks
 from orchestration.storage import BACKGROUND_HASH_BYTES
 from protos import nodepool_pb2 as pb
 from tests.harness import PoolHarness, bearer
@@ -226,57 +224,6 @@ def test_bytes_that_are_no_message_mid_stream_are_invalid(sqlite_pool: PoolHarne
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, broken  # type: ignore[attr-defined]
         assert "message 3 of the request stream is not a valid message" in raised.value.details()  # type: ignore[attr-defined]
     assert_nothing_kept(pool, token, task_id, balance)
-
-
-def test_a_client_that_gives_up_mid_stream_leaves_nothing(sqlite_pool: PoolHarness) -> None:
-    pool = sqlite_pool
-    token, balance, task_id = newcomer(pool)
-    release = threading.Event()
-    messages = pieces(task_id, large_zip(1 << 20))
-    try:
-        # All but the last piece: the zip is not whole when the client gives up.
-        call = pool.master.UploadTaskStream.future(held_open(messages[:-1], release), metadata=bearer(token))
-        # The server is writing the pieces it has: a staged (hidden) file exists until the client gives up.
-        assert wait_for(lambda: any("/." in p for p in leftovers(pool))), leftovers(pool)
-        call.cancel()
-    finally:
-        release.set()
-    assert_nothing_kept(pool, token, task_id, balance)
-    reply = pool.master.UploadTaskStream(iter(messages), metadata=bearer(token), timeout=30)
-    assert reply.success, reply.message  # the pool carries on
-
-
-@pytest.mark.parametrize("inline", [True, False], ids=["kept inline", "staged to a file"])
-def test_a_stream_no_longer_wanted_once_whole_is_not_recorded(sqlite_pool: PoolHarness, inline: bool) -> None:
-    # A client that cancels after its last piece may show the server's request iterator a stream that
-    # simply ended; the handler asks the call whether it is still active before recording the task.
-    # Which of the two gRPC reports is a race this test cannot steer, so it asks intake directly.
-    pool = sqlite_pool
-    name, token = pool.new_user()
-    balance = pool.balance(token)
-    with pool.ctx.db.reading() as session:
-        user_id = accounts.user_id(session, name)
-    assert user_id is not None
-    task_id = f"s-{uuid.uuid4().hex[:8]}"
-    data = task_zip() if inline else large_zip(1 << 20)
-    assert (len(data) <= pool.settings.INLINE_ZIP_BYTES) == inline
-    request = upload_request(pb.UploadTaskRequest(task_id=task_id, cpu_score=100, memory_gb=1))
-    chunks = [data[at : at + PIECE] for at in range(0, len(data), PIECE)]
-    asked: list[int] = []
-
-    def wanted() -> bool:
-        asked.append(len(leftovers(pool)))
-        return False
-
-    with pytest.raises(Cancelled):
-        pool.ctx.lifecycle.upload_pieces(Asker(user_id, name), request, iter(chunks), wanted=wanted)
-    # Asked once, when the zip was whole: a large one was staged by then.
-    assert asked == [0 if inline else 1]
-    assert_nothing_kept(pool, token, task_id, balance)
-    # Still wanted: the same pieces make the task.
-    created = pool.ctx.lifecycle.upload_pieces(Asker(user_id, name), request, iter(chunks), wanted=lambda: True)
-    assert created == (task_id, True)
-    assert pool.kept_file(task_id, task_files.TASK_ZIP) == data
 
 
 def test_the_same_stream_sent_at_once_makes_one_task_and_one_escrow(pool: PoolHarness) -> None:
