@@ -89,6 +89,7 @@ class Result:
     idle_cores: dict[str, float]  # by process group, with no task in flight
     calls: rpc_floor.Calls
     server_processes: int  # gRPC server processes on the pool's port, as `up` runs them here
+    analyzed: bool  # the database ANALYZEd by the benchmark, its server's autovacuum being off
 
 
 def run_backend(
@@ -171,6 +172,7 @@ def run_backend(
             burst_seconds = 0.0
             pipeline_round(target, clients, fleet, engine, min(500, tasks))  # warm-up
             stage.noop_round(backend.baseline_redis_url, 500)
+            analyzed = stage.analyze_unattended(backend.database_url)  # and after each burst, below
             cpu = stage.CpuTimes(
                 {"grpc": servers, "matcher": [matcher], "worker": [worker], "fleet": [child], "noop": [noop]},
                 stage.services(backend),
@@ -194,6 +196,7 @@ def run_backend(
                     f"ExecuteTask, {r.to_completed:.0f}/s to COMPLETED, p50 {r.p50_ms:.0f} ms, p99 {r.p99_ms:.0f} ms; "
                     f"uploads {r.upload_rate:.0f}/s; CPU s: {cpu_laps[-1]}"
                 )
+                stage.analyze_unattended(backend.database_url)  # the burst's rows, outside the timed rounds
             steady = []
             for share in STEADY_SHARES:
                 rate = statistics.median(noop_rates) * share
@@ -227,6 +230,7 @@ def run_backend(
         cpu=cpu_laps,
         idle_cores=idle,
         server_processes=len(servers),
+        analyzed=analyzed,
         calls=rpc_floor.Calls(
             per_task={
                 **{m: n / (tasks * rounds) for m, n in sorted(served.items(), key=lambda kv: -kv[1]) if n},

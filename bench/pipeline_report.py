@@ -22,6 +22,14 @@ def pipeline_lines(results: list[pipeline.Result]) -> list[str]:
             f"{target.pair()} ms ({target.figure('p99_ms').spread}) {met} | "
             f"{r.upload_rate.median:.0f} tasks/s ({r.upload_rate.spread}) | {r.registration_s:.0f} s |"
         )
+    analyzed = [r.backend for r in results if r.analyzed]
+    if analyzed:
+        lines += [
+            "",
+            f"The PostgreSQL server of this run has autovacuum off ({', '.join(analyzed)}): the benchmark "
+            "runs ANALYZE on its database after the warm-up and after each burst, outside the timed "
+            "rounds, as autovacuum keeps a server's tables analyzed where it is on (its default).",
+        ]
     lines += ["", *steady_lines(results)]
     lines += [
         "",
