@@ -84,6 +84,8 @@ def serve(settings: Settings, *, replica: int = 0) -> None:
     """
     ctx = build_context(settings)
     schema.upgrade(ctx.db.engine)
+    if replica == 0 and (advice := schema.unattended(ctx.db.engine)):
+        log.warning(advice)
     server, port = create_server(ctx, settings.grpc_address)
     collector.settle()  # before the first call: a full collection no longer walks all of the above
     server.start()

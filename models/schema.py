@@ -34,3 +34,20 @@ def upgrade(engine: Engine) -> None:
             if conn.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _PG_LOCK_ID})
                 conn.commit()
+
+
+def unattended(engine: Engine) -> str | None:
+    """What to tell the operator when the database's server will not keep the pool's tables
+    analyzed (PostgreSQL with autovacuum off), or None. The pool's batch reads (a dispatch job's
+    tasks by id, settlement's accounts, the matcher's holds) plan on the planner's statistics;
+    on tables never analyzed they scan the whole table (bench/notes.md, twenty-third pass)."""
+    if engine.dialect.name != "postgresql":
+        return None
+    with engine.connect() as conn:
+        if conn.execute(text("SHOW autovacuum")).scalar() != "off":
+            return None
+    return (
+        "PostgreSQL's autovacuum is off on this server, so nothing keeps the pool's tables analyzed: "
+        "its batch reads then scan whole tables as the tables grow. Turn autovacuum on (its default) "
+        "or run ANALYZE on the database regularly."
+    )

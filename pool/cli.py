@@ -57,6 +57,8 @@ def migrate() -> None:
     db = Database(settings.database_url)
     schema.upgrade(db.engine)
     typer.echo(f"schema is up to date ({db.engine.url.render_as_string(hide_password=True)})")
+    if advice := schema.unattended(db.engine):
+        typer.echo(f"warning: {advice}", err=True)
 
 
 @app.command()
