@@ -3,7 +3,7 @@ off): the pool's batch reads then scan whole tables as they grow (bench/notes.md
 
 The PostgreSQL server these tests run against is the machine's, as it is configured: where its
 autovacuum is off (as on the development machines) the warning must be given, where it is on it
-must not. Neither test changes the server's settings, which other tests share.
+must not. None of these tests changes the server's settings, which other tests share.
 """
 
 from __future__ import annotations
