@@ -32,11 +32,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import create_engine
+from sqlalchemy import Engine, create_engine, text
 
 from bench import rpc_floor, stage
 from bench.common import Comparison, Figure, free_port, free_ports, pool_env, process, scratch, wait_serving
 from bench.rounds import CLIENTS, Latency, pipeline_round
+from models import schema
 from pool import priority
 from pool.settings import Settings
 from pool.up import children
@@ -90,6 +91,15 @@ class Result:
     calls: rpc_floor.Calls
     server_processes: int  # gRPC server processes on the pool's port, as `up` runs them here
     analyzed: bool  # the database ANALYZEd by the benchmark, its server's autovacuum being off
+
+
+def analyze(engine: Engine) -> None:
+    """ANALYZE the benchmark's database, on a server whose autovacuum is off (``schema.unattended``),
+    as autovacuum keeps a server's tables analyzed where it is on: without it the tables the
+    benchmark fills are never analyzed, and the pool's batch reads plan whole-table scans a
+    deployment would not see (bench/notes.md, twenty-third pass)."""
+    with engine.begin() as conn:
+        conn.execute(text("ANALYZE"))
 
 
 def run_backend(
@@ -172,7 +182,9 @@ def run_backend(
             burst_seconds = 0.0
             pipeline_round(target, clients, fleet, engine, min(500, tasks))  # warm-up
             stage.noop_round(backend.baseline_redis_url, 500)
-            analyzed = stage.analyze_unattended(backend.database_url)  # and after each burst, below
+            analyzed = schema.unattended(engine) is not None  # nothing keeps its tables analyzed but us
+            if analyzed:
+                analyze(engine)  # and after each burst, below
             cpu = stage.CpuTimes(
                 {"grpc": servers, "matcher": [matcher], "worker": [worker], "fleet": [child], "noop": [noop]},
                 stage.services(backend),
@@ -196,7 +208,8 @@ def run_backend(
                     f"ExecuteTask, {r.to_completed:.0f}/s to COMPLETED, p50 {r.p50_ms:.0f} ms, p99 {r.p99_ms:.0f} ms; "
                     f"uploads {r.upload_rate:.0f}/s; CPU s: {cpu_laps[-1]}"
                 )
-                stage.analyze_unattended(backend.database_url)  # the burst's rows, outside the timed rounds
+                if analyzed:
+                    analyze(engine)  # the burst's rows, outside the timed rounds
             steady = []
             for share in STEADY_SHARES:
                 rate = statistics.median(noop_rates) * share

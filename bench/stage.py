@@ -94,24 +94,6 @@ def postgres(work: Path) -> Iterator[Backend]:
             redis.Redis.from_url(url).flushdb()
 
 
-def analyze_unattended(database_url: str) -> bool:
-    """ANALYZE a PostgreSQL database whose server runs with autovacuum off, as autovacuum keeps a
-    server's tables analyzed where it is on (PostgreSQL's default); whether it did. Without it
-    the tables the benchmark fills are never analyzed, and the pool's batch reads plan whole-table
-    scans a deployment would not see (bench/notes.md, twenty-third pass). SQLite: nothing."""
-    if not database_url.startswith("postgresql"):
-        return False
-    engine = create_engine(database_url, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            if conn.execute(text("SHOW autovacuum")).scalar() == "on":
-                return False
-            conn.execute(text("ANALYZE"))
-        return True
-    finally:
-        engine.dispose()
-
-
 def seed_accounts(database_url: str, prefix: str, count: int) -> dict[str, str]:
     """``count`` node-owner accounts inserted in bulk (10,000 bcrypt hashes would take minutes);
     their tokens, by node id (one node per account, named like the account)."""
