@@ -180,6 +180,33 @@ def test_heartbeats_say_what_each_virtual_node_does(
     assert {b.status_message for b in beats} == {"Idle"}
 
 
+def test_a_node_whose_heartbeat_is_refused_registers_again(recording_pool: RecordingPool) -> None:
+    spec = FleetSpec(prefix="beat", count=2, heartbeat_seconds=0.2)
+    running = RunningFleet(recording_pool.address, recording_pool.signer.public_key_pem, spec)
+    try:
+        running.wait_online(2)
+        registered = recording_pool.count("RegisterWorkerNode")
+        recording_pool.refuse_heartbeats = 1  # "not registered": the pool forgot the node
+        assert recording_pool.wait_for(lambda p: p.count("RegisterWorkerNode") == registered + 1, timeout=10)
+        running.wait_online(2)
+    finally:
+        running.close()
+    assert recording_pool.count("Login") == 2  # its token still good: registered again, no login
+
+
+def test_a_node_whose_heartbeat_token_is_refused_logs_in_again(recording_pool: RecordingPool) -> None:
+    spec = FleetSpec(prefix="relog", count=2, heartbeat_seconds=0.2)
+    running = RunningFleet(recording_pool.address, recording_pool.signer.public_key_pem, spec)
+    try:
+        running.wait_online(2)
+        recording_pool.failures["ReportStatus"] = [grpc.StatusCode.UNAUTHENTICATED]
+        assert recording_pool.wait_for(lambda p: p.count("Login") == 3, timeout=10)
+        assert recording_pool.wait_for(lambda p: p.count("RegisterWorkerNode") == 3, timeout=10)
+        running.wait_online(2)
+    finally:
+        running.close()
+
+
 def test_the_nodes_spread_over_the_fleets_connections_each_node_keeping_one(
     recording_pool: RecordingPool,
 ) -> None:
