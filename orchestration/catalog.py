@@ -3,11 +3,14 @@ last look, one per worker process. Advisory: the database's conditional allocati
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Row, bindparam, select, type_coerce
 from sqlalchemy.orm import Session
+from sqlalchemy.types import NullType
 
 from models.tables import RESOURCE_DIMENSIONS, Node, table_of
 from orchestration.policies.index import CandidateIndex
@@ -20,6 +23,9 @@ def _resources(node: object, prefix: str) -> Resources:
 
 
 _nodes = table_of(Node)
+# changed_at as the driver hands it back (a string on SQLite, a datetime on PostgreSQL): compared
+# with what was applied, not converted, for the rows a refresh finds unchanged.
+_STAMP = type_coerce(_nodes.c.changed_at, NullType()).label("stamp")
 _CATALOG_COLUMNS = select(  # the columns a NodeView needs, as plain rows: no ORM objects per node
     *(
         _nodes.c[name]
@@ -35,9 +41,13 @@ _CATALOG_COLUMNS = select(  # the columns a NodeView needs, as plain rows: no OR
             "changed_at",
             *(f"{prefix}_{d}" for prefix in ("cap", "avail") for d in RESOURCE_DIMENSIONS),
         )
-    )
+    ),
+    _STAMP,
 )
-_CHANGED_SINCE = _CATALOG_COLUMNS.where(_nodes.c.changed_at >= bindparam("since"))
+_CHANGED_STAMPS = select(_nodes.c.node_id, _STAMP).where(_nodes.c.changed_at >= bindparam("since"))
+_BY_NODE_ID = _CATALOG_COLUMNS.where(_nodes.c.node_id.in_(bindparam("ids", expanding=True)))
+READ_AT_ONCE = 500  # node ids a statement reads by: far below every backend's limit on parameters
+OVERLAP = timedelta(seconds=2)  # a refresh looks back this far before the last change it saw
 
 
 @dataclass
@@ -45,23 +55,32 @@ class NodeCatalog:
     index: CandidateIndex = field(default_factory=CandidateIndex)
     pks: dict[str, int] = field(default_factory=dict)
     since: datetime | None = None
-    applied: dict[str, datetime] = field(default_factory=dict)  # node id -> changed_at of the row in the index
+    applied: dict[str, object] = field(default_factory=dict)  # node id -> stamp of the row in the index
 
     def refresh(self, session: Session) -> int:
         """Load nodes changed since the last refresh (all of them the first time); how many.
 
-        The look-back overlaps the last one by two seconds (a transaction may commit after a later
-        one); rows already applied at the same ``changed_at`` are skipped, not rebuilt."""
+        The look-back overlaps the last one by ``OVERLAP`` (a transaction may commit after a later
+        one). It first reads only each such node's id and change stamp: the rows already applied
+        with the same stamp, most of them under a steady stream of changes, are skipped without
+        being read whole or rebuilt; the others are then read whole by id."""
         if self.since is None:
-            rows = session.execute(_CATALOG_COLUMNS)
-        else:
-            rows = session.execute(_CHANGED_SINCE, {"since": self.since - timedelta(seconds=2)})
+            return self._apply(session.execute(_CATALOG_COLUMNS))
+        applied = self.applied
+        stamps = session.execute(_CHANGED_STAMPS, {"since": self.since - OVERLAP})
+        changed = [node_id for node_id, stamp in stamps if applied.get(node_id) != stamp]
+        return sum(
+            self._apply(session.execute(_BY_NODE_ID, {"ids": changed[start : start + READ_AT_ONCE]}))
+            for start in range(0, len(changed), READ_AT_ONCE)
+        )
+
+    def _apply(self, rows: Iterable[Row[Any]]) -> int:
         count = 0
         applied = self.applied
         for node in rows:
-            if applied.get(node.node_id) == node.changed_at:
+            if applied.get(node.node_id) == node.stamp:
                 continue
-            applied[node.node_id] = node.changed_at
+            applied[node.node_id] = node.stamp
             self.pks[node.node_id] = node.id
             self.index.upsert(
                 NodeView(
