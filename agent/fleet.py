@@ -8,7 +8,7 @@ fleet keeps a few fields (id, token, state, running tasks), so 10,000 nodes fit 
 Logins and registrations run on a small thread pool as the fleet starts (nodes come online as
 they finish). Heartbeats: a few threads each sweep their share of the nodes once per interval,
 handing each node's ReportStatus to a pool of caller threads that make it as a blocking call
-(a third less of the fleet's CPU than asynchronous ``.future()`` calls, whose channel starts a
+(about a third less of the fleet's CPU than asynchronous ``.future()`` calls, whose channel starts a
 polling thread whenever its calls in flight go from none to one). A node whose heartbeat is
 refused registers again; one whose token is refused logs in again.
 
