@@ -31,6 +31,18 @@ class JobQueue:
         return str(result.id)
 
 
+# Coalesced.finished: drop the flag (KEYS[1]); when work is wanted anyway (ARGV[1] = 1) or was
+# asked for meanwhile (KEYS[2]), take the flag again for the next job (1: send it), else 0.
+_FINISH = """
+redis.call('DEL', KEYS[1])
+if ARGV[1] ~= '1' and redis.call('EXISTS', KEYS[2]) == 0 then
+    return 0
+end
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[2])
+return 1
+"""
+
+
 class Coalesced:
     """At most one job of a kind queued or running; requests meanwhile fold into one more run.
 
@@ -49,6 +61,7 @@ class Coalesced:
     ) -> None:
         self.redis, self.jobs, self.job, self.ttl, self.pause = client, jobs, job, ttl, pause
         self._flag, self._wanted = f"{key}:job", f"{key}:wanted"
+        self._script: Any = None  # _FINISH, registered with the client on first use
 
     def request(self) -> None:
         try:
@@ -80,13 +93,19 @@ class Coalesced:
 
     def finished(self, *, more: bool = False, waiting: bool = False) -> None:
         """Drop the flag, and send the next job if work was wanted meanwhile or ``waiting`` says
-        some waits: at once if ``more`` says a full batch waits, else after the pause."""
+        some waits: at once if ``more`` says a full batch waits, else after the pause. The flag's
+        release and the look at the wants are one atomic script, one round trip."""
         try:
-            self.redis.delete(self._flag)
-            wanted = more or waiting or bool(self.redis.exists(self._wanted))
-            if not wanted or not self.redis.set(self._flag, "1", nx=True, ex=self.ttl):
+            if not self._finish(keys=[self._flag, self._wanted], args=[int(more or waiting), self.ttl]):
                 return
         except redis.RedisError:
             if not (more or waiting):
                 return
         self.jobs.send(self.job, countdown=None if more or not self.pause else self.pause)
+
+    @property
+    def _finish(self) -> Any:
+        script = self._script
+        if script is None:
+            script = self._script = self.redis.register_script(_FINISH)
+        return script

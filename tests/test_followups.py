@@ -9,7 +9,7 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import redis
@@ -137,3 +137,37 @@ def test_a_coalesced_job_with_a_pause_sends_its_follow_on_later_unless_a_full_ba
     client.delete(queue)
     archival.finished(more=True)  # a full batch waits: at once
     assert etas() == [None]
+
+
+def test_a_coalesced_job_ends_in_one_round_trip_and_sends_one_follow_on_for_many_requests(
+    redis_url: str,
+) -> None:
+    class CountingCommands(redis.Redis):
+        commands: ClassVar[list[str]] = []
+
+        def execute_command(self, *args: Any, **options: Any) -> Any:
+            self.commands.append(str(args[0]))
+            return super().execute_command(*args, **options)
+
+    client = CountingCommands.from_url(redis_url)
+    jobs = SentJobs()
+    matching = Coalesced(client, jobs, "match", f"t-{uuid.uuid4().hex[:8]}")  # type: ignore[arg-type]
+    matching.request()
+    matching.started()
+    matching.finished()  # the first time, the script is loaded too
+    assert jobs.sent == ["match"]
+
+    matching.request()  # a job again
+    matching.started()
+    matching.request()  # two requests while it runs: one follow-on
+    matching.request()
+    CountingCommands.commands.clear()
+    matching.finished()
+    assert CountingCommands.commands == ["EVALSHA"]
+    assert jobs.sent == ["match", "match", "match"]
+    assert matching.busy()  # the follow-on holds the flag
+    matching.started()
+    CountingCommands.commands.clear()
+    matching.finished()  # nothing asked for meanwhile: the flag is dropped, no job
+    assert CountingCommands.commands == ["EVALSHA"]
+    assert jobs.sent == ["match", "match", "match"] and not matching.busy()
