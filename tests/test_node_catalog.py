@@ -43,14 +43,8 @@ def engine(database_url: str) -> Iterator[sa.Engine]:
                     "docker_status": "enabled",
                     "tier": "normal",
                     "status": "online",
-                    **{
-                        f"cap_{d}": v
-                        for d, v in (("cpu_score", 500), ("memory_gb", 8), ("gpu_score", 0), ("gpu_memory_gb", 0))
-                    },
-                    **{
-                        f"avail_{d}": v
-                        for d, v in (("cpu_score", 500), ("memory_gb", 8), ("gpu_score", 0), ("gpu_memory_gb", 0))
-                    },
+                    **{f"cap_{d}": v for d, v in SIZE},
+                    **{f"avail_{d}": v for d, v in SIZE},
                     "registered_at": old,
                     "changed_at": old,
                 }
