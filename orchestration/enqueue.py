@@ -61,7 +61,7 @@ class Coalesced:
     ) -> None:
         self.redis, self.jobs, self.job, self.ttl, self.pause = client, jobs, job, ttl, pause
         self._flag, self._wanted = f"{key}:job", f"{key}:wanted"
-        self._script: Any = None  # _FINISH, registered with the client on first use
+        self._finish = client.register_script(_FINISH)  # its digest, computed here: no round trip
 
     def request(self) -> None:
         try:
@@ -102,10 +102,3 @@ class Coalesced:
             if not (more or waiting):
                 return
         self.jobs.send(self.job, countdown=None if more or not self.pause else self.pause)
-
-    @property
-    def _finish(self) -> Any:
-        script = self._script
-        if script is None:
-            script = self._script = self.redis.register_script(_FINISH)
-        return script

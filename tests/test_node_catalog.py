@@ -14,6 +14,8 @@ from models import schema
 from models.tables import Node, User, table_of, utcnow
 from orchestration import catalog as catalog_module
 from orchestration.catalog import NodeCatalog
+from orchestration.policies.matching import Resources, TaskNeeds
+from orchestration.policies.trust import TrustThresholds
 
 NODES = 12
 SIZE = (("cpu_score", 500), ("memory_gb", 8), ("gpu_score", 0), ("gpu_memory_gb", 0))
@@ -120,7 +122,9 @@ def test_a_node_gone_offline_is_no_candidate_any_more(engine: sa.Engine) -> None
     assert refresh(engine, catalog) == 1
     view = catalog.index.get("n05")
     assert view is not None and not view.online
-    assert "n05" not in catalog.index._placed  # in no bucket: never chosen
+    anything = TaskNeeds(Resources(1, 1, 0, 0), submitter_credit=1000)
+    offered = {v.node_id for v in catalog.index.candidates(anything, TrustThresholds(), NODES)}
+    assert offered == {f"n{i:02d}" for i in range(NODES)} - {"n05"}  # never chosen
 
 
 def test_a_change_committed_after_a_later_one_is_not_missed(engine: sa.Engine) -> None:
