@@ -75,12 +75,11 @@ class NodeCatalog:
         )
 
     def _apply(self, rows: Iterable[Row[Any]]) -> int:
+        """Put ``rows`` in the index: every node of the first look (the catalog is empty then), or
+        those whose stamp :meth:`refresh` found changed."""
         count = 0
-        applied = self.applied
         for node in rows:
-            if applied.get(node.node_id) == node.stamp:
-                continue
-            applied[node.node_id] = node.stamp
+            self.applied[node.node_id] = node.stamp
             self.pks[node.node_id] = node.id
             self.index.upsert(
                 NodeView(
