@@ -22,14 +22,17 @@ FAST = dict(
     MAX_TASK_ATTEMPTS=3,
     MAX_TASK_MINUTES=10,
 )
+ZIP_DATE = (2026, 1, 1, 0, 0, 0)
 KICK_EVERY = 0.2  # seconds between the recovery sweeps wait_status(kick=True) runs
 
 
 def task_zip(files: dict[str, str] | None = None) -> bytes:
+    """A zip of ``files``, the same bytes whenever it is built (its entries' dates are fixed: dated
+    by the clock, two zips of the same files built on either side of a two-second step differ)."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for name, text in (files or {"main.py": "print('hello')\n", "input.txt": "6 7\n"}).items():
-            archive.writestr(name, text)
+            archive.writestr(zipfile.ZipInfo(name, date_time=ZIP_DATE), text, zipfile.ZIP_DEFLATED)
     return buffer.getvalue()
 
 
