@@ -11,6 +11,7 @@ in this process so it can heartbeat every half second; the pool is real, with a 
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sqlite3
 import tempfile
@@ -24,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from agent import session
 from agent.node import serve
 from api.context import build_context
 from api.server import create_server
@@ -41,9 +43,11 @@ __all__ = ["work_dir"]  # fixture, used by name
 pytestmark = pytest.mark.timeout(180)
 
 HEARTBEAT_SECONDS = 0.5
-# Longer than one call's retries (about 8 to 16 s of backoff), as a real pool restart may be:
-# the agent then sees its heartbeats fail, not merely delayed.
-OUTAGE_SECONDS = 20.0
+# Longer than one call's retries, as a real pool restart may be: the agent then sees its calls
+# fail, not merely delayed. The restart test scales the agent's backoff down by BACKOFF_FACTOR
+# (a call's six tries then wait 0.4 to 0.8 s in all, against 8 to 16 s) to keep the outage short.
+OUTAGE_SECONDS = 5.0
+BACKOFF_FACTOR = 0.05
 
 
 def sleeper(seconds: int) -> str:
@@ -167,9 +171,14 @@ def agent_pool(make_pool, sqlite_url: str, celery_worker_for) -> tuple[PoolHarne
 
 
 def test_a_pool_restart_does_not_requeue_the_task_the_agent_is_running(
-    agent_pool: tuple[PoolHarness, str, str], start_agent, go: Path, caplog: pytest.LogCaptureFixture
+    agent_pool: tuple[PoolHarness, str, str],
+    start_agent,
+    go: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     caplog.set_level("INFO")
+    monkeypatch.setattr(session, "compute_backoff", functools.partial(session.compute_backoff, factor=BACKOFF_FACTOR))
     pool, owner, token = agent_pool
     agent = start_agent(pool, owner)
     task_id = upload(pool, token, task_zip=task_zip({"main.py": held(go, at_most=60)}))

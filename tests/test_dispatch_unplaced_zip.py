@@ -45,7 +45,8 @@ def test_dispatch_waits_for_a_zip_its_upload_is_still_placing(make_pool, databas
 def test_a_zip_that_never_comes_fails_the_task_and_costs_the_node_nothing(
     make_pool, database_url: str, celery_worker_for, workers: list
 ) -> None:
-    pool = make_pool(database_url=database_url, INLINE_ZIP_BYTES=0, **FAST)
+    # Two attempts, each waiting dispatcher.ZIP_WAIT_SECONDS for the zip, then the task fails.
+    pool = make_pool(database_url=database_url, INLINE_ZIP_BYTES=0, **{**FAST, "MAX_TASK_ATTEMPTS": 2})
     _, submitter = pool.new_user()
     task_id = upload(pool, submitter)  # no node yet: it waits PENDING
     pool.ctx.lifecycle.storage.task_zip(task_id).unlink()
