@@ -7,6 +7,7 @@ except in CI (CI=true), where its absence fails the run.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import uuid
@@ -24,6 +25,18 @@ from tests.harness import CeleryWorker, PoolHarness, celery_worker_process
 IN_CI = os.environ.get("CI", "").lower() == "true"
 TEST_REDIS_DB = 13
 PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(autouse=True)
+def root_logging_restored() -> Iterator[None]:
+    """The root logger's handlers and level as they were before the test: a command run in this
+    process (``hivemind-pool migrate`` through typer's runner) sets up logging to its own stderr,
+    which the runner closes, and every later test's log lines would fail on that closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
