@@ -45,7 +45,7 @@ pytestmark = pytest.mark.timeout(180)
 HEARTBEAT_SECONDS = 0.5
 # Longer than one call's retries, as a real pool restart may be: the agent then sees its calls
 # fail, not merely delayed. The restart test scales the agent's backoff down by BACKOFF_FACTOR
-# (a call's six tries then wait 0.4 to 0.8 s in all, against 8 to 16 s) to keep the outage short.
+# (a call's six tries then wait 0.8 to 1.6 s in all, against 8 to 16 s) to keep the outage short.
 OUTAGE_SECONDS = 5.0
 BACKOFF_FACTOR = 0.05
 

@@ -158,7 +158,6 @@ def test_sigterm_stops_a_running_pool_cleanly() -> None:
         pool.wait()
 
 
-# Waits (up to 10 s) for the supervisor to lower it, then says what it runs at.
 # Waits (10 s at most) until the supervisor has lowered it to nice WANT (and its autogroup, where
 # there is one, to 3), then says what it runs at. The lowering may come before or after it starts.
 SAY_PRIORITY = (
