@@ -181,12 +181,25 @@ def celery_worker_for(
 
 @pytest.fixture
 def unused_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    """A TCP port on 127.0.0.1 that nothing listens on (bound, then released), for a test to
+    start something on. For an address where nothing may ever answer, see :func:`dead_port`."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A TCP port on 127.0.0.1 where nothing answers while the test runs: held bound and not
+    listening, so a connection is refused and no server the test starts can be given it (a port
+    merely released, as :func:`unused_port`'s, may be handed to the next server bound to port 0)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
 
 
 @pytest.fixture

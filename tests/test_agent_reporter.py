@@ -107,8 +107,8 @@ def test_errors_the_node_cannot_fix_are_given_up_without_raising(recording_pool:
     assert recording_pool.count("TaskCompleted") == session.tries
 
 
-def test_a_pool_that_is_not_there_never_crashes_a_report(unused_port: int) -> None:
-    session = session_for(f"127.0.0.1:{unused_port}")
+def test_a_pool_that_is_not_there_never_crashes_a_report(dead_port: int) -> None:
+    session = session_for(f"127.0.0.1:{dead_port}")
 
     assert session.call(session.master.StoreOutput, pb.StoreOutputRequest(task_id="t"), name="StoreOutput") is None
     assert session.heartbeat("Idle") is None

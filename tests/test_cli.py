@@ -161,15 +161,15 @@ def test_why_a_task_waits_stop_and_transfer(
     assert hivemind(pool, "submit", str(not_zip)).exit_code == 2
 
 
-def test_an_unreachable_pool_exits_3_through_the_console_script(unused_port: int, tmp_path: Path) -> None:
+def test_an_unreachable_pool_exits_3_through_the_console_script(dead_port: int, tmp_path: Path) -> None:
     script = Path(sys.executable).with_name("hivemind")
-    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path), "HIVEMIND_POOL": f"127.0.0.1:{unused_port}"}
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path), "HIVEMIND_POOL": f"127.0.0.1:{dead_port}"}
     ran = subprocess.run(
         [str(script), "login", "someone", "--password", PASSWORD], env=env, capture_output=True, text=True, timeout=60
     )
     assert ran.returncode == 3, ran.stderr
     assert ran.stderr == (
-        f"error: cannot reach the pool at 127.0.0.1:{unused_port}: is it running? "
+        f"error: cannot reach the pool at 127.0.0.1:{dead_port}: is it running? "
         "(set --pool HOST:PORT or HIVEMIND_POOL)\n"
     )
     usage = subprocess.run([str(script), "transfer", "bob", "-5"], env=env, capture_output=True, text=True, timeout=60)

@@ -41,9 +41,9 @@ def test_pool_health_check_reports_database_and_redis(sqlite_pool: PoolHarness) 
     assert "database ok" in reply.message and "redis ok" in reply.message
 
 
-def test_pool_health_check_says_which_part_is_down(make_pool, sqlite_url: str, unused_port: int) -> None:
+def test_pool_health_check_says_which_part_is_down(make_pool, sqlite_url: str, dead_port: int) -> None:
     pool = make_pool(database_url=sqlite_url)
-    pool.ctx.redis = type(pool.ctx.redis).from_url(f"redis://127.0.0.1:{unused_port}/0", socket_connect_timeout=0.5)
+    pool.ctx.redis = type(pool.ctx.redis).from_url(f"redis://127.0.0.1:{dead_port}/0", socket_connect_timeout=0.5)
     reply = pool.nodes.HealthCheck(pb.HealthCheckRequest())
     assert not reply.healthy
     assert "database ok" in reply.message and "redis unreachable" in reply.message

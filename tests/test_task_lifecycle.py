@@ -63,11 +63,11 @@ def trusted_owner(pool: PoolHarness, credit: int = 500) -> tuple[str, str]:
     return name, token
 
 
-def test_refusing_and_unreachable_nodes_are_skipped(fast_pool: PoolHarness, workers: list, unused_port: int) -> None:
+def test_refusing_and_unreachable_nodes_are_skipped(fast_pool: PoolHarness, workers: list, dead_port: int) -> None:
     pool = fast_pool
     refuser = ScriptedWorker(pool, label="refuser", script=Script(mode="refuse"), cpu_score=5000)
     ghost = ScriptedWorker(pool, label="ghost", cpu_score=5000)
-    ghost.register(port=unused_port, cpu_cores=4, memory_gb=16, cpu_score=5000, docker_status="enabled")
+    ghost.register(port=dead_port, cpu_cores=4, memory_gb=16, cpu_score=5000, docker_status="enabled")
     good = ScriptedWorker(pool, label="good", cpu_score=1000)
     workers += [refuser, ghost, good]
     _, token = pool.new_user()
@@ -81,6 +81,7 @@ def test_refusing_and_unreachable_nodes_are_skipped(fast_pool: PoolHarness, work
         ]
         assert done.output
     assert all(task in {t for t, _ in good.executed} for task in task_ids)
+    assert ghost.incoming == []  # nothing reached the ghost's own server
     assert no_active_allocations(pool, task_ids[0])
 
 
