@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     DB_PATH: Path | None = None  # SQLite file; default DATA_DIR/pool.db
     DATABASE_URL: str | None = None  # wins over DB_PATH (e.g. postgresql+psycopg://…)
     TASK_STORAGE_PATH: Path | None = None  # default DATA_DIR/tasks
+    # Large zips written past the page cache (O_DIRECT), where the file system allows it: false
+    # for file systems that accept O_DIRECT but serve it slowly (some network file systems)
+    TASK_STORAGE_DIRECT_WRITES: bool = True
 
     # --- gRPC server (the seed's options)
     GRPC_SERVER_HOST: str = "0.0.0.0"
