@@ -89,19 +89,29 @@ import os, resource, signal, sys
 from pathlib import Path
 from orchestration.storage import BACKGROUND_HASH_BYTES as PIECE, TaskStorage
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG instead
-resource.setrlimit(resource.RLIMIT_FSIZE, (3 * PIECE, 3 * PIECE))
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 folder = Path(sys.argv[1])
 try:
-    TaskStorage(folder).stage_pieces(folder / "task.zip", (os.urandom(PIECE) for _ in range(8)), digest=True)
+    pieces = (os.urandom(PIECE) for _ in range(limit // PIECE + 5))
+    TaskStorage(folder).stage_pieces(folder / "task.zip", pieces, digest=True)
 except OSError as error:
     print("raised", error.errno, sorted(p.name for p in folder.iterdir()))
 """
 
 
-def test_a_write_that_fails_on_its_lane_is_raised_to_the_caller_and_the_file_removed(tmp_path: Path) -> None:
-    """A real failing write: the file size limit (RLIMIT_FSIZE) of a child process."""
+@pytest.mark.parametrize("limit", [3 * PIECE, DROP_CACHED_BYTES + 3 * PIECE], ids=["cached", "direct"])
+def test_a_write_that_fails_on_its_lane_is_raised_to_the_caller_and_the_file_removed(
+    tmp_path: Path, limit: int
+) -> None:
+    """A real failing write: the file size limit (RLIMIT_FSIZE) of a child process, reached by a
+    write through the page cache, or past it (the file grows direct past DROP_CACHED_BYTES)."""
     child = subprocess.run(
-        [sys.executable, "-c", WRITE_FAILS, str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", WRITE_FAILS, str(tmp_path), str(limit)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert child.returncode == 0, child.stderr
     assert child.stdout.split() == ["raised", "27", "[]"]  # EFBIG, nothing left in the folder
