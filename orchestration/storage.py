@@ -301,7 +301,8 @@ class DirectWrites:
     pages of its own (some 40 ms of CPU for 100 MiB on the benchmark's machine, beside the
     receive on the same two cores), pages that are then written to disk and dropped anyway.
     Direct writes go from a buffer of this process to the disk: the pieces are copied into an
-    aligned buffer (about a quarter of that CPU) and written from it a buffer at a time.
+    aligned buffer and written from it a buffer at a time, about half that CPU, the copy half of
+    it (bench/notes.md, twenty-seventh pass).
 
     Direct writes need offsets, sizes and addresses aligned to the device's blocks: the bytes up
     to the first aligned offset and the tail after the last whole block are written through the
@@ -313,6 +314,7 @@ class DirectWrites:
     def __init__(self, fd: int, offset: int, *, align: int = DIRECT_ALIGN, buffer: int = DIRECT_BUFFER) -> None:
         self.fd, self.align = fd, align
         self.head = -offset % align  # bytes through the page cache before the first aligned offset
+        self.offset = offset + self.head  # where the buffer's first byte goes in the file
         self.buffer: mmap.mmap | None = mmap.mmap(-1, buffer)  # page-aligned
         self.filled = 0
         self.direct = False  # set once the head is written
@@ -363,12 +365,15 @@ class DirectWrites:
             if error.errno != errno.EINVAL or not self.direct:
                 raise
             # Refused by this file system after all (its blocks larger than the alignment, say):
-            # this buffer and the rest through the page cache.
+            # this buffer, from its start whatever went before the refusal, and the rest through
+            # the page cache.
             self._set_direct(False)
             held = bytes(memoryview(self.buffer)[: self.filled])
             self._release()
+            os.lseek(self.fd, self.offset, os.SEEK_SET)
             self._write_all(memoryview(held))
             return
+        self.offset += size
         rest = self.filled - size
         if rest:
             self.buffer.move(0, size, rest)

@@ -272,15 +272,20 @@ def test_direct_writes_keep_every_byte_in_order_and_end_with_the_flag_cleared(tm
     assert path.read_bytes() == first + b"".join(pieces)
 
 
-def test_direct_writes_the_file_system_refuses_go_through_the_page_cache(tmp_path: Path) -> None:
-    """Blocks of 1,000 bytes: O_DIRECT is set, and the kernel refuses the first write (its size is
-    no multiple of the device's sectors) with EINVAL; that block and the rest are written
-    through the page cache."""
+@pytest.mark.parametrize("head", [0, 1])
+def test_direct_writes_the_file_system_refuses_go_through_the_page_cache(tmp_path: Path, head: int) -> None:
+    """Blocks of 1,000 bytes: O_DIRECT is set, and the kernel refuses the first direct write (its
+    size, or with a head its offset, is no multiple of the device's sectors) with EINVAL; that
+    block and the rest are written through the page cache, in their place."""
+    if direct_writes_refused(tmp_path):
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT already at fcntl")
     path = tmp_path / "file"
+    first = os.urandom(head)
     pieces = [os.urandom(n) for n in (2_500_000, 999, 1_000_001)]
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        writer = DirectWrites(fd, 0, align=1000, buffer=1_000_000)
+        os.write(fd, first)
+        writer = DirectWrites(fd, head, align=1000, buffer=1_000_000)
         writer.write(pieces[0])
         assert writer.buffer is None and not writer.direct  # refused, and the buffer given back
         assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
@@ -289,4 +294,4 @@ def test_direct_writes_the_file_system_refuses_go_through_the_page_cache(tmp_pat
         writer.finish()
     finally:
         os.close(fd)
-    assert path.read_bytes() == b"".join(pieces)
+    assert path.read_bytes() == first + b"".join(pieces)
