@@ -165,7 +165,7 @@ def main() -> None:
                     f"sends it, {stream_memory.ours.median:.0f} MiB ({stream_memory.ours.median / payload:.2f}×: "
                     f"{fits(stream_memory)}), the bare server {stream_memory.raw.median:.0f} MiB. "
                     "The time of a streamed upload is compared with the bare server receiving the same stream, "
-                    "which keeps nothing: the pool writes the zip to disk durably, hashes it (BLAKE3) and checks it.",
+                    "which keeps nothing: the pool writes the zip to disk durably, hashes it (XXH3-128) and checks it.",
                     "",
                 ]
                 done("upload")

@@ -1,11 +1,16 @@
-"""Task zip digests across migration 0004: tasks uploaded before BLAKE3 keep their sha256
-digests, and a repeat of such an upload is still told from another one."""
+"""Task zip digests of older algorithms: tasks uploaded before XXH3-128 keep their BLAKE3 digests,
+and those uploaded before BLAKE3 their sha256 ones (migration 0004); a repeat of such an upload is
+still told from another one."""
 
 from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Callable
+from typing import Any
 
+import blake3
+import pytest
 from sqlalchemy import update
 
 from models.tables import Task
@@ -16,9 +21,12 @@ from tests.test_upload_large import large_zip
 from tests.test_upload_stream import leftovers, pieces
 
 
-def test_a_task_kept_with_a_sha256_digest_is_told_from_another_upload(pool: PoolHarness) -> None:
-    """Tasks uploaded before BLAKE3 digests keep their sha256 ones (migration 0004): a repeat of such
-    an upload, streamed or whole, is still answered as a repeat, and another zip refused."""
+@pytest.mark.parametrize(("algorithm", "hasher"), [("blake3", blake3.blake3), ("sha256", hashlib.sha256)])
+def test_a_task_kept_with_an_older_digest_is_told_from_another_upload(
+    pool: PoolHarness, algorithm: str, hasher: Callable[[bytes], Any]
+) -> None:
+    """A task kept with a digest of an older algorithm: a repeat of its upload, streamed or whole,
+    is still answered as a repeat, and another zip refused."""
     _, token = pool.new_user()
     data, task_id = large_zip(3 << 20), f"s-{uuid.uuid4().hex[:8]}"
     big = pieces(task_id, data, piece=BACKGROUND_HASH_BYTES)  # hashed on a thread of its own
@@ -26,7 +34,7 @@ def test_a_task_kept_with_a_sha256_digest_is_told_from_another_upload(pool: Pool
     assert reply.success, reply.message
     with pool.ctx.db.engine.begin() as conn:
         conn.execute(
-            update(Task).where(Task.task_id == task_id).values(zip_digest=f"sha256:{hashlib.sha256(data).hexdigest()}")
+            update(Task).where(Task.task_id == task_id).values(zip_digest=f"{algorithm}:{hasher(data).hexdigest()}")
         )
     balance = pool.balance(token)
 
