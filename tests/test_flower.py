@@ -100,7 +100,12 @@ def test_flower_shows_our_queues_a_worker_and_a_finished_job(
     flower = flower_for(pool)
     worker = celery_worker_for(pool, wait_ready=False)  # it starts while Flower does
 
-    workers = flower.until("/api/workers?refresh=1", lambda found: any(worker.name in name for name in found))
+    # Flower gathers a worker's entry from several broadcast inspections, each with its own
+    # timeout: on a busy machine the entry can come before its queues do, so wait for those.
+    def with_queues(found: dict) -> bool:  # type: ignore[type-arg]
+        return any(worker.name in name and "active_queues" in info for name, info in found.items())
+
+    workers = flower.until("/api/workers?refresh=1", with_queues)
     (info,) = [info for name, info in workers.items() if worker.name in name]
     assert {queue["name"] for queue in info["active_queues"]} == set(QUEUES)
     lengths = flower.get("/api/queues/length")
