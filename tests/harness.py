@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
+import tempfile
 import time
 import uuid
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+import sqlalchemy as sa
 
 from api.context import PoolContext, build_context
 from api.server import create_server
@@ -31,6 +37,30 @@ def bearer(token: str) -> list[tuple[str, str]]:
 
 def unique_name(prefix: str = "u") -> str:
     return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+_MIGRATED: list[Path] = []  # the SQLite file migrated once in this process
+
+
+def _start_from_migrated_copy(url: str) -> None:
+    """A pool's SQLite file that does not exist yet starts as a copy of one migrated once per test
+    session: migrating a new file takes about 0.1 s, which hundreds of tests would each pay.
+    Migrating an empty database is tested on its own (tests/test_migrations.py, tests/test_up.py)."""
+    if not url.startswith("sqlite:///") or "?" in url:
+        return
+    target = Path(url.removeprefix("sqlite:///"))
+    if target.exists():
+        return
+    if not _MIGRATED:
+        folder = Path(tempfile.mkdtemp(prefix="hm-migrated-"))
+        atexit.register(shutil.rmtree, folder, True)
+        engine = sa.create_engine(f"sqlite:///{folder / 'pool.db'}")
+        schema.upgrade(engine)
+        engine.dispose()
+        _MIGRATED.append(folder / "pool.db")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with closing(sqlite3.connect(_MIGRATED[0])) as source, closing(sqlite3.connect(target)) as copy:
+        source.backup(copy)
 
 
 @dataclass
@@ -68,8 +98,9 @@ class PoolHarness:
         values.update(overrides)
         env = {key: ",".join(v) if isinstance(v, list) else str(v) for key, v in values.items()}
         settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
+        _start_from_migrated_copy(settings.database_url)
         ctx = build_context(settings)
-        schema.upgrade(ctx.db.engine)
+        schema.upgrade(ctx.db.engine)  # on such a copy, only the look that it is current
         server, port = create_server(ctx, "127.0.0.1:0")
         server.start()
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
