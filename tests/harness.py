@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import shutil
 import signal
@@ -39,7 +40,15 @@ def unique_name(prefix: str = "u") -> str:
     return f"{prefix}{uuid.uuid4().hex[:10]}"
 
 
-_MIGRATED: list[Path] = []  # the SQLite file migrated once in this process
+@functools.cache
+def _migrated_sqlite() -> Path:
+    """An SQLite file migrated once in this process, removed as the process ends."""
+    folder = Path(tempfile.mkdtemp(prefix="hm-migrated-"))
+    atexit.register(shutil.rmtree, folder, True)
+    engine = sa.create_engine(f"sqlite:///{folder / 'pool.db'}")
+    schema.upgrade(engine)
+    engine.dispose()
+    return folder / "pool.db"
 
 
 def _start_from_migrated_copy(url: str) -> None:
@@ -51,15 +60,8 @@ def _start_from_migrated_copy(url: str) -> None:
     target = Path(url.removeprefix("sqlite:///"))
     if target.exists():
         return
-    if not _MIGRATED:
-        folder = Path(tempfile.mkdtemp(prefix="hm-migrated-"))
-        atexit.register(shutil.rmtree, folder, True)
-        engine = sa.create_engine(f"sqlite:///{folder / 'pool.db'}")
-        schema.upgrade(engine)
-        engine.dispose()
-        _MIGRATED.append(folder / "pool.db")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with closing(sqlite3.connect(_MIGRATED[0])) as source, closing(sqlite3.connect(target)) as copy:
+    with closing(sqlite3.connect(_migrated_sqlite())) as source, closing(sqlite3.connect(target)) as copy:
         source.backup(copy)
 
 

@@ -19,7 +19,8 @@ import pytest
 import xxhash
 
 from models.errors import Cancelled, TooLarge
-from orchestration.storage import BACKGROUND_HASH_BYTES, DROP_CACHED_BYTES, DirectWrites, Lane, TaskStorage
+from orchestration.direct_writes import DirectWrites
+from orchestration.storage import BACKGROUND_HASH_BYTES, DROP_CACHED_BYTES, Lane, TaskStorage
 
 REPO = Path(__file__).resolve().parent.parent
 PIECE = BACKGROUND_HASH_BYTES
