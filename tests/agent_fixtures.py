@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import pytest
 
 from agent.machine import Machine
@@ -69,6 +70,32 @@ def small_limits(**overrides: Any) -> TaskLimits:
     values: dict[str, Any] = {"memory_mb": 256, "max_minutes": 1.0, "nproc": 64, "install_timeout_s": 120.0}
     values.update(overrides)
     return TaskLimits(**values)
+
+
+TASK_USERS = range(43000, 43256)  # the agent's per-task uids as root (AgentSettings.task_uid_base)
+
+
+def task_users_in(work: Path) -> set[int]:
+    """The per-task users with a process working under ``work`` (where the tasks of an agent whose
+    work dir it is have their folders): this test's tasks, not those of a test run beside it."""
+    found: set[int] = set()
+    for proc in psutil.process_iter(["uids"]):
+        if proc.info["uids"] and proc.info["uids"].real in TASK_USERS:
+            try:
+                if Path(proc.cwd()).is_relative_to(work):
+                    found.add(proc.info["uids"].real)
+            except (psutil.Error, OSError):
+                continue  # gone, or a zombie whose folder cannot be read
+    return found
+
+
+def processes_of(users: set[int]) -> list[psutil.Process]:
+    """The live (not zombie) processes of these uids; the dead await init's reaping."""
+    return [
+        proc
+        for proc in psutil.process_iter(["uids", "status"])
+        if proc.info["uids"] and proc.info["uids"].real in users and proc.info["status"] != psutil.STATUS_ZOMBIE
+    ]
 
 
 def agent_settings(work: Path, **overrides: Any) -> AgentSettings:

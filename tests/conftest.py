@@ -27,6 +27,13 @@ TEST_REDIS_DB = 13
 PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (pyproject.toml): a test process per core, at most four. Each test starts its
+    own servers and Celery workers, so more processes would mostly wait for the same cores, and
+    share PostgreSQL's connections."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
 @pytest.fixture(autouse=True)
 def root_logging_restored() -> Iterator[None]:
     """The root logger's handlers and level as they were before the test: a command run in this

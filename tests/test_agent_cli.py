@@ -12,12 +12,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
-import psutil
 import pytest
 
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
-from tests.agent_fixtures import make_zip, work_dir
+from tests.agent_fixtures import make_zip, processes_of, task_users_in, work_dir
 from tests.harness import REPO, PoolHarness, bearer, unique_name
 from tests.recording_pool import signed
 
@@ -88,7 +87,8 @@ def test_run_registers_serves_signed_tasks_and_stops_cleanly_on_sigterm(
     )
     reply = stub.ExecuteTask(request, metadata=signed(signer, node_id=node_id, task_id="cli-task"), timeout=10)
     assert reply.success, reply.message
-    assert wait_for(lambda: _task_processes() > 0, timeout=10)
+    assert wait_for(lambda: bool(task_users_in(work_dir)), timeout=10)
+    users = task_users_in(work_dir)
 
     agent.send_signal(signal.SIGTERM)
     out, _ = agent.communicate(timeout=40)
@@ -96,16 +96,7 @@ def test_run_registers_serves_signed_tasks_and_stops_cleanly_on_sigterm(
     assert agent.returncode == 0, out
     assert "node stopped" in out
     assert "stopping 1 running task(s)" in out
-    assert _task_processes() == 0
-
-
-def _task_processes() -> int:
-    users = range(43000, 43256)
-    return sum(
-        1
-        for p in psutil.process_iter(["uids", "status"])
-        if p.info["uids"] and p.info["uids"].real in users and p.info["status"] != psutil.STATUS_ZOMBIE
-    )
+    assert processes_of(users) == []
 
 
 def test_run_with_a_wrong_password_says_so_and_exits(
