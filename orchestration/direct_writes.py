@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -12,6 +13,47 @@ import os
 DIRECT_IO = hasattr(os, "O_DIRECT")  # Linux and most other Unixes; not macOS
 DIRECT_ALIGN = 4096  # offsets, sizes and buffer addresses of direct writes: a page, a multiple of any sector
 DIRECT_BUFFER = 1 << 20
+
+
+class _PyBuffer(ctypes.Structure):
+    """CPython's ``Py_buffer`` (a stable ABI since 3.11): what ``PyObject_GetBuffer`` fills in."""
+
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+
+
+def copy_released(target: int, source: bytes | memoryview) -> None:
+    """Copy the bytes of ``source`` (a contiguous buffer) to the address ``target`` with the
+    interpreter lock released, as a slice assignment would copy them holding it.
+
+    The copy into the aligned buffer is most of a direct write's CPU: held under the lock, it
+    would keep the thread receiving the next pieces (grpcio's, which needs the lock to hand each
+    message over) waiting for a core's worth of memcpy. ``ctypes.memmove`` releases the lock, and
+    the buffer's export keeps ``source`` alive and unmoved meanwhile. BufferError when ``source``
+    is not contiguous."""
+    held = _PyBuffer()
+    _get_buffer(source, ctypes.byref(held), 0)
+    try:
+        ctypes.memmove(target, held.buf, held.len)
+    finally:
+        _release_buffer(ctypes.byref(held))
 
 
 class DirectWrites:
@@ -36,6 +78,8 @@ class DirectWrites:
         self.head = -offset % align  # bytes through the page cache before the first aligned offset
         self.offset = offset + self.head  # where the buffer's first byte goes in the file
         self.buffer: mmap.mmap | None = mmap.mmap(-1, buffer)  # page-aligned
+        self._anchor: ctypes.c_char | None = ctypes.c_char.from_buffer(self.buffer)  # an export: no close under it
+        self._address = ctypes.addressof(self._anchor)
         self.filled = 0
         self.direct = False  # set once the head is written
 
@@ -51,7 +95,7 @@ class DirectWrites:
             self._release()  # refused by this file system: through the page cache
         while view and self.buffer is not None:
             taken = min(len(view), len(self.buffer) - self.filled)
-            self.buffer[self.filled : self.filled + taken] = view[:taken]
+            copy_released(self._address + self.filled, view[:taken])
             self.filled += taken
             view = view[taken:]
             if self.filled == len(self.buffer):
@@ -117,6 +161,7 @@ class DirectWrites:
     def _release(self) -> None:
         if self.buffer is not None:
             # A failed write's traceback may still hold a view of it: then it is unmapped once that goes.
+            self._anchor = None
             with contextlib.suppress(BufferError):
                 self.buffer.close()
             self.buffer = None

@@ -19,7 +19,7 @@ import pytest
 import xxhash
 
 from models.errors import Cancelled, TooLarge
-from orchestration.direct_writes import DirectWrites
+from orchestration.direct_writes import DirectWrites, copy_released
 from orchestration.storage import BACKGROUND_HASH_BYTES, DROP_CACHED_BYTES, Lane, TaskStorage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -271,6 +271,39 @@ def test_direct_writes_keep_every_byte_in_order_and_end_with_the_flag_cleared(tm
     finally:
         os.close(fd)
     assert path.read_bytes() == first + b"".join(pieces)
+
+
+def test_direct_writes_take_views_into_larger_messages(tmp_path: Path) -> None:
+    """The pieces of a streamed upload are views into the messages grpcio received (api/upload_wire.py),
+    each at an odd offset of its message."""
+    path = tmp_path / "file"
+    messages = [os.urandom(n) for n in (1_100_003, 2_000_001, 5_000)]
+    pieces = [memoryview(message)[7 : len(message) - 3] for message in messages]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        writer = DirectWrites(fd, 0)
+        for piece in pieces:
+            writer.write(piece)
+        writer.finish()
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"".join(message[7:-3] for message in messages)
+
+
+def test_the_copy_without_the_interpreter_lock_copies_exactly_the_view() -> None:
+    target = mmap.mmap(-1, 1 << 16)
+    anchor = ctypes.c_char.from_buffer(target)
+    try:
+        source = os.urandom(40_000)
+        copy_released(ctypes.addressof(anchor) + 5, memoryview(source)[100:30_100])
+        assert target[:5] == bytes(5) and target[5:30_005] == source[100:30_100] and target[30_005:] == bytes(35_531)
+        copy_released(ctypes.addressof(anchor), source[:10])
+        assert target[:10] == source[:10]
+        with pytest.raises(BufferError):  # every other byte: no contiguous block to copy
+            copy_released(ctypes.addressof(anchor), memoryview(source)[::2])
+    finally:
+        del anchor
+        target.close()
 
 
 @pytest.mark.parametrize("head", [0, 1])
