@@ -6,12 +6,19 @@ same client, which sends the request pre-serialized so that both pay the same cl
 
 Peak RSS growth of a round is the server's ``VmHWM`` after the call minus its ``VmRSS`` before,
 the high-water mark having been reset to the current RSS (``echo 5 > /proc/PID/clear_refs``)
-just before the call. Run: ``python -m bench.upload``.
+just before the call.
+
+The pool keeps what it receives, durably, before it answers; the bare server keeps nothing. So
+each streamed round also times the disk alone writing the same bytes durably into the pool's
+data folder (:func:`disk_seconds`): the floor under the pool's streamed upload, which the bare
+stream does not have. Run: ``python -m bench.upload``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
+import mmap
 import os
 import sys
 import tempfile
@@ -43,6 +50,37 @@ def task_zip(size: int = PAYLOAD, members: int = 4) -> bytes:
         for i in range(members):
             archive.writestr(f"data/part{i}.bin", os.urandom(size // members))
     return buffer.getvalue()
+
+
+def disk_seconds(folder: Path, data: bytes, piece: int = PIECE) -> float:
+    """Seconds to write ``data`` to a new file in ``folder`` and fsync it, ``piece`` bytes a write,
+    past the page cache (``O_DIRECT`` from an aligned buffer, where the file system allows it, as
+    the pool writes a large zip), the copy into that buffer included; the file is removed."""
+    path = folder / f".disk-{time.monotonic_ns()}"
+    buffer = mmap.mmap(-1, piece)  # page-aligned
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        direct = hasattr(os, "O_DIRECT")
+        if direct:
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+            except OSError:
+                direct = False
+        whole = len(data) - len(data) % piece if direct else 0
+        started = time.perf_counter()
+        for at in range(0, whole, piece):
+            buffer[:] = data[at : at + piece]
+            os.write(fd, buffer)
+        if whole < len(data):
+            if direct:
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            os.write(fd, data[whole:])
+        os.fsync(fd)
+        return time.perf_counter() - started
+    finally:
+        os.close(fd)
+        buffer.close()
+        path.unlink()
 
 
 def memory_kib(pid: int, field: str) -> int:
@@ -120,12 +158,14 @@ class Uploader:
         self.channel.close()
 
 
-def run(redis_url: str, *, rounds: int = 5) -> list[Comparison]:
+def run(redis_url: str, *, rounds: int = 15) -> tuple[list[Comparison], Figure]:
+    """The four comparisons (unary and streamed: seconds, peak RSS growth), and the disk's own
+    seconds for the same bytes (:func:`disk_seconds`), timed in each streamed round."""
     with scratch("hm-bench-upload-") as work:
         return _run(work, redis_url, rounds)
 
 
-def _run(work: Path, redis_url: str, rounds: int) -> list[Comparison]:
+def _run(work: Path, redis_url: str, rounds: int) -> tuple[list[Comparison], Figure]:
     data = task_zip()
     pool_port, echo_port = free_port(), free_port()
     env = pool_env(
@@ -148,6 +188,7 @@ def _run(work: Path, redis_url: str, rounds: int) -> list[Comparison]:
         check_peak_reset(pool.pid)
         token = login(f"127.0.0.1:{pool_port}")
         comparisons = []
+        disk: list[float] = []
         for method, pieces in (("UploadTask", 0), ("UploadTaskStream", PIECE)):
             ours = Uploader(f"127.0.0.1:{pool_port}", pool.pid, data, token, pieces=pieces)
             raw = Uploader(f"127.0.0.1:{echo_port}", echo.pid, data, token, pieces=pieces)
@@ -156,11 +197,13 @@ def _run(work: Path, redis_url: str, rounds: int) -> list[Comparison]:
                 samples = []
                 for _ in range(rounds):
                     samples.append((*ours.once(), *raw.once()))
+                    if pieces:
+                        disk.append(disk_seconds(work, data))
             finally:
                 ours.close()
                 raw.close()
             comparisons += compared(method, len(data), pieces, samples)
-    return comparisons
+    return comparisons, Figure("disk", "s", tuple(disk))
 
 
 def compared(method: str, size: int, pieces: int, samples: list[tuple[float, float, float, float]]) -> list[Comparison]:
@@ -188,5 +231,7 @@ if __name__ == "__main__":
     from pool.embedded_redis import EmbeddedRedis
 
     with tempfile.TemporaryDirectory(prefix="hm-bench-redis-") as folder, EmbeddedRedis(Path(folder)) as redis:
-        for comparison in run(redis.url):
+        comparisons, disk = run(redis.url)
+        for comparison in comparisons:
             print(comparison.row())
+        print(f"the disk alone, the same bytes written durably: {disk.median:.4g} s ({disk.spread})")
