@@ -89,6 +89,7 @@ def test_run_registers_serves_signed_tasks_and_stops_cleanly_on_sigterm(
     assert reply.success, reply.message
     assert wait_for(lambda: bool(task_users_in(work_dir)), timeout=10)
     users = task_users_in(work_dir)
+    assert users
 
     agent.send_signal(signal.SIGTERM)
     out, _ = agent.communicate(timeout=40)
