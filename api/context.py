@@ -56,13 +56,7 @@ def build_context(settings: Settings) -> PoolContext:
     db = Database(settings.database_url, pool_size=settings.GRPC_MAX_WORKERS)
     store = HeartbeatStore(client, settings.REDIS_KEY_PREFIX)
     jobs = JobQueue.from_settings(settings)
-    lifecycle = Lifecycle(
-        db,
-        TaskStorage(settings.task_storage_path, direct_writes=settings.TASK_STORAGE_DIRECT_WRITES),
-        settings,
-        jobs,
-        client,
-    )
+    lifecycle = Lifecycle(db, TaskStorage.from_settings(settings), settings, jobs, client)
     lifecycle.send_followups_in_batches()  # many handler threads: their Redis follow-ups share round trips
     return PoolContext(
         settings=settings,

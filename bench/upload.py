@@ -16,10 +16,7 @@ stream does not have. Run: ``python -m bench.upload``.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import io
-import mmap
 import os
 import sys
 import tempfile
@@ -32,6 +29,7 @@ import grpc
 
 from bench.common import Comparison, Figure, free_port, pool_env, process, scratch, wait_serving
 from cli.client import UPLOAD_PIECE as PIECE  # bytes per UploadTaskStream message, as the CLI sends them
+from orchestration.direct_writes import DirectWrites
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
 
@@ -54,41 +52,22 @@ def task_zip(size: int = PAYLOAD, members: int = 4) -> bytes:
 
 
 def disk_seconds(folder: Path, data: bytes, piece: int = PIECE) -> float:
-    """Seconds to write ``data`` to a new file in ``folder`` and fsync it, ``piece`` bytes a write,
-    past the page cache (``O_DIRECT`` from an aligned buffer, where the file system allows it, as
-    the pool writes a large zip), the copy into that buffer included; the file is removed."""
+    """Seconds to write ``data`` to a new file in ``folder`` and fsync it, ``piece`` bytes at a
+    time, as the pool writes a large zip past the page cache (:class:`DirectWrites`: direct writes
+    from an aligned buffer where the file system allows them), the copy into that buffer included;
+    the file is removed."""
     path = folder / f".disk-{time.monotonic_ns()}"
-    buffer = mmap.mmap(-1, piece)  # page-aligned
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        direct = hasattr(os, "O_DIRECT")
-        if direct:
-            try:
-                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
-            except OSError:
-                direct = False
-        whole = len(data) - len(data) % piece if direct else 0
         started = time.perf_counter()
-        at = 0
-        try:
-            for at in range(0, whole, piece):
-                buffer[:] = data[at : at + piece]
-                os.write(fd, buffer)
-            at = whole
-        except OSError as error:  # a file system that takes the flag but refuses the writes
-            if error.errno != errno.EINVAL:
-                raise
-            os.lseek(fd, at, os.SEEK_SET)
-        if direct:
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-        view = memoryview(data)[at:]
-        while view:
-            view = view[os.write(fd, view) :]
+        writer = DirectWrites(fd, 0)
+        for at in range(0, len(data), piece):
+            writer.write(memoryview(data)[at : at + piece])
+        writer.finish()
         os.fsync(fd)
         return time.perf_counter() - started
     finally:
         os.close(fd)
-        buffer.close()
         path.unlink()
 
 

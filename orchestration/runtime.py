@@ -52,7 +52,7 @@ def runtime(app: Celery) -> Runtime:
         settings = settings_of(app)
         db = Database(settings.database_url, pool_size=4)
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
-        storage = TaskStorage(settings.task_storage_path, direct_writes=settings.TASK_STORAGE_DIRECT_WRITES)
+        storage = TaskStorage.from_settings(settings)
         found = _runtimes[key] = Runtime(
             settings=settings,
             db=db,

@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 from models.errors import InvalidArgument, TooLarge
 from orchestration.digests import ZIP_DIGEST, zip_hasher
 from orchestration.direct_writes import DIRECT_IO, DirectWrites
+from pool.settings import Settings
 
 TASK_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 WRITE_CHUNK = 4 << 20
@@ -51,6 +52,10 @@ class TaskStorage:
         self.root = root.resolve()
         self.direct_writes = direct_writes and DIRECT_IO
         self._areas = {area: (self.root / area).resolve() for area in ("tasks", "archive")}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TaskStorage:
+        return cls(settings.task_storage_path, direct_writes=settings.TASK_STORAGE_DIRECT_WRITES)
 
     def _dir(self, area: str, task_id: str) -> Path:
         # A validated id is one path component, neither '.' nor '..': it names a folder right
