@@ -156,7 +156,7 @@ def test_direct_writes_take_views_into_larger_messages(tmp_path: Path) -> None:
     assert path.read_bytes() == b"".join(message[7:-3] for message in messages)
 
 
-def test_the_copy_without_the_interpreter_lock_copies_exactly_the_view() -> None:
+def test_the_copy_into_the_aligned_buffer_copies_exactly_the_view() -> None:
     target = mmap.mmap(-1, 1 << 16)
     anchor = ctypes.c_char.from_buffer(target)
     try:
