@@ -44,6 +44,7 @@ from pool.up import children
 
 STEADY_SECONDS = 6  # of offered load per steady round at least, and a fifth of a burst's tasks at least
 IDLE_SECONDS = 10  # with the fleet heartbeating and no task in flight
+HARNESS = ("fleet", "bench")  # the benchmark's own processes that a deployment runs elsewhere: nodes, clients
 STEADY_SHARES = (0.125, 0.25, 0.5)  # of the no-op rate, offered in steady rounds; the target's is the last
 
 
@@ -60,6 +61,11 @@ class Steady:
     share: float
     rate: float
     rounds: list[Latency]
+    cores: list[dict[str, float]]  # per round: cores each process group kept busy, and the machine's
+
+    def busy(self, *names: str) -> float:
+        """Cores ``names`` kept busy together while the tasks were offered (median over the rounds)."""
+        return statistics.median(sum(lap.get(name, 0.0) for name in names) for lap in self.cores)
 
     def figure(self, name: str) -> Figure:
         """A field of :class:`Latency` over the rounds."""
@@ -214,11 +220,16 @@ def run_backend(
             for share in STEADY_SHARES:
                 rate = statistics.median(noop_rates) * share
                 laps = [
-                    pipeline_round(target, clients, fleet, engine, steady_tasks(rate, tasks), rate=rate).latency
+                    pipeline_round(target, clients, fleet, engine, steady_tasks(rate, tasks), rate=rate, cpu=cpu)
                     for _ in range(rounds)
                 ]
-                steady.append(Steady(share, rate, laps))
-                say(f"  steady {rate:.0f}/s offered: p99 " + ", ".join(f"{lap.p99_ms:.0f} ms" for lap in laps))
+                steady.append(Steady(share, rate, [lap.latency for lap in laps], [lap.cores for lap in laps]))
+                say(
+                    f"  steady {rate:.0f}/s offered: p99 "
+                    + ", ".join(f"{lap.p99_ms:.0f} ms" for lap in laps)
+                    + "; cores busy "
+                    + ", ".join(f"{lap.cores['machine']:.2f}" for lap in laps)
+                )
             engine.dispose()
     raw = Figure("celery no-op", "jobs/s", tuple(noop_rates))
     return Result(
@@ -273,5 +284,6 @@ if __name__ == "__main__":
         for steady in result.steady:
             print(
                 f"steady {steady.rate:.0f}/s: p50 / p99 {steady.pair()} ms "
-                f"(to matched {steady.pair('matched')}, matched to node {steady.pair('sent')})"
+                f"(to matched {steady.pair('matched')}, matched to node {steady.pair('sent')}); "
+                f"cores busy {steady.busy('machine'):.2f}, the fleet and the clients {steady.busy(*HARNESS):.2f}"
             )

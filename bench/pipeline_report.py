@@ -85,22 +85,30 @@ def pipeline_lines(results: list[pipeline.Result]) -> list[str]:
 
 
 def steady_lines(results: list[pipeline.Result]) -> list[str]:
-    """The latency at each steady offered load, split at the task's match."""
+    """The latency at each steady offered load, split at the task's match, and how busy the cores were."""
+    cores = os.cpu_count() or 1
     lines = [
         f"Latency at steady offered loads (rounds of {pipeline.STEADY_SECONDS} s of load and a fifth of a "
         "burst's tasks at least; medians over the rounds of p50 / p99, in ms), split at each "
         "task's match: from its upload accepted to the ASSIGNED event the matching job wrote (a wait "
         "for the job, which runs one at a time, and its transaction), then from there to its node "
-        "receiving ExecuteTask (the commit, the dispatch job's wait in its queue, its calls).",
+        "receiving ExecuteTask (the commit, the dispatch job's wait in its queue, its calls). The last "
+        f"column is how many of the machine's {cores} cores were busy while the tasks were offered "
+        "(from the first upload to the last one accepted; the kernel's count for the whole machine, "
+        "median over the rounds), and how many of those the benchmark's simulated fleet and its "
+        "clients kept busy, which a deployment runs on other machines: each hop of a task waits for "
+        "a core, and as the cores fill, the waits grow.",
         "",
-        "| backend | offered load | upload → ExecuteTask | upload → matched | matched → ExecuteTask | p99 < 100 ms |",
-        "|---|---|---|---|---|---|",
+        "| backend | offered load | upload → ExecuteTask | upload → matched | matched → ExecuteTask | p99 < 100 ms "
+        f"| cores busy (of {cores}): all; fleet and clients |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         for steady in r.steady:
             lines.append(
                 f"| {r.backend} | {steady.rate:.0f} tasks/s ({steady.share:g} × no-op) | "
                 f"{steady.pair()} ({steady.figure('p99_ms').spread}) | "
-                f"{steady.pair('matched')} | {steady.pair('sent')} | {'yes' if steady.met else 'no'} |"
+                f"{steady.pair('matched')} | {steady.pair('sent')} | {'yes' if steady.met else 'no'} | "
+                f"{steady.busy('machine'):.2f}; {steady.busy(*pipeline.HARNESS):.2f} |"
             )
     return lines

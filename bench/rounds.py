@@ -114,6 +114,7 @@ class Round:
     to_completed: float
     latency: Latency
     upload_rate: float
+    cores: dict[str, float]  # cores each process group kept busy while the tasks were offered (with ``cpu``)
 
     @property
     def p50_ms(self) -> float:
@@ -125,13 +126,31 @@ class Round:
 
 
 def pipeline_round(
-    target: str, tokens: list[str], fleet: stage.Fleet, engine: object, tasks: int, rate: float | None = None
+    target: str,
+    tokens: list[str],
+    fleet: stage.Fleet,
+    engine: object,
+    tasks: int,
+    rate: float | None = None,
+    cpu: stage.CpuTimes | None = None,
 ) -> Round:
+    """A round of ``tasks``: a burst, or offered at ``rate`` a second. With ``cpu`` (whose lap it
+    takes), the cores each of its groups kept busy from the first upload to the last one accepted,
+    and the whole machine's (``machine``)."""
     prefix = f"b{uuid.uuid4().hex[:8]}-"
     ids = [f"{prefix}{i:05d}" for i in range(tasks)]
     before = fleet.read().get("received", 0)
+    if cpu is not None:
+        cpu.lap_seconds()
+        machine = stage.busy_seconds()
+    offered = time.monotonic()
     accepted = asyncio.run(_upload(target, tokens, ids, stage.tiny_zip(), rate))
     uploaded = time.monotonic()
+    cores = {}
+    if cpu is not None:
+        window = uploaded - offered
+        cores = {name: seconds / window for name, seconds in cpu.lap_seconds().items()}
+        cores["machine"] = (stage.busy_seconds() - machine) / window
     fleet.wait("received", before + tasks, timeout=600)
     done = completed(engine, set(ids), prefix, tasks, timeout=600)
     arrivals = fleet.arrivals()
@@ -142,4 +161,5 @@ def pipeline_round(
         tasks / (done - first),
         Latency.of(accepted, matched_at(engine, prefix), arrivals),
         tasks / (uploaded - first),
+        cores,
     )

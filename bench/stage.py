@@ -215,6 +215,14 @@ class CpuTimes:
         return spent
 
 
+def busy_seconds() -> float:
+    """CPU seconds the whole machine's cores have spent running something since it started, every
+    core together (user, nice, system and interrupt time; not idle, waiting for the disk or stolen
+    by the hypervisor)."""
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0))
+
+
 def _cpu_seconds(proc: psutil.Process, *, reaped: bool = False) -> float:
     """CPU seconds of ``proc``; ``reaped``: with those of its children that have exited and been waited for."""
     try:
