@@ -89,7 +89,7 @@ def execute_many(
 ) -> dict[tuple[str, int], Outcome]:
     """Send each (task, attempt) to its node, all calls in flight at once; each one's outcome."""
     outcomes: dict[tuple[str, int], Outcome] = {}
-    calls: dict[tuple[str, int], grpc.Future] = {}
+    calls: dict[tuple[str, int], grpc.Future | Answered] = {}
     sendable: list[tuple[tuple[str, int], tasks.TaskView, str, int]] = []  # (key, task, hostname, port)
     with db.reading() as session:
         views = {view.task_id: view for view in tasks.get_many(session, [task_id for task_id, _ in attempts])}
@@ -108,6 +108,9 @@ def execute_many(
             continue
         sendable.append((key, task, *address))
     deadline = time.monotonic() + ZIP_WAIT_SECONDS
+    # A job of one call makes it blocking: a call in flight alone on a channel would start the
+    # channel's polling thread for itself (most jobs at light load carry one task).
+    alone = len(sendable) == 1
     while sendable:  # each task whose zip is in place is sent; the others are waited for
         unplaced = []
         for item in sendable:
@@ -118,7 +121,7 @@ def execute_many(
             elif isinstance(payload, Outcome):
                 outcomes[key] = payload
             else:
-                calls[key] = _call(signer, channels, settings, task, key[1], hostname, port, payload)
+                calls[key] = _call(signer, channels, settings, task, key[1], hostname, port, payload, blocking=alone)
         sendable = unplaced
         if sendable and time.monotonic() >= deadline:
             for key, *_ in sendable:
@@ -158,8 +161,11 @@ def _call(
     hostname: str,
     port: int,
     payload: bytes,
-) -> grpc.Future:
-    """ExecuteTask of ``task``'s ``attempt`` to its node, signed by the pool; the call under way."""
+    *,
+    blocking: bool = False,
+) -> grpc.Future | Answered:
+    """ExecuteTask of ``task``'s ``attempt`` to its node, signed by the pool; the call under way,
+    or with ``blocking`` the call made, its answer or its error kept for ``result()``."""
     assert task.node_id is not None
     token = signer.sign(node_id=task.node_id, task_id=task.task_id, attempt=attempt, action="execute")
     request = pb.ExecuteTaskRequest(
@@ -174,9 +180,28 @@ def _call(
         max_minutes=task.max_minutes,
         allow_network=False,
     )
-    return channels.stub(hostname, port).ExecuteTask.future(
-        request, metadata=[("authorization", f"Bearer {token}")], timeout=settings.DISPATCH_TIMEOUT
-    )
+    method = channels.stub(hostname, port).ExecuteTask
+    metadata = [("authorization", f"Bearer {token}")]
+    if not blocking:
+        return method.future(request, metadata=metadata, timeout=settings.DISPATCH_TIMEOUT)
+    try:
+        return Answered(method(request, metadata=metadata, timeout=settings.DISPATCH_TIMEOUT))
+    except grpc.RpcError as error:
+        return Answered(error=error)
+
+
+@dataclass(frozen=True)
+class Answered:
+    """A call already made, read as its future is: ``result()`` gives its answer or raises its error."""
+
+    reply: pb.ExecuteTaskResponse | None = None
+    error: grpc.RpcError | None = None
+
+    def result(self) -> pb.ExecuteTaskResponse:
+        if self.error is not None:
+            raise self.error
+        assert self.reply is not None
+        return self.reply
 
 
 def stop_execution(db: Database, signer: PoolSigner, channels: Channels, settings: Settings, task_id: str) -> str:
