@@ -140,17 +140,18 @@ def pipeline_round(
     prefix = f"b{uuid.uuid4().hex[:8]}-"
     ids = [f"{prefix}{i:05d}" for i in range(tasks)]
     before = fleet.read().get("received", 0)
-    if cpu is not None:
+    if cpu is not None:  # each count divided by the time between its own two readings
         cpu.lap_seconds()
+        lapped = machine_read = time.monotonic()
         machine = stage.busy_seconds()
-    offered = time.monotonic()
     accepted = asyncio.run(_upload(target, tokens, ids, stage.tiny_zip(), rate))
     uploaded = time.monotonic()
     cores = {}
     if cpu is not None:
-        window = uploaded - offered
-        cores = {name: seconds / window for name, seconds in cpu.lap_seconds().items()}
-        cores["machine"] = (stage.busy_seconds() - machine) / window
+        cores["machine"] = (stage.busy_seconds() - machine) / (time.monotonic() - machine_read)
+        spent = cpu.lap_seconds()
+        window = time.monotonic() - lapped
+        cores.update({name: seconds / window for name, seconds in spent.items()})
     fleet.wait("received", before + tasks, timeout=600)
     done = completed(engine, set(ids), prefix, tasks, timeout=600)
     arrivals = fleet.arrivals()
