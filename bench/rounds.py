@@ -142,15 +142,14 @@ def pipeline_round(
     before = fleet.read().get("received", 0)
     if cpu is not None:  # each count divided by the time between its own two readings
         cpu.lap_seconds()
-        lapped = machine_read = time.monotonic()
-        machine = stage.busy_seconds()
+        started, machine = time.monotonic(), stage.busy_seconds()
     accepted = asyncio.run(_upload(target, tokens, ids, stage.tiny_zip(), rate))
     uploaded = time.monotonic()
     cores = {}
     if cpu is not None:
-        cores["machine"] = (stage.busy_seconds() - machine) / (time.monotonic() - machine_read)
+        cores["machine"] = (stage.busy_seconds() - machine) / (time.monotonic() - started)
         spent = cpu.lap_seconds()
-        window = time.monotonic() - lapped
+        window = time.monotonic() - started
         cores.update({name: seconds / window for name, seconds in spent.items()})
     fleet.wait("received", before + tasks, timeout=600)
     done = completed(engine, set(ids), prefix, tasks, timeout=600)

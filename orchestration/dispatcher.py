@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import grpc
@@ -89,7 +90,7 @@ def execute_many(
 ) -> dict[tuple[str, int], Outcome]:
     """Send each (task, attempt) to its node, all calls in flight at once; each one's outcome."""
     outcomes: dict[tuple[str, int], Outcome] = {}
-    calls: dict[tuple[str, int], grpc.Future | Answered] = {}
+    calls: dict[tuple[str, int], grpc.Future | Future[pb.ExecuteTaskResponse]] = {}
     sendable: list[tuple[tuple[str, int], tasks.TaskView, str, int]] = []  # (key, task, hostname, port)
     with db.reading() as session:
         views = {view.task_id: view for view in tasks.get_many(session, [task_id for task_id, _ in attempts])}
@@ -163,9 +164,9 @@ def _call(
     payload: bytes,
     *,
     blocking: bool = False,
-) -> grpc.Future | Answered:
+) -> grpc.Future | Future[pb.ExecuteTaskResponse]:
     """ExecuteTask of ``task``'s ``attempt`` to its node, signed by the pool; the call under way,
-    or with ``blocking`` the call made, its answer or its error kept for ``result()``."""
+    or with ``blocking`` the call made, as a future already done with its answer or its error."""
     assert task.node_id is not None
     token = signer.sign(node_id=task.node_id, task_id=task.task_id, attempt=attempt, action="execute")
     request = pb.ExecuteTaskRequest(
@@ -184,24 +185,12 @@ def _call(
     metadata = [("authorization", f"Bearer {token}")]
     if not blocking:
         return method.future(request, metadata=metadata, timeout=settings.DISPATCH_TIMEOUT)
+    answered: Future[pb.ExecuteTaskResponse] = Future()
     try:
-        return Answered(method(request, metadata=metadata, timeout=settings.DISPATCH_TIMEOUT))
+        answered.set_result(method(request, metadata=metadata, timeout=settings.DISPATCH_TIMEOUT))
     except grpc.RpcError as error:
-        return Answered(error=error)
-
-
-@dataclass(frozen=True)
-class Answered:
-    """A call already made, read as its future is: ``result()`` gives its answer or raises its error."""
-
-    reply: pb.ExecuteTaskResponse | None = None
-    error: grpc.RpcError | None = None
-
-    def result(self) -> pb.ExecuteTaskResponse:
-        if self.error is not None:
-            raise self.error
-        assert self.reply is not None
-        return self.reply
+        answered.set_exception(error)
+    return answered
 
 
 def stop_execution(db: Database, signer: PoolSigner, channels: Channels, settings: Settings, task_id: str) -> str:

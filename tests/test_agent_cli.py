@@ -87,9 +87,13 @@ def test_run_registers_serves_signed_tasks_and_stops_cleanly_on_sigterm(
     )
     reply = stub.ExecuteTask(request, metadata=signed(signer, node_id=node_id, task_id="cli-task"), timeout=10)
     assert reply.success, reply.message
-    assert wait_for(lambda: bool(task_users_in(work_dir)), timeout=10)
-    users = task_users_in(work_dir)
-    assert users
+    users: set[int] = set()
+
+    def task_running() -> bool:
+        users.update(task_users_in(work_dir))
+        return bool(users)
+
+    assert wait_for(task_running, timeout=10)
 
     agent.send_signal(signal.SIGTERM)
     out, _ = agent.communicate(timeout=40)
