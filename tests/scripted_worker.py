@@ -65,6 +65,7 @@ class ScriptedWorker(pb_grpc.WorkerNodeServiceServicer):
         self.errors: list[str] = []
         self.incoming: list[tuple[str, int]] = []  # every ExecuteTask call, as it arrives
         self.zips: dict[tuple[str, int], bytes] = {}  # the task zip each call carried
+        self.holding: set[str] = set()  # tasks whose output and logs are in, held until released
         self.silent = threading.Event()
         self._closed = threading.Event()
         self._runs: list[threading.Thread] = []
@@ -179,6 +180,7 @@ class ScriptedWorker(pb_grpc.WorkerNodeServiceServicer):
                 metadata=auth,
             )
             if self.script.mode == "hold":
+                self.holding.add(task_id)
                 release.wait(60)
                 if task_id in self.stopped or self._closed.is_set():
                     return

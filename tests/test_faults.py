@@ -166,6 +166,7 @@ def test_redis_restarted_empty_loses_nothing(
         running = [upload(pool, token) for _ in range(2)]
         for task_id in running:
             wait_status(pool, token, task_id, "RUNNING")
+        wait_until(lambda: set(running) <= node.holding, timeout=10, what="the node's first reports")
         # Redis dies between jobs: a Celery worker that loses it while acknowledging a job exits
         # ("Unrecoverable error" in kombu), which is Celery's failure, not the pool's.
         broker = redis.Redis.from_url(redis_server.url)
@@ -221,6 +222,9 @@ def test_grpc_server_restarted_while_tasks_run(make_pool, sqlite_url: str, celer
     for task_id in tasks:
         wait_status(pool, token, task_id, "RUNNING")
     on_doomed = [t for t, _ in doomed.executed]
+    # Both nodes' first reports are in before the restart: a scripted node gives a task up when a
+    # call of it fails, where the agent would try again.
+    wait_until(lambda: set(tasks) <= steady.holding | doomed.holding, timeout=10, what="the nodes' first reports")
 
     doomed.die()  # a node dies while the server is down, and nobody is there to notice
     restart_server(pool, downtime=1.0)
