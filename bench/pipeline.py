@@ -45,6 +45,8 @@ from pool.up import children
 STEADY_SECONDS = 6  # of offered load per steady round at least, and a fifth of a burst's tasks at least
 IDLE_SECONDS = 10  # with the fleet heartbeating and no task in flight
 HARNESS = ("fleet", "bench")  # the benchmark's own processes that a deployment runs elsewhere: nodes, clients
+JOBS = ("matcher", "worker")  # the pool's Celery processes
+SERVICES = ("redis", "postgres")  # the servers the pool uses (PostgreSQL on that backend only)
 STEADY_SHARES = (0.125, 0.25, 0.5)  # of the no-op rate, offered in steady rounds; the target's is the last
 
 
@@ -66,6 +68,11 @@ class Steady:
     def busy(self, *names: str) -> float:
         """Cores ``names`` kept busy together while the tasks were offered (median over the rounds)."""
         return statistics.median(sum(lap.get(name, 0.0) for name in names) for lap in self.cores)
+
+    def cpu_ms(self, *names: str, less: float = 0.0) -> float:
+        """Milliseconds of CPU a task offered that ``names`` took together, ``less`` cores left out
+        (what they keep busy with no task in flight)."""
+        return 1000 * max(0.0, self.busy(*names) - less) / self.rate
 
     def figure(self, name: str) -> Figure:
         """A field of :class:`Latency` over the rounds."""

@@ -111,4 +111,33 @@ def steady_lines(results: list[pipeline.Result]) -> list[str]:
                 f"{steady.pair('matched')} | {steady.pair('sent')} | {'yes' if steady.met else 'no'} | "
                 f"{steady.busy('machine'):.2f}; {steady.busy(*pipeline.HARNESS):.2f} |"
             )
+    return [*lines, "", *steady_cpu_lines(results)]
+
+
+def steady_cpu_lines(results: list[pipeline.Result]) -> list[str]:
+    """The CPU a task took at each steady load, by process: where the cores of the table above went."""
+    lines = [
+        "The CPU a task took at each steady load, by process, in ms (the cores each kept busy while the "
+        "tasks were offered, as in the last column above, over the tasks offered a second; medians over "
+        "the rounds). The gRPC servers' and the fleet's figures leave out what the heartbeats cost them with "
+        "no task in flight (given below), which is the same at every load; the fleet's and the clients' "
+        "is what a deployment's nodes and clients spend on machines of their own. A Celery job's cost "
+        "is shared among the tasks it carries, and its jobs carry more tasks as the load grows.",
+        "",
+        "| backend | offered load | gRPC servers | matcher | Celery worker | Redis | PostgreSQL | the pool "
+        "| fleet and clients |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        idle = r.idle_cores
+        for steady in r.steady:
+            servers = steady.cpu_ms("grpc", less=idle.get("grpc", 0.0))
+            jobs = [steady.cpu_ms(name) for name in pipeline.JOBS]
+            services = [steady.cpu_ms(name) for name in pipeline.SERVICES]
+            postgres = f"{services[1]:.1f}" if "postgres" in steady.cores[0] else "–"
+            lines.append(
+                f"| {r.backend} | {steady.rate:.0f} tasks/s | {servers:.1f} | {jobs[0]:.1f} | {jobs[1]:.1f} | "
+                f"{services[0]:.1f} | {postgres} | {servers + sum(jobs) + sum(services):.1f} | "
+                f"{steady.cpu_ms(*pipeline.HARNESS, less=sum(idle.get(name, 0.0) for name in pipeline.HARNESS)):.1f} |"
+            )
     return lines
