@@ -119,25 +119,29 @@ def steady_cpu_lines(results: list[pipeline.Result]) -> list[str]:
     lines = [
         "The CPU a task took at each steady load, by process, in ms (the cores each kept busy while the "
         "tasks were offered, as in the last column above, over the tasks offered a second; medians over "
-        "the rounds). The gRPC servers' and the fleet's figures leave out what the heartbeats cost them with "
-        "no task in flight (given below), which is the same at every load; the fleet's and the clients' "
-        "is what a deployment's nodes and clients spend on machines of their own. A Celery job's cost "
-        "is shared among the tasks it carries, and its jobs carry more tasks as the load grows.",
+        "the rounds). Each figure leaves out what its processes kept busy with no task in flight "
+        "(given below: mostly the heartbeats, in the gRPC servers and the fleet), which is the same at "
+        "every load; the fleet's and the clients' is what a deployment's nodes and clients spend on "
+        "machines of their own. A Celery job's cost is shared among the tasks it carries, and its jobs "
+        "carry more tasks as the load grows.",
         "",
         "| backend | offered load | gRPC servers | matcher | Celery worker | Redis | PostgreSQL | the pool "
         "| fleet and clients |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        idle = r.idle_cores
         for steady in r.steady:
-            servers = steady.cpu_ms("grpc", less=idle.get("grpc", 0.0))
-            jobs = [steady.cpu_ms(name) for name in pipeline.JOBS]
-            services = [steady.cpu_ms(name) for name in pipeline.SERVICES]
-            postgres = f"{services[1]:.1f}" if "postgres" in steady.cores[0] else "–"
+            pool = [_task_ms(steady, r.idle_cores, name) for name in ("grpc", *pipeline.JOBS, *pipeline.SERVICES)]
+            postgres = f"{pool[4]:.1f}" if "postgres" in steady.cores[0] else "–"
             lines.append(
-                f"| {r.backend} | {steady.rate:.0f} tasks/s | {servers:.1f} | {jobs[0]:.1f} | {jobs[1]:.1f} | "
-                f"{services[0]:.1f} | {postgres} | {servers + sum(jobs) + sum(services):.1f} | "
-                f"{steady.cpu_ms(*pipeline.HARNESS, less=sum(idle.get(name, 0.0) for name in pipeline.HARNESS)):.1f} |"
+                f"| {r.backend} | {steady.rate:.0f} tasks/s | {pool[0]:.1f} | {pool[1]:.1f} | {pool[2]:.1f} | "
+                f"{pool[3]:.1f} | {postgres} | {sum(pool):.1f} | "
+                f"{_task_ms(steady, r.idle_cores, *pipeline.HARNESS):.1f} |"
             )
     return lines
+
+
+def _task_ms(steady: pipeline.Steady, idle: dict[str, float], *names: str) -> float:
+    """Milliseconds of CPU a task offered in ``steady``'s rounds that ``names`` took together,
+    beyond what they kept busy with no task in flight (``idle``, cores by name)."""
+    return steady.cpu_ms(*names, less=sum(idle.get(name, 0.0) for name in names))
