@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import redis
 import sqlalchemy as sa
 
 from api.context import PoolContext, build_context
@@ -65,6 +66,27 @@ def _start_from_migrated_copy(url: str) -> None:
         source.backup(copy)
 
 
+def forget_keys(redis_url: str, prefixes: set[str]) -> None:
+    """Remove the keys a stopped pool left under ``prefixes``, made for it alone (its live state,
+    its Celery queues and bindings), so that runs of the suite do not pile them up in the
+    machine's Redis."""
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5)
+    try:
+        for prefix in prefixes:
+            batch: list[bytes] = []
+            for key in client.scan_iter(match=f"{prefix.removesuffix(':')}:*", count=1000):
+                batch.append(key)
+                if len(batch) == 500:
+                    client.unlink(*batch)
+                    batch.clear()
+            if batch:
+                client.unlink(*batch)
+    except redis.RedisError:
+        pass  # Redis already gone (a test stopped it): nothing left to tidy
+    finally:
+        client.close()
+
+
 @dataclass
 class PoolHarness:
     settings: Settings
@@ -77,6 +99,7 @@ class PoolHarness:
     nodes: pb_grpc.NodeManagerServiceStub = field(init=False)
     master: pb_grpc.MasterNodeServiceStub = field(init=False)
     worker_side: pb_grpc.WorkerNodeServiceStub = field(init=False)
+    own_prefixes: set[str] = field(default_factory=set)  # Redis key prefixes made for this pool alone
 
     def __post_init__(self) -> None:
         self.users = pb_grpc.UserServiceStub(self.channel)
@@ -97,6 +120,7 @@ class PoolHarness:
         }
         if database_url:
             values["DATABASE_URL"] = database_url
+        own = {values[name] for name in ("REDIS_KEY_PREFIX", "CELERY_KEY_PREFIX") if name not in overrides}
         values.update(overrides)
         env = {key: ",".join(v) if isinstance(v, list) else str(v) for key, v in values.items()}
         settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
@@ -106,7 +130,7 @@ class PoolHarness:
         server, port = create_server(ctx, "127.0.0.1:0")
         server.start()
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        return cls(settings=settings, env=env, ctx=ctx, server=server, port=port, channel=channel)
+        return cls(settings=settings, env=env, ctx=ctx, server=server, port=port, channel=channel, own_prefixes=own)
 
     @property
     def address(self) -> str:
@@ -116,6 +140,7 @@ class PoolHarness:
         self.channel.close()
         self.server.stop(grace=None)
         self.ctx.close()
+        forget_keys(self.settings.redis_url, self.own_prefixes)
 
     # ---- conveniences for tests
 
