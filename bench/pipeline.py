@@ -69,9 +69,10 @@ class Steady:
         """Cores ``names`` kept busy together while the tasks were offered (median over the rounds)."""
         return statistics.median(sum(lap.get(name, 0.0) for name in names) for lap in self.cores)
 
-    def cpu_ms(self, *names: str, less: float = 0.0) -> float:
-        """Milliseconds of CPU a task offered that ``names`` took together, ``less`` cores left out
-        (what they keep busy with no task in flight)."""
+    def cpu_ms(self, idle: dict[str, float], *names: str) -> float:
+        """Milliseconds of CPU a task offered that ``names`` took together, beyond what they kept
+        busy with no task in flight (``idle``: cores by name)."""
+        less = sum(idle.get(name, 0.0) for name in names)
         return 1000 * max(0.0, self.busy(*names) - less) / self.rate
 
     def figure(self, name: str) -> Figure:

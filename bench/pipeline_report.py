@@ -131,17 +131,11 @@ def steady_cpu_lines(results: list[pipeline.Result]) -> list[str]:
     ]
     for r in results:
         for steady in r.steady:
-            pool = [_task_ms(steady, r.idle_cores, name) for name in ("grpc", *pipeline.JOBS, *pipeline.SERVICES)]
-            postgres = f"{pool[4]:.1f}" if "postgres" in steady.cores[0] else "–"
+            ms = {name: steady.cpu_ms(r.idle_cores, name) for name in ("grpc", *pipeline.JOBS, *pipeline.SERVICES)}
+            postgres = f"{ms['postgres']:.1f}" if "postgres" in steady.cores[0] else "–"
             lines.append(
-                f"| {r.backend} | {steady.rate:.0f} tasks/s | {pool[0]:.1f} | {pool[1]:.1f} | {pool[2]:.1f} | "
-                f"{pool[3]:.1f} | {postgres} | {sum(pool):.1f} | "
-                f"{_task_ms(steady, r.idle_cores, *pipeline.HARNESS):.1f} |"
+                f"| {r.backend} | {steady.rate:.0f} tasks/s | {ms['grpc']:.1f} | {ms['matcher']:.1f} | "
+                f"{ms['worker']:.1f} | {ms['redis']:.1f} | {postgres} | {sum(ms.values()):.1f} | "
+                f"{steady.cpu_ms(r.idle_cores, *pipeline.HARNESS):.1f} |"
             )
     return lines
-
-
-def _task_ms(steady: pipeline.Steady, idle: dict[str, float], *names: str) -> float:
-    """Milliseconds of CPU a task offered in ``steady``'s rounds that ``names`` took together,
-    beyond what they kept busy with no task in flight (``idle``, cores by name)."""
-    return steady.cpu_ms(*names, less=sum(idle.get(name, 0.0) for name in names))

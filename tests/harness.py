@@ -72,15 +72,10 @@ def forget_keys(redis_url: str, prefixes: set[str]) -> None:
     machine's Redis."""
     client = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5)
     try:
-        for prefix in prefixes:
-            batch: list[bytes] = []
-            for key in client.scan_iter(match=f"{prefix.removesuffix(':')}:*", count=1000):
-                batch.append(key)
-                if len(batch) == 500:
-                    client.unlink(*batch)
-                    batch.clear()
-            if batch:
-                client.unlink(*batch)
+        patterns = [f"{prefix.removesuffix(':')}:*" for prefix in prefixes]
+        keys = [key for pattern in patterns for key in client.scan_iter(match=pattern, count=1000)]
+        if keys:
+            client.unlink(*keys)
     except redis.RedisError:
         pass  # Redis already gone (a test stopped it): nothing left to tidy
     finally:
