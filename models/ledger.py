@@ -7,6 +7,7 @@ accounts and changed only by conditional updates in the same transaction as the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sqlalchemy import BigInteger, bindparam, func, insert, select, text, update
@@ -166,6 +167,15 @@ def _debit(session: Session, account: int, amount: int, *, allow_negative: bool 
 
 def _credit(session: Session, account: int, amount: int) -> None:
     session.execute(_CREDIT, {"account": account, "amount": amount})
+
+
+def credit_many(session: Session, amounts: Mapping[int, int]) -> None:
+    """Add each amount to its account (by id), in id order. A relative update: the rows need not
+    have been read or locked before, and each is locked only from here to the commit. The
+    caller writes the postings that account for it in the same transaction."""
+    rows = [{"account": account, "amount": amount} for account, amount in sorted(amounts.items()) if amount]
+    if rows:
+        session.execute(_CREDIT, rows)
 
 
 def post(

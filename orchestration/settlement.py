@@ -7,9 +7,14 @@ out in Python from those locked balances, and the writes go out as a handful of 
 statements. The journal is the same as finish_in's, entry for entry and memo for memo, so
 ``hivemind-pool audit`` and the credit history cannot tell the two apart.
 
-Locks are taken in the order every other path takes them (task rows, then accounts, then
-allocations, users and nodes), each set in id order. A task that does not fit the common case
-(a ledger account missing, say) is left out and returned for :func:`finish_in` to handle alone.
+Locks are taken in this order, each set in id order: task rows, their escrow and pending
+accounts, allocations, nodes, users, and last the users' balances. A batch only credits those
+balances (refunds to submitters, rewards to node owners), so it never reads or locks them
+first: one relative update each, just before the commit (:func:`ledger.credit_many`). A
+submitter's balance row is the one that every upload of theirs takes, and a batch that locked
+it from the start held those uploads for all its statements. A task that does not fit the
+common case (a ledger account missing, say) is left out and returned for :func:`finish_in` to
+handle alone.
 """
 
 from __future__ import annotations
@@ -45,16 +50,21 @@ Key = tuple[str, int]  # (task_id, attempt)
 
 @dataclass
 class _Books:
-    """The locked accounts of a batch and the movements worked out on them."""
+    """The accounts of a batch and the movements worked out on them. ``balances`` holds what the
+    locked accounts hold; for the ``credited`` ones (users' balances, not read), what the batch
+    adds to them."""
 
     ids: dict[str, int]
     balances: dict[str, int]
+    credited: set[str] = field(default_factory=set)
     entries: list[tuple[str, str, str, int, str]] = field(default_factory=list)  # kind, debit, credit, amount, memo
     created: dict[str, tuple[str, int | None]] = field(default_factory=dict)  # key → (kind, user id)
 
     def move(self, kind: str, source: str, target: str, amount: int, memo: str) -> None:
         if amount <= 0:
             return
+        if source in self.credited:
+            raise ValueError(f"{source} is only credited here: its balance was not read")
         self.balances[source] -= amount
         self.balances[target] = self.balances.get(target, 0) + amount
         self.entries.append((kind, source, target, amount, memo))
@@ -145,6 +155,7 @@ def settle(
         _write_books(session, books)
         _release(session, reasons, now)
         credit_completions(session, settings, credits, now)
+        ledger.credit_many(session, {books.ids[key]: books.balances.get(key, 0) for key in books.credited})
     return statuses, left
 
 
@@ -171,21 +182,28 @@ def _locked_views(session: Session, task_ids: list[str]) -> dict[str, tasks.Task
 
 
 def _lock_accounts(session: Session, due: list[tasks.TaskView], *, balances: bool = True) -> _Books:
-    """The escrow and pending accounts of ``due`` (and its users' balances), locked in id order."""
+    """The escrow and pending accounts of ``due``, locked in id order, and (``balances``) the ids
+    of its users' balances, to be credited (not read, not locked)."""
     keys: set[str] = set()
+    users: set[str] = set()
     for view in due:
         keys |= {escrow_key(view.pk), pending_key(view.pk, view.attempt)}
         if balances:
-            keys.add(ledger.balance_key(view.owner_id))
+            users.add(ledger.balance_key(view.owner_id))
         if balances and view.node_owner_id is not None:
-            keys.add(ledger.balance_key(view.node_owner_id))
+            users.add(ledger.balance_key(view.node_owner_id))
     rows = session.execute(
         select(Account.key, Account.id, Account.balance)
         .where(Account.key.in_(keys))
         .order_by(Account.id)
         .with_for_update()
     ).all()
-    return _Books(ids={key: pk for key, pk, _ in rows}, balances={key: balance for key, _, balance in rows})
+    books = _Books(ids={key: pk for key, pk, _ in rows}, balances={key: balance for key, _, balance in rows})
+    if users:
+        found = dict(session.execute(select(Account.key, Account.id).where(Account.key.in_(users))).all())
+        books.ids.update(found)
+        books.credited = set(found)
+    return books
 
 
 def _accrue(books: _Books, view: tasks.TaskView, now: datetime) -> datetime | None:
@@ -238,7 +256,8 @@ def _write_books(session: Session, books: _Books) -> None:
         ]
         touched |= {debit, credit}
     bulk.insert_rows(session, Posting, postings)
-    bulk.update_rows(session, Account, [{"id": books.ids[k], "balance": books.balances[k]} for k in sorted(touched)])
+    locked = sorted(touched - books.credited)
+    bulk.update_rows(session, Account, [{"id": books.ids[k], "balance": books.balances[k]} for k in locked])
 
 
 def _release(session: Session, reason_of: dict[str, str], now: datetime) -> None:

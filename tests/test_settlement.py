@@ -238,3 +238,50 @@ def test_batch_accrual_matches_one_task_at_a_time(db: Database) -> None:
         assert {v.accrued_until for v in tasks.get_many(session, [t for t, _ in batch]) if v.started_at} == {now}
         report = ledger.audit(session)
         assert report.ok, report.problems
+
+
+@pytest.mark.postgres
+def test_a_batch_leaves_its_submitters_balance_free_until_its_last_statement(postgres_url: str) -> None:
+    """A submitter's balance row is what every upload of theirs takes (PostgreSQL locks it from
+    the upload's debit to its commit). A batch only credits it, with its last statement, so while
+    the batch writes its postings another transaction can still take that row at once."""
+    db = Database(postgres_url)
+    schema.upgrade(db.engine)
+    batch = build(db, "d")
+    with db.reading() as session:
+        submitter = session.scalars(sa.select(User.id).where(User.username == "subd")).one()
+    balance = ledger.balance_key(submitter)
+    other = sa.create_engine(postgres_url)
+    taken_at_once: list[bool] = []
+
+    def upload_meanwhile(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if not statement.startswith("INSERT INTO postings") or taken_at_once:
+            return
+        with other.connect() as conn:
+            conn.execute(sa.text("SET lock_timeout = '1s'"))
+            try:
+                conn.execute(
+                    sa.text("UPDATE accounts SET balance = balance - 1 WHERE key = :key RETURNING id"), {"key": balance}
+                ).one()
+                conn.commit()
+                taken_at_once.append(True)
+            except sa.exc.OperationalError:  # lock_not_available: the batch held the row
+                taken_at_once.append(False)
+
+    sa.event.listen(db.engine, "before_cursor_execute", upload_meanwhile)
+    try:
+        statuses, left = db.transaction(lambda session: settlement.settle(session, SETTINGS, batch))
+    finally:
+        sa.event.remove(db.engine, "before_cursor_execute", upload_meanwhile)
+        other.dispose()
+    assert taken_at_once == [True]
+    assert left == [] and statuses[("done-d", 1)] == "COMPLETED"
+    with db.reading() as session:
+        held, posted = session.execute(
+            sa.select(Account.balance, sa.func.sum(Posting.amount))
+            .join(Posting, Posting.account_id == Account.id)
+            .where(Account.key == balance)
+            .group_by(Account.balance)
+        ).one()
+    assert held == posted - 1  # the batch's refunds added to the row as it stood: the debit made meanwhile stays
+    db.dispose()
