@@ -11,10 +11,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import TextualSelect, and_, bindparam, func, or_, select, text, update
+from sqlalchemy import Row, TextualSelect, and_, bindparam, column, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.types import NullType
 
 from models.tables import RESOURCE_DIMENSIONS, Allocation, Node, table_of, utcnow
 
@@ -70,19 +72,25 @@ def hold(session: Session, node_pk: int, need: Need) -> bool:
     its task cap, in one conditional UPDATE (:func:`hold_many` for one task). The caller records
     the allocation row in the same transaction (``allocate`` does; matching inserts a batch of
     them at once)."""
-    return node_pk in _hold_shares(session, {node_pk: (need, 1)})
+    return bool(_hold_shares(session, {node_pk: (need, 1)}))
 
 
 def hold_many(session: Session, holds: dict[int, tuple[Need, int]]) -> set[int]:
     """:func:`hold` for many nodes in one statement: node pk -> (the needs of its tasks summed,
     how many tasks). Each node takes all of its share or none of it, under the same conditions
     (online, room in every dimension, below its task cap counting them all); the pks that took it."""
+    return {node.id for node in _hold_shares(session, holds)}
+
+
+def hold_many_nodes(session: Session, holds: dict[int, tuple[Need, int]]) -> list[Row[Any]]:
+    """:func:`hold_many`, answering the rows of the nodes that took their share as the hold left
+    them (:data:`NODE_COLUMNS`, and ``stamp``: ``changed_at`` as the driver hands it back)."""
     return _hold_shares(session, holds)
 
 
-def _hold_shares(session: Session, holds: dict[int, tuple[Need, int]]) -> set[int]:
+def _hold_shares(session: Session, holds: dict[int, tuple[Need, int]]) -> list[Row[Any]]:
     rows = [(pk, count, *need.as_dict().values()) for pk, (need, count) in sorted(holds.items())]
-    held: set[int] = set()
+    held: list[Row[Any]] = []
     now = utcnow()
     for start in range(0, len(rows), _MAX_SHARES):
         chunk = rows[start : start + _MAX_SHARES]
@@ -90,11 +98,17 @@ def _hold_shares(session: Session, holds: dict[int, tuple[Need, int]]) -> set[in
         params: dict[str, object] = {"now": now}
         for i, row in enumerate(chunk + [_NO_SHARE] * (size - len(chunk))):
             params.update(zip((f"{name}_{i}" for name in _SHARE_COLUMNS), row, strict=True))
-        held.update(session.execute(_hold_many_statement(size), params).scalars())
+        held += session.execute(_hold_many_statement(size), params).all()
     return held
 
 
 _SHARE_COLUMNS = ("node", "tasks", *(f"need_{d}" for d in RESOURCE_DIMENSIONS))
+# A node's columns as matching keeps them (orchestration.catalog reads the same), which a hold
+# answers for the nodes it held.
+NODE_COLUMNS = (
+    "id", "node_id", "tier", "status", "gpu_name", "location", "running_tasks", "max_tasks", "changed_at",
+    *(f"{prefix}_{d}" for prefix in ("cap", "avail") for d in RESOURCE_DIMENSIONS),
+)  # fmt: skip
 _NO_SHARE = (0, 0, *(0 for _ in RESOURCE_DIMENSIONS))  # node pk 0 matches no node
 _MAX_SHARES = 512  # rows of one statement (six parameters each)
 
@@ -117,9 +131,10 @@ def _hold_many_statement(size: int) -> TextualSelect:
         f" FROM share WHERE {nodes}.id = share.node AND {nodes}.status = 'online' AND "
         + " AND ".join(f"{nodes}.avail_{d} >= share.need_{d}" for d in dims)
         + f" AND ({nodes}.max_tasks IS NULL OR {nodes}.running_tasks + share.tasks <= {nodes}.max_tasks)"
-        f" RETURNING {nodes}.id"
+        f" RETURNING {', '.join(f'{nodes}.{name}' for name in NODE_COLUMNS)}, {nodes}.changed_at AS stamp"
     )
-    return text(sql).bindparams(bindparam("now", type_=_nodes.c.changed_at.type)).columns(_nodes.c.id)
+    returned = (*(_nodes.c[name] for name in NODE_COLUMNS), column("stamp", NullType()))
+    return text(sql).bindparams(bindparam("now", type_=_nodes.c.changed_at.type)).columns(*returned)
 
 
 def _give_back(session: Session, node_pk: int, amounts: dict[str, int]) -> None:

@@ -12,6 +12,7 @@ from sqlalchemy import Row, bindparam, select, type_coerce
 from sqlalchemy.orm import Session
 from sqlalchemy.types import NullType
 
+from models.allocation import NODE_COLUMNS
 from models.tables import RESOURCE_DIMENSIONS, Node, table_of
 from orchestration.policies.index import CandidateIndex
 from orchestration.policies.matching import NodeView, Resources
@@ -26,24 +27,7 @@ _nodes = table_of(Node)
 # changed_at as the driver hands it back (a string on SQLite, a datetime on PostgreSQL): compared
 # with what was applied, not converted, for the rows a refresh finds unchanged.
 _STAMP = type_coerce(_nodes.c.changed_at, NullType()).label("stamp")
-_CATALOG_COLUMNS = select(  # the columns a NodeView needs, as plain rows: no ORM objects per node
-    *(
-        _nodes.c[name]
-        for name in (
-            "id",
-            "node_id",
-            "tier",
-            "status",
-            "gpu_name",
-            "location",
-            "running_tasks",
-            "max_tasks",
-            "changed_at",
-            *(f"{prefix}_{d}" for prefix in ("cap", "avail") for d in RESOURCE_DIMENSIONS),
-        )
-    ),
-    _STAMP,
-)
+_CATALOG_COLUMNS = select(*(_nodes.c[name] for name in NODE_COLUMNS), _STAMP)  # plain rows, no ORM objects
 _CHANGED_STAMPS = select(_nodes.c.node_id, _STAMP).where(_nodes.c.changed_at >= bindparam("since"))
 _BY_NODE_ID = _CATALOG_COLUMNS.where(_nodes.c.node_id.in_(bindparam("ids", expanding=True)))
 READ_AT_ONCE = 500  # node ids a statement reads by: far below every backend's limit on parameters
@@ -56,6 +40,7 @@ class NodeCatalog:
     pks: dict[str, int] = field(default_factory=dict)
     since: datetime | None = None
     applied: dict[str, object] = field(default_factory=dict)  # node id -> stamp of the row in the index
+    held: list[Row[Any]] = field(default_factory=list)  # rows our uncommitted holds left (see holding)
 
     def refresh(self, session: Session) -> int:
         """Load nodes changed since the last refresh (all of them the first time); how many.
@@ -98,10 +83,23 @@ class NodeCatalog:
             count += 1
         return count
 
+    def holding(self, rows: Iterable[Row[Any]]) -> None:
+        """Note the rows our holds left (:func:`allocation.hold_many_nodes`), to be applied once
+        their transaction commits (:meth:`committed`): the next refresh then skips those nodes,
+        which would otherwise be read back and rebuilt for a change that was our own."""
+        self.held += rows
+
+    def committed(self) -> None:
+        """The holds noted since the last commit are in the database: apply them."""
+        held, self.held = self.held, []
+        if self.since is not None:  # else the next refresh reads every node anyway
+            self._apply(held)
+
     def forget(self) -> None:
         """Reload every node at the next refresh (after a rolled-back batch)."""
         self.since = None
         self.applied.clear()
+        self.held.clear()
 
     def took(self, view: NodeView, need: Resources) -> None:
         """Reflect our own allocation at once, without waiting for the next refresh."""

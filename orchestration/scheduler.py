@@ -137,7 +137,9 @@ def _hold_first_choices(
         total, count = shares.get(pk, (allocation.Need(), 0))
         shares[pk] = (total.plus(allocation.Need(**task.needs)), count + 1)
         chosen.append((task, node, pk))
-    held = allocation.hold_many(session, shares)
+    rows = allocation.hold_many_nodes(session, shares)
+    catalog.holding(rows)
+    held = {node.id for node in rows}
     placed = [(task, node) for task, node, pk in chosen if pk in held]
     missed = [task for task, _, pk in chosen if pk not in held]
     if missed:
@@ -259,6 +261,7 @@ def match_pending(
     except Exception:
         catalog.forget()  # it saw allocations that were rolled back
         raise
+    catalog.committed()
     attempts = [(task.task_id, task.attempt + 1) for task, _ in placed]
     try:
         if placed_then is not None:

@@ -36,10 +36,13 @@ def test_the_matcher_reads_only_the_nodes_changed_since_its_last_look(make_pool,
     register("d")
     assert refresh() == 1
 
-    # A task placed by the same process changes its node, which the next look reads again.
+    # A task placed by the same process changes its node: the process took the node's row as its
+    # hold left it, so the next look has nothing to read again; a change by anyone else it reads.
     _, submitter = pool.new_user()
     task_id = upload(pool, submitter)
     wait_status(pool, submitter, task_id, "ASSIGNED")  # no dispatch worker here: it stays assigned
+    assert refresh() == 0
+    register("f")
     assert refresh() == 1
 
     # While a matching job is queued or running (it holds the flag), the refresh leaves the

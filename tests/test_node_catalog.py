@@ -10,7 +10,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from models import schema
+from models import allocation, schema
+from models.db import create_db_engine
 from models.tables import Node, User, table_of, utcnow
 from orchestration import catalog as catalog_module
 from orchestration.catalog import NodeCatalog
@@ -24,7 +25,7 @@ nodes = table_of(Node)
 
 @pytest.fixture
 def engine(database_url: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(database_url)
+    engine = create_db_engine(database_url)  # SQLite as the pool runs it: its transactions begun explicitly
     if database_url.startswith("sqlite"):
         schema.upgrade(engine)
     old = utcnow() - timedelta(hours=1)
@@ -159,3 +160,50 @@ def test_forgetting_loads_every_node_again(engine: sa.Engine) -> None:
     refresh(engine, catalog)
     catalog.forget()
     assert refresh(engine, catalog) == NODES
+
+
+def hold(engine: sa.Engine, catalog: NodeCatalog, *node_ids: str) -> None:
+    """Hold a task's worth on each node as a matching batch does, noting the rows; committed."""
+    need = allocation.Need(cpu_score=100, memory_gb=1)
+    with Session(engine) as session, session.begin():
+        shares = {catalog.pks[node_id]: (need, 1) for node_id in node_ids}
+        catalog.holding(allocation.hold_many_nodes(session, shares))
+
+
+def test_nodes_changed_by_our_own_committed_holds_are_not_read_again(engine: sa.Engine) -> None:
+    catalog = NodeCatalog()
+    refresh(engine, catalog)
+    hold(engine, catalog, "n00", "n01")
+    catalog.committed()
+    view = catalog.index.get("n00")
+    assert view is not None and view.available.cpu_score == 400 and view.running_tasks == 1  # the row as held
+    assert refresh(engine, catalog) == 0
+
+    change(engine, "n00", avail_cpu_score=450, running_tasks=0)  # someone else's change after ours
+    assert refresh(engine, catalog) == 1
+    view = catalog.index.get("n00")
+    assert view is not None and view.available.cpu_score == 450 and view.running_tasks == 0
+
+
+def test_a_change_made_before_our_holds_are_applied_is_still_read(engine: sa.Engine) -> None:
+    catalog = NodeCatalog()
+    refresh(engine, catalog)
+    hold(engine, catalog, "n02")
+    change(engine, "n02", avail_cpu_score=500, running_tasks=0)  # committed between our commit and our look
+    catalog.committed()
+    assert refresh(engine, catalog) == 1
+    view = catalog.index.get("n02")
+    assert view is not None and view.available.cpu_score == 500 and view.running_tasks == 0
+
+
+def test_holds_noted_then_forgotten_are_never_applied(engine: sa.Engine) -> None:
+    catalog = NodeCatalog()
+    refresh(engine, catalog)
+    with Session(engine) as session, session.begin():
+        catalog.holding(allocation.hold_many_nodes(session, {catalog.pks["n03"]: (allocation.Need(cpu_score=100), 1)}))
+        session.rollback()
+    catalog.forget()  # as matching does when its transaction fails
+    catalog.committed()
+    assert refresh(engine, catalog) == NODES
+    view = catalog.index.get("n03")
+    assert view is not None and view.available.cpu_score == 500 and view.running_tasks == 0
