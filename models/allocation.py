@@ -90,8 +90,13 @@ def hold_many_nodes(session: Session, holds: dict[int, tuple[Need, int]]) -> lis
 
 def _hold_shares(session: Session, holds: dict[int, tuple[Need, int]]) -> list[Row[Any]]:
     rows = [(pk, count, *need.as_dict().values()) for pk, (need, count) in sorted(holds.items())]
-    held: list[Row[Any]] = []
+    if not rows:
+        return []
     now = utcnow()
+    if session.get_bind().dialect.name == "postgresql":  # six arrays, whatever the number of shares
+        columns = {name: list(values) for name, values in zip(_SHARE_COLUMNS, zip(*rows, strict=True), strict=True)}
+        return list(session.execute(_HOLD_MANY_PG, {"now": now, **columns}).all())
+    held: list[Row[Any]] = []
     for start in range(0, len(rows), _MAX_SHARES):
         chunk = rows[start : start + _MAX_SHARES]
         size = 1 << (len(chunk) - 1).bit_length()  # padded, so a few statements serve every batch
@@ -113,18 +118,12 @@ _NO_SHARE = (0, 0, *(0 for _ in RESOURCE_DIMENSIONS))  # node pk 0 matches no no
 _MAX_SHARES = 512  # rows of one statement (six parameters each)
 
 
-@functools.cache
-def _hold_many_statement(size: int) -> TextualSelect:
-    """The UPDATE of :func:`hold_many` for ``size`` shares, all of them bound parameters, as text:
-    SQLAlchemy does not cache the compiled form of a statement with a VALUES list (it compiled
-    all 1,200 parameters of a batch of 200 afresh every time); a text statement it caches, so each
-    size is compiled once. The same SQL on SQLite (3.35+) and PostgreSQL."""
+def _hold_statement(shares: str) -> TextualSelect:
+    """The UPDATE of :func:`hold_many` over the rows of ``shares`` (SQL giving the share
+    columns), answering the held nodes' rows."""
     nodes, dims = _nodes.name, RESOURCE_DIMENSIONS
-    rows = ", ".join(
-        "(" + ", ".join(f"CAST(:{name}_{i} AS INTEGER)" for name in _SHARE_COLUMNS) + ")" for i in range(size)
-    )
     sql = (
-        f"WITH share ({', '.join(_SHARE_COLUMNS)}) AS (VALUES {rows}) "
+        f"WITH share ({', '.join(_SHARE_COLUMNS)}) AS ({shares}) "
         f"UPDATE {nodes} SET "
         + ", ".join(f"avail_{d} = {nodes}.avail_{d} - share.need_{d}" for d in dims)
         + f", running_tasks = {nodes}.running_tasks + share.tasks, changed_at = :now"
@@ -135,6 +134,26 @@ def _hold_many_statement(size: int) -> TextualSelect:
     )
     returned = (*(_nodes.c[name] for name in NODE_COLUMNS), column("stamp", NullType()))
     return text(sql).bindparams(bindparam("now", type_=_nodes.c.changed_at.type)).columns(*returned)
+
+
+@functools.cache
+def _hold_many_statement(size: int) -> TextualSelect:
+    """The UPDATE of :func:`hold_many` for ``size`` shares, all of them bound parameters, as text
+    (SQLite): SQLAlchemy does not cache the compiled form of a statement with a VALUES list (it
+    compiled all 1,200 parameters of a batch of 200 afresh every time); a text statement it
+    caches, so each size is compiled once."""
+    rows = ", ".join(
+        "(" + ", ".join(f"CAST(:{name}_{i} AS INTEGER)" for name in _SHARE_COLUMNS) + ")" for i in range(size)
+    )
+    return _hold_statement(f"VALUES {rows}")
+
+
+# PostgreSQL: the shares as one array a column. A VALUES list of a batch's 1,200 parameters cost
+# the matcher more than the statement itself: SQLAlchemy's processing of every parameter, and
+# psycopg's parsing of the statement on every execution (it caches only short ones).
+_HOLD_MANY_PG = _hold_statement(
+    "SELECT * FROM unnest(" + ", ".join(f"CAST(:{name} AS INTEGER[])" for name in _SHARE_COLUMNS) + ")"
+)
 
 
 def _give_back(session: Session, node_pk: int, amounts: dict[str, int]) -> None:
