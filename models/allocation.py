@@ -148,9 +148,9 @@ def _hold_many_statement(size: int) -> TextualSelect:
     return _hold_statement(f"VALUES {rows}")
 
 
-# PostgreSQL: the shares as one array a column. A VALUES list of a batch's 1,200 parameters cost
-# the matcher more than the statement itself: SQLAlchemy's processing of every parameter, and
-# psycopg's parsing of the statement on every execution (it caches only short ones).
+# PostgreSQL: the shares as one array a column. A VALUES list of a batch of 200 (1,536 parameters,
+# padded) cost the matcher more than the statement itself: SQLAlchemy's processing of every
+# parameter, and psycopg's parsing of the statement at every execution (it keeps only short ones).
 _HOLD_MANY_PG = _hold_statement(
     "SELECT * FROM unnest(" + ", ".join(f"CAST(:{name} AS INTEGER[])" for name in _SHARE_COLUMNS) + ")"
 )
