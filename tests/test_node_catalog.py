@@ -68,6 +68,13 @@ def refresh(engine: sa.Engine, catalog: NodeCatalog) -> int:
         return catalog.refresh(session)
 
 
+def seen(catalog: NodeCatalog, node_id: str) -> tuple[int, int]:
+    """The catalog's view of a node: its CPU score available, its tasks running."""
+    view = catalog.index.get(node_id)
+    assert view is not None
+    return view.available.cpu_score, view.running_tasks
+
+
 def test_the_first_look_loads_every_node_and_a_look_without_changes_loads_none(engine: sa.Engine) -> None:
     catalog = NodeCatalog()
     assert refresh(engine, catalog) == NODES
@@ -107,13 +114,11 @@ def test_a_changed_node_is_seen_as_it_is_now(engine: sa.Engine) -> None:
     refresh(engine, catalog)
     change(engine, "n03", avail_cpu_score=120, running_tasks=1)
     assert refresh(engine, catalog) == 1
-    view = catalog.index.get("n03")
-    assert view is not None and view.available.cpu_score == 120 and view.running_tasks == 1
+    assert seen(catalog, "n03") == (120, 1)
 
     change(engine, "n03", avail_cpu_score=60, running_tasks=2)  # changed again, inside the look-back
     assert refresh(engine, catalog) == 1
-    view = catalog.index.get("n03")
-    assert view is not None and view.available.cpu_score == 60 and view.running_tasks == 2
+    assert seen(catalog, "n03") == (60, 2)
 
 
 def test_a_node_gone_offline_is_no_candidate_any_more(engine: sa.Engine) -> None:
@@ -175,14 +180,12 @@ def test_nodes_changed_by_our_own_committed_holds_are_not_read_again(engine: sa.
     refresh(engine, catalog)
     hold(engine, catalog, "n00", "n01")
     catalog.committed()
-    view = catalog.index.get("n00")
-    assert view is not None and view.available.cpu_score == 400 and view.running_tasks == 1  # the row as held
+    assert seen(catalog, "n00") == (400, 1)  # the row as held
     assert refresh(engine, catalog) == 0
 
     change(engine, "n00", avail_cpu_score=450, running_tasks=0)  # someone else's change after ours
     assert refresh(engine, catalog) == 1
-    view = catalog.index.get("n00")
-    assert view is not None and view.available.cpu_score == 450 and view.running_tasks == 0
+    assert seen(catalog, "n00") == (450, 0)
 
 
 def test_a_change_made_before_our_holds_are_applied_is_still_read(engine: sa.Engine) -> None:
@@ -192,8 +195,7 @@ def test_a_change_made_before_our_holds_are_applied_is_still_read(engine: sa.Eng
     change(engine, "n02", avail_cpu_score=500, running_tasks=0)  # committed between our commit and our look
     catalog.committed()
     assert refresh(engine, catalog) == 1
-    view = catalog.index.get("n02")
-    assert view is not None and view.available.cpu_score == 500 and view.running_tasks == 0
+    assert seen(catalog, "n02") == (500, 0)
 
 
 def test_holds_noted_then_forgotten_are_never_applied(engine: sa.Engine) -> None:
@@ -205,5 +207,4 @@ def test_holds_noted_then_forgotten_are_never_applied(engine: sa.Engine) -> None
     catalog.forget()  # as matching does when its transaction fails
     catalog.committed()
     assert refresh(engine, catalog) == NODES
-    view = catalog.index.get("n03")
-    assert view is not None and view.available.cpu_score == 500 and view.running_tasks == 0
+    assert seen(catalog, "n03") == (500, 0)
