@@ -8,9 +8,10 @@ statements. The journal is the same as finish_in's, entry for entry and memo for
 ``hivemind-pool audit`` and the credit history cannot tell the two apart.
 
 Locks are taken in this order, each set in id order: task rows, their escrow and pending
-accounts, allocations, nodes, users, and last the users' balances. A batch only credits those
-balances (refunds to submitters, rewards to node owners), so it never reads or locks them
-first: one relative update each, just before the commit (:func:`ledger.credit_many`). A
+accounts, allocations, nodes, the users' balances, users (as :func:`finish_in` takes a node
+owner's balance, then the owner's credit). A batch only credits those balances (refunds to
+submitters, rewards to node owners), so it never reads or locks them first: one relative update
+each, near the end (:func:`ledger.credit_many`), followed only by the credit scores. A
 submitter's balance row is the one that every upload of theirs takes, and a batch that locked
 it from the start held those uploads for all its statements. A task that does not fit the
 common case (a ledger account missing, say) is left out and returned for :func:`finish_in` to
@@ -154,8 +155,8 @@ def settle(
         bulk.insert_rows(session, TaskEvent, event_rows)
         _write_books(session, books)
         _release(session, reasons, now)
-        credit_completions(session, settings, credits, now)
         ledger.credit_many(session, {books.ids[key]: books.balances.get(key, 0) for key in books.credited})
+        credit_completions(session, settings, credits, now)
     return statuses, left
 
 

@@ -243,7 +243,7 @@ def test_batch_accrual_matches_one_task_at_a_time(db: Database) -> None:
 @pytest.mark.postgres
 def test_a_batch_leaves_its_submitters_balance_free_until_its_last_statement(postgres_url: str) -> None:
     """A submitter's balance row is what every upload of theirs takes (PostgreSQL locks it from
-    the upload's debit to its commit). A batch only credits it, with its last statement, so while
+    the upload's debit to its commit). A batch only credits it, near its end, so while
     the batch writes its postings another transaction can still take that row at once."""
     db = Database(postgres_url)
     schema.upgrade(db.engine)
