@@ -29,6 +29,11 @@ from protos import nodepool_pb2 as pb
 
 log = logging.getLogger("agent.node")
 
+# The main thread waits for the stop signal in slices: a process signal the kernel delivers to
+# another thread (any thread that does not block it may take it) only marks the handler as due,
+# and Python runs it in the main thread once that thread runs again; a wait without a timeout
+# would never return to run it.
+SIGNAL_POLL_SECONDS = 0.5
 SHUTDOWN_SECONDS = 20.0
 
 
@@ -202,7 +207,8 @@ def serve(
         log.info("node %s serving on port %d, registered with %s", settings.node_id, port, settings.pool)
         heartbeat = Heartbeat(session, node.status_message, interval=settings.heartbeat_seconds)
         heartbeat.start()
-        stopping.wait()
+        while not stopping.wait(SIGNAL_POLL_SECONDS):  # see SIGNAL_POLL_SECONDS
+            pass
         log.info("shutting down: stopping %d running task(s)", node.running)
         node.shutdown()
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import ctypes
 import functools
 import os
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 import redis
 import sqlalchemy as sa
 
@@ -252,3 +254,21 @@ def celery_worker_process(
     return CeleryWorker(
         harness, queues=queues, concurrency=concurrency, name=name or unique_name("worker"), wait_ready=wait_ready
     )
+
+
+def signal_another_thread(pid: int, signum: int) -> int:
+    """Send ``signum`` to one thread of process ``pid`` other than its main thread, one that does
+    not block it (Linux ``tgkill``), as the kernel may deliver a process's signal to any such
+    thread; its thread id. Skips the test where that cannot be done."""
+    tgkill = getattr(ctypes.CDLL(None, use_errno=True), "tgkill", None)
+    if tgkill is None or not Path(f"/proc/{pid}/task").is_dir():
+        pytest.skip("needs Linux's tgkill and /proc")
+    bit = 1 << (signum - 1)
+    for tid in sorted(int(name) for name in os.listdir(f"/proc/{pid}/task")):
+        if tid == pid:
+            continue
+        status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        blocked = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:")), 16)
+        if not blocked & bit and tgkill(pid, tid, signum) == 0:
+            return tid
+    raise AssertionError(f"process {pid} has no other thread that takes signal {signum}")

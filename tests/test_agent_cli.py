@@ -17,7 +17,7 @@ import pytest
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
 from tests.agent_fixtures import make_zip, processes_of, task_users_in, work_dir
-from tests.harness import REPO, PoolHarness, bearer, unique_name
+from tests.harness import PASSWORD, REPO, PoolHarness, bearer, signal_another_thread, unique_name
 from tests.recording_pool import signed
 
 __all__ = ["work_dir"]  # the fixture, used by name
@@ -102,6 +102,28 @@ def test_run_registers_serves_signed_tasks_and_stops_cleanly_on_sigterm(
     assert "node stopped" in out
     assert "stopping 1 running task(s)" in out
     assert processes_of(users) == []
+
+
+def test_run_stops_on_a_sigterm_taken_by_another_thread(
+    sqlite_pool: PoolHarness, spawn_agent: Callable[..., subprocess.Popen[str]], work_dir: Path, unused_port: int
+) -> None:
+    """The kernel may hand a process's SIGTERM to any of its threads; Python runs the handler in
+    the main thread only, and the node still stops."""
+    name, token = sqlite_pool.new_user()
+    agent = spawn_agent(
+        "run", "--pool", sqlite_pool.address, "--username", name, "--password", PASSWORD, "--label", "box2",
+        "--port", str(unused_port), "--bind", "127.0.0.1", "--work-dir", str(work_dir), "--docker", "never",
+    )  # fmt: skip
+    came_online = wait_for(
+        lambda: node_status(sqlite_pool, token, f"{name}/box2") == "idle" or agent.poll() is not None
+    )
+    assert came_online and agent.poll() is None, agent.stdout.read() if agent.stdout else ""
+
+    signal_another_thread(agent.pid, signal.SIGTERM)
+    out, _ = agent.communicate(timeout=30)
+
+    assert agent.returncode == 0, out
+    assert "received SIGTERM" in out and "node stopped" in out
 
 
 def test_run_with_a_wrong_password_says_so_and_exits(

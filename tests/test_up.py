@@ -22,7 +22,7 @@ from pool.settings import Settings
 from pool.up import children
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
-from tests.harness import unique_name
+from tests.harness import signal_another_thread, unique_name
 from tests.processes import wait_gone
 from tests.test_server import SERVICES, list_services
 
@@ -202,3 +202,33 @@ def _wait_for(condition, timeout: float, process: subprocess.Popen, log: Path) -
             raise AssertionError(f"`up` exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         time.sleep(0.05)
     raise AssertionError(f"`up` not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def test_a_grpc_server_stops_on_a_sigterm_taken_by_another_thread(
+    tmp_path: Path, unused_port: int, redis_url: str
+) -> None:
+    """`up` stops its servers with SIGTERM, and the kernel may hand it to any of a server's
+    threads; Python runs the handler in the main thread only, and the server still stops."""
+    env = {key: value for key, value in os.environ.items() if key not in CONFIG_VARS}
+    env.update(
+        REDIS_URL=redis_url,
+        DATA_DIR=str(tmp_path),
+        GRPC_SERVER_HOST="127.0.0.1",
+        GRPC_SERVER_PORT=str(unused_port),
+        METRICS_PORT="0",
+        PYTHONUNBUFFERED="1",
+    )
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        serving = subprocess.Popen(
+            [sys.executable, "-m", "pool", "serve"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        _wait_for(lambda: "gRPC server listening" in log_path.read_text(), 60, serving, log_path)
+        signal_another_thread(serving.pid, signal.SIGTERM)
+        assert serving.wait(timeout=30) == 0, log_path.read_text()[-3000:]
+    finally:
+        if serving.poll() is None:
+            serving.kill()
+            serving.wait()
+    assert "gRPC server stopping" in log_path.read_text()
