@@ -8,10 +8,8 @@ must not. None of these tests changes the server's settings, which other tests s
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from typer.testing import CliRunner
 
 from models import schema
 from pool.cli import app
-from tests.test_up import CONFIG_VARS
+from tests.test_up import start_serve
 
 
 def autovacuum_off(database_url: str) -> bool:
@@ -64,21 +62,7 @@ def test_the_server_logs_the_advice_before_it_takes_calls(
 ) -> None:
     """``hivemind-pool serve``, a real process on PostgreSQL: the advice is in its log once, before
     it says it listens (where the server's autovacuum is on, it is not there at all)."""
-    env = {key: value for key, value in os.environ.items() if key not in CONFIG_VARS}
-    env.update(
-        DATABASE_URL=postgres_url,
-        REDIS_URL=redis_url,
-        DATA_DIR=str(tmp_path),
-        GRPC_SERVER_HOST="127.0.0.1",
-        GRPC_SERVER_PORT=str(unused_port),
-        METRICS_PORT="0",
-        PYTHONUNBUFFERED="1",
-    )
-    log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        serving = subprocess.Popen(
-            [sys.executable, "-m", "pool", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path
-        )
+    serving, log_path = start_serve(tmp_path, unused_port, DATABASE_URL=postgres_url, REDIS_URL=redis_url)
     try:
         deadline = time.monotonic() + 60
         while "gRPC server listening" not in log_path.read_text() and time.monotonic() < deadline:

@@ -63,6 +63,26 @@ def _start_up(tmp_path: Path, port: int, **settings: str) -> tuple[subprocess.Po
     return up, log_path
 
 
+def start_serve(tmp_path: Path, port: int, **settings: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """`hivemind-pool serve` (one gRPC server process) in ``tmp_path`` on ``port`` with ``settings``
+    and nothing else configured; (the process, its log), as soon as it is started."""
+    env = {key: value for key, value in os.environ.items() if key not in CONFIG_VARS}
+    env.update(
+        DATA_DIR=str(tmp_path),
+        GRPC_SERVER_HOST="127.0.0.1",
+        GRPC_SERVER_PORT=str(port),
+        METRICS_PORT="0",
+        PYTHONUNBUFFERED="1",
+        **settings,
+    )
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pool", "serve"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    return process, log_path
+
+
 def test_up_runs_the_pool_on_embedded_defaults_and_stops_cleanly(tmp_path: Path, unused_port: int) -> None:
     up, log_path = _start_up(tmp_path, unused_port, METRICS_PORT="0")
     try:
@@ -209,20 +229,7 @@ def test_a_grpc_server_stops_on_a_sigterm_taken_by_another_thread(
 ) -> None:
     """`up` stops its servers with SIGTERM, and the kernel may hand it to any of a server's
     threads; Python runs the handler in the main thread only, and the server still stops."""
-    env = {key: value for key, value in os.environ.items() if key not in CONFIG_VARS}
-    env.update(
-        REDIS_URL=redis_url,
-        DATA_DIR=str(tmp_path),
-        GRPC_SERVER_HOST="127.0.0.1",
-        GRPC_SERVER_PORT=str(unused_port),
-        METRICS_PORT="0",
-        PYTHONUNBUFFERED="1",
-    )
-    log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        serving = subprocess.Popen(
-            [sys.executable, "-m", "pool", "serve"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
+    serving, log_path = start_serve(tmp_path, unused_port, REDIS_URL=redis_url)
     try:
         _wait_for(lambda: "gRPC server listening" in log_path.read_text(), 60, serving, log_path)
         signal_another_thread(serving.pid, signal.SIGTERM)
