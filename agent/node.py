@@ -207,7 +207,7 @@ def serve(
         log.info("node %s serving on port %d, registered with %s", settings.node_id, port, settings.pool)
         heartbeat = Heartbeat(session, node.status_message, interval=settings.heartbeat_seconds)
         heartbeat.start()
-        while not stopping.wait(SIGNAL_POLL_SECONDS):  # see SIGNAL_POLL_SECONDS
+        while not stopping.wait(SIGNAL_POLL_SECONDS):
             pass
         log.info("shutting down: stopping %d running task(s)", node.running)
         node.shutdown()

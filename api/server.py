@@ -27,11 +27,7 @@ from protos.malformed import MalformedRequests
 
 log = logging.getLogger("api.server")
 
-# The main thread waits for the stop signal in slices: a process signal the kernel delivers to
-# another thread (any thread that does not block it may take it) only marks the handler as due,
-# and Python runs it in the main thread once that thread runs again; a wait without a timeout
-# would never return to run it.
-SIGNAL_POLL_SECONDS = 0.5
+SIGNAL_POLL_SECONDS = 0.5  # the main thread's wait for SIGTERM, in slices (as agent.node's, which says why)
 SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[name].full_name for name in pb.DESCRIPTOR.services_by_name)
 
 
@@ -111,7 +107,7 @@ def serve(settings: Settings, *, replica: int = 0) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    while not stopping.wait(SIGNAL_POLL_SECONDS):  # see SIGNAL_POLL_SECONDS
+    while not stopping.wait(SIGNAL_POLL_SECONDS):
         pass
     log.info("gRPC server stopping")
     server.stop(grace=5).wait()

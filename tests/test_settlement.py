@@ -241,7 +241,7 @@ def test_batch_accrual_matches_one_task_at_a_time(db: Database) -> None:
 
 
 @pytest.mark.postgres
-def test_a_batch_leaves_its_submitters_balance_free_until_its_last_statement(postgres_url: str) -> None:
+def test_a_batch_leaves_its_submitters_balance_free_while_it_writes_its_postings(postgres_url: str) -> None:
     """A submitter's balance row is what every upload of theirs takes (PostgreSQL locks it from
     the upload's debit to its commit). A batch only credits it, near its end, so while
     the batch writes its postings another transaction can still take that row at once."""
