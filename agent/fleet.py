@@ -143,6 +143,15 @@ class Fleet:
             if node_id in self.nodes:
                 self.nodes[node_id].token = token
 
+    def first_token(self, *, fresh: bool = False) -> str:
+        """A token of the fleet's first node, for what the fleet asks the pool as a whole (its
+        public key): the one remembered, or with ``fresh`` (or none) a new login, creating the
+        account first when the fleet may. "" when the pool refuses the login."""
+        node = next(iter(self.nodes.values()))
+        if fresh or not node.token:
+            node.token = self._log_in(node, create=self.spec.create_accounts)
+        return node.token
+
     def tokens(self) -> dict[str, str]:
         """Every node's current token, to be remembered for the next run."""
         return {node.node_id: node.token for node in self.nodes.values() if node.token}

@@ -118,7 +118,8 @@ class PoolSession:
         """
 
         def begin() -> None:
-            self.login()
+            if not self._token:  # a token got for the pool's key serves the registration too
+                self.login()
             self.register()
 
         self.patiently(begin, patience=patience)
@@ -138,8 +139,11 @@ class PoolSession:
                 attempt += 1
 
     def public_key(self) -> str:
-        """The pool's Ed25519 public key (PEM); grpc.RpcError when unreachable."""
-        return str(self.nodes.GetPoolPublicKey(pb.PoolPublicKeyRequest(), timeout=CALL_TIMEOUT).public_key_pem)
+        """The pool's Ed25519 public key (PEM), asked for with this node's token (logging in
+        first when it has none); LoginFailed, or grpc.RpcError when unreachable."""
+        if not self._token:
+            self.login()
+        return str(self.send(self.nodes.GetPoolPublicKey, pb.PoolPublicKeyRequest()).public_key_pem)
 
     # ------------------------------------------------------------------ calls
 

@@ -19,7 +19,7 @@ import grpc
 from agent import verify
 from agent.fleet import Fleet, FleetSpec, heartbeat_interval, open_channels
 from agent.server import WorkerNodeServicer, create_server
-from agent.session import CALL_TIMEOUT
+from agent.session import CALL_TIMEOUT, bearer
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
 
@@ -52,13 +52,24 @@ def write_tokens(path: Path | None, tokens: dict[str, str]) -> None:
         log.warning("could not keep the fleet's tokens in %s: %s", path, error)
 
 
-def pool_verifier(channel: grpc.Channel, key_file: Path | None) -> verify.CallVerifier:
-    """The verifier of the pool's calls, from ``key_file`` or from the pool (waiting for it)."""
+def pool_verifier(channel: grpc.Channel, key_file: Path | None, fleet: Fleet) -> verify.CallVerifier:
+    """The verifier of the pool's calls, from ``key_file`` or from the pool (waiting for it up to
+    CALL_TIMEOUT), asked for with a token of ``fleet``'s first node (a new one if the pool refuses
+    the one it remembers)."""
     if key_file is not None:
         return verify.CallVerifier(verify.read_key_file(key_file))
+    try:
+        grpc.channel_ready_future(channel).result(timeout=CALL_TIMEOUT)
+    except grpc.FutureTimeoutError:
+        raise RuntimeError(f"the pool did not answer within {CALL_TIMEOUT:g} s") from None
     fetch = pb_grpc.NodeManagerServiceStub(channel).GetPoolPublicKey
-    pem = fetch(pb.PoolPublicKeyRequest(), timeout=CALL_TIMEOUT, wait_for_ready=True).public_key_pem
-    return verify.CallVerifier(verify.load_public_key(pem))
+    try:
+        reply = fetch(pb.PoolPublicKeyRequest(), metadata=bearer(fleet.first_token()), timeout=CALL_TIMEOUT)
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.UNAUTHENTICATED:
+            raise
+        reply = fetch(pb.PoolPublicKeyRequest(), metadata=bearer(fleet.first_token(fresh=True)), timeout=CALL_TIMEOUT)
+    return verify.CallVerifier(verify.load_public_key(reply.public_key_pem))
 
 
 def serve_fleet(
@@ -74,16 +85,16 @@ def serve_fleet(
 ) -> None:
     """Serve ``spec.count`` virtual nodes until ``stopping`` is set, printing progress lines.
 
-    Raises grpc.RpcError when the pool cannot be reached for its key, RuntimeError when the
-    port cannot be bound, OSError / ValueError for an unreadable or wrong key file.
+    Raises grpc.RpcError when the pool fails the request for its key, RuntimeError when it does
+    not answer or the port cannot be bound, OSError / ValueError for an unreadable or wrong key file.
     """
     channels = open_channels(pool, spec.connections)
     fleet: Fleet | None = None
     server: grpc.Server | None = None
     try:
-        verifier = pool_verifier(channels[0], pool_key_file)
         fleet = Fleet(channels, spec)
         fleet.remember(read_tokens(token_file))
+        verifier = pool_verifier(channels[0], pool_key_file, fleet)
         server, port = create_server(WorkerNodeServicer(verifier, fleet), f"{bind}:{spec.port}", max_workers=16)
         server.start()
         fleet.start(port)

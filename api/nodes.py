@@ -106,7 +106,7 @@ class NodeManagerService(pb_grpc.NodeManagerServiceServicer):
         online = sum(1 for item in listings if item.status != "offline")
         return pb.GetNodeListResponse(success=True, message=f"{online} of {len(infos)} nodes online", nodes=infos)
 
-    @rpc(pb.PoolPublicKeyResponse, auth=False)
+    @rpc(pb.PoolPublicKeyResponse)
     def GetPoolPublicKey(self, request: pb.PoolPublicKeyRequest, call: Call) -> pb.PoolPublicKeyResponse:
         return pb.PoolPublicKeyResponse(
             public_key_pem=self.ctx.signer.public_key_pem, algorithm=ALGORITHM, issuer=ISSUER

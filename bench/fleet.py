@@ -51,7 +51,7 @@ def main() -> None:
     channels = open_channels(pool, spec.connections)
     fleet = RecordingFleet(channels, spec)
     fleet.remember(json.loads(Path(tokens_file).read_text()))
-    servicer = WorkerNodeServicer(pool_verifier(channels[0], None), fleet)
+    servicer = WorkerNodeServicer(pool_verifier(channels[0], None, fleet), fleet)
     server, port = create_server(servicer, "127.0.0.1:0", max_workers=16)
     server.start()
     fleet.start(port)

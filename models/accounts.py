@@ -140,8 +140,9 @@ def transfer(
     """Move ``amount`` CPT from ``sender``'s balance to ``receiver``'s, atomically.
 
     With an idempotency key, a retry (same sender, key, receiver and amount) is answered with the
-    first outcome and moves nothing; the same key with other details is an InvalidArgument.
-    Raises InvalidArgument, NotFound (receiver) or InsufficientBalance.
+    first outcome and moves nothing; the same key with other details is refused.
+    Raises InvalidArgument (a malformed amount or key) or Refused: NotFound (receiver),
+    InsufficientBalance, the sender named as receiver, a key used for another transfer.
     """
     if amount <= 0:
         raise InvalidArgument("amount must be a positive whole number of CPT")
@@ -150,7 +151,7 @@ def transfer(
     if idempotency_key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(idempotency_key):
         raise InvalidArgument("idempotency_key must be 1–128 characters of letters, digits, '_', '.', ':' or '-'")
     if sender.lower() == receiver.lower():
-        raise InvalidArgument("cannot transfer to yourself")
+        raise Refused("cannot transfer to yourself: name another user as the receiver")
 
     def work(session: Session) -> TransferOutcome:
         payer = find_user(session, sender)
@@ -191,5 +192,5 @@ def _replay(session: Session, payer_id: int, key: str, payee_id: int, amount: in
     credit = [p for p in ledger.postings_of(session, entry.id) if p.amount > 0]
     payee_account = ledger.account_id(session, ledger.balance_key(payee_id))
     if entry.kind != "transfer" or not credit or credit[0].amount != amount or credit[0].account_id != payee_account:
-        raise InvalidArgument("idempotency_key was already used for a different transfer")
+        raise Refused("idempotency_key was already used for a different transfer: use a new key for a new transfer")
     return TransferOutcome(entry.id, replayed=True)

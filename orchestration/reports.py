@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from models import task_end, task_files, task_output, tasks
 from models.db import Database
-from models.errors import InvalidArgument, NotFound, PermissionDenied, Refused
+from models.errors import InvalidArgument, NotFound, PermissionDenied, Refused, TooLarge
 from models.prepared import Prepared
 from models.tables import Task, table_of, utcnow
 from orchestration import economy
@@ -87,9 +87,9 @@ def _append(
 
 
 def output_lines(output: str) -> list[str]:
-    """The lines of a node's output report; InvalidArgument when it is too long for one message."""
+    """The lines of a node's output report; TooLarge when it is too long for one message."""
     if len(output) > MAX_OUTPUT_PAYLOAD:
-        raise InvalidArgument(f"output is over {MAX_OUTPUT_PAYLOAD} characters; send it in smaller pieces")
+        raise TooLarge(f"output is over {MAX_OUTPUT_PAYLOAD} characters; send it in smaller pieces")
     return output.splitlines()
 
 
@@ -117,7 +117,7 @@ def _seconds(value: object, default: float) -> float:
 def parse_logs(raw: str, timestamp: int) -> list[tuple[float, str, str]]:
     """Log records from a StoreLogs payload: a JSON object, a list of them, or a JSON string."""
     if len(raw) > MAX_LOG_PAYLOAD:
-        raise InvalidArgument(f"logs are over {MAX_LOG_PAYLOAD} characters")
+        raise TooLarge(f"logs are over {MAX_LOG_PAYLOAD} characters; send them in smaller pieces")
     try:
         value = json.loads(raw)
     except (ValueError, RecursionError) as error:  # ValueError: bad JSON, or an integer too long to read

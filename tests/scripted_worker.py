@@ -57,7 +57,9 @@ class ScriptedWorker(pb_grpc.WorkerNodeServiceServicer):
         self.script = script or Script()
         self.owner, self.token = owner or pool.new_user()
         self.node_id = f"{self.owner}/{label}" if label else self.owner
-        self.public_key = pool.nodes.GetPoolPublicKey(pb.PoolPublicKeyRequest()).public_key_pem
+        self.public_key = pool.nodes.GetPoolPublicKey(
+            pb.PoolPublicKeyRequest(), metadata=bearer(self.token)
+        ).public_key_pem
         self.executed: list[tuple[str, int]] = []
         self.stopped: list[str] = []
         self.running: dict[str, threading.Event] = {}

@@ -103,7 +103,7 @@ def test_a_failure_with_no_result_or_lines_is_a_plain_verdict(held: Held) -> Non
     "fields, code",
     [
         ({"result_zip": b"not a zip at all"}, "INVALID_ARGUMENT"),
-        ({"result_zip": result_zip(), "output": "x" * (MAX_OUTPUT_PAYLOAD + 1)}, "INVALID_ARGUMENT"),
+        ({"result_zip": result_zip(), "output": "x" * (MAX_OUTPUT_PAYLOAD + 1)}, "RESOURCE_EXHAUSTED"),
         ({"result_zip": result_zip(), "attempt": 2}, REFUSED),  # not the live attempt: in-band, as TaskCompleted
         ({"result_zip": result_zip(), "attempt": -1}, "INVALID_ARGUMENT"),
         ({"result_zip": result_zip(), "task_id": "../../etc/passwd"}, "INVALID_ARGUMENT"),

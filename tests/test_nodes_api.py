@@ -85,14 +85,16 @@ def test_other_users_cannot_register_reregister_or_heartbeat_a_node(pool: PoolHa
 
 
 def test_node_calls_without_a_token_are_unauthenticated(sqlite_pool: PoolHarness) -> None:
-    owner, _ = sqlite_pool.new_user()
+    owner, token = sqlite_pool.new_user()
     unauth = grpc.StatusCode.UNAUTHENTICATED
     assert code_of(sqlite_pool.nodes.RegisterWorkerNode, node_request(owner)) == unauth
     assert code_of(sqlite_pool.nodes.ReportStatus, pb.ReportStatusRequest(node_id=owner)) == unauth
     assert code_of(sqlite_pool.nodes.GetNodeList, pb.GetNodeListRequest()) == unauth
-    # The health check and the pool's public key need no token.
+    assert code_of(sqlite_pool.nodes.GetPoolPublicKey, pb.PoolPublicKeyRequest()) == unauth
+    # The health check needs no token; the pool's public key, any user's.
     assert sqlite_pool.nodes.HealthCheck(pb.HealthCheckRequest()).healthy
-    assert "BEGIN PUBLIC KEY" in sqlite_pool.nodes.GetPoolPublicKey(pb.PoolPublicKeyRequest()).public_key_pem
+    key = sqlite_pool.nodes.GetPoolPublicKey(pb.PoolPublicKeyRequest(), metadata=bearer(token)).public_key_pem
+    assert "BEGIN PUBLIC KEY" in key
 
 
 @pytest.mark.parametrize(

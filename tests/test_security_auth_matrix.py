@@ -79,8 +79,8 @@ MATRIX: dict[str, tuple[Build, tuple[str, ...]]] = {
     "UserService/Register": (register, (OK, OK, OK, OK, OK, OK, OK)),
     "UserService/Transfer": (
         lambda s, who: pb.TransferRequest(receiver_username=s.submitter[0], amount=1),
-        (UN, UN, UN, OK, OK, IA, OK),
-    ),  # IA: to yourself
+        (UN, UN, UN, OK, OK, NO, OK),
+    ),  # NO: to yourself, refused in band
     "UserService/GetBalance": (
         lambda s, who: pb.GetBalanceRequest(username=s.submitter[0]),
         (UN, UN, UN, PD, PD, OK, OK),
@@ -92,7 +92,7 @@ MATRIX: dict[str, tuple[Build, tuple[str, ...]]] = {
         (UN, UN, UN, PD, OK, PD, PD),
     ),
     "NodeManagerService/GetNodeList": (lambda s, who: pb.GetNodeListRequest(), (UN, UN, UN, OK, OK, OK, OK)),
-    "NodeManagerService/GetPoolPublicKey": (lambda s, who: pb.PoolPublicKeyRequest(), (OK, OK, OK, OK, OK, OK, OK)),
+    "NodeManagerService/GetPoolPublicKey": (lambda s, who: pb.PoolPublicKeyRequest(), (UN, UN, UN, OK, OK, OK, OK)),
     "MasterNodeService/UploadTask": (upload_billed_to_submitter, (UN, UN, UN, PD, PD, OK, PD)),
     # A stream of one message here (the generic caller sends one); tests/test_upload_stream.py sends many.
     "MasterNodeService/UploadTaskStream": (upload_billed_to_submitter, (UN, UN, UN, PD, PD, OK, PD)),

@@ -91,7 +91,7 @@ def test_tokens_and_passwords_never_appear_in_logs(
 def test_secrets_are_not_regenerated_on_restart(make_pool, sqlite_url: str) -> None:
     first = make_pool(database_url=sqlite_url)
     name, token = first.new_user()
-    key = first.nodes.GetPoolPublicKey(pb.PoolPublicKeyRequest()).public_key_pem
+    key = first.nodes.GetPoolPublicKey(pb.PoolPublicKeyRequest(), metadata=bearer(token)).public_key_pem
     data_dir = Path(first.settings.DATA_DIR)
     for kept in ("jwt_secret", "pool_ed25519.pem"):
         assert stat.S_IMODE((data_dir / kept).stat().st_mode) == 0o600, kept
@@ -99,13 +99,14 @@ def test_secrets_are_not_regenerated_on_restart(make_pool, sqlite_url: str) -> N
 
     again = make_pool(database_url=sqlite_url, DATA_DIR=str(data_dir))
     assert again.users.GetBalance(pb.GetBalanceRequest(), metadata=bearer(token)).balance == 1000
-    assert again.nodes.GetPoolPublicKey(pb.PoolPublicKeyRequest()).public_key_pem == key
+    assert again.nodes.GetPoolPublicKey(pb.PoolPublicKeyRequest(), metadata=bearer(token)).public_key_pem == key
     # Another pool (its own data dir) has its own secrets: this pool's token means nothing there.
     other = make_pool(database_url=sqlite_url)
     assert code_of(other.users.GetBalance, pb.GetBalanceRequest(), metadata=bearer(token)) == (
         grpc.StatusCode.UNAUTHENTICATED
     )
-    assert other.nodes.GetPoolPublicKey(pb.PoolPublicKeyRequest()).public_key_pem != key
+    _, other_token = other.new_user()
+    assert other.nodes.GetPoolPublicKey(pb.PoolPublicKeyRequest(), metadata=bearer(other_token)).public_key_pem != key
     assert jwt.decode(token, options={"verify_signature": False})["sub"] == name
 
 
