@@ -53,7 +53,7 @@ class WorkerNode:
         self.session = session
         self.runner = runner
         self.machine = machine
-        self.max_tasks = settings.max_tasks or machine.cpu_cores
+        self.max_tasks = task_cap(settings, machine)
         self._tasks: dict[tuple[str, int], Running] = {}
         self._lock = threading.Lock()
         self._closing = False
@@ -163,7 +163,14 @@ def pool_verifier(settings: AgentSettings, session: PoolSession) -> verify.CallV
     return verify.CallVerifier(verify.load_public_key(pem), refresh=session.public_key)
 
 
+def task_cap(settings: AgentSettings, machine: Machine) -> int:
+    """The most tasks the node runs at once: ``--max-tasks``, else one per CPU core."""
+    return settings.max_tasks or machine.cpu_cores
+
+
 def registration(settings: AgentSettings, machine: Machine) -> pb.RegisterWorkerNodeRequest:
+    """The node as the pool registers it, its task cap included: the pool then places no more
+    than that on it, instead of placing a task the node would refuse (and lose credit for)."""
     return pb.RegisterWorkerNodeRequest(
         node_id=settings.node_id,
         hostname=settings.host,
@@ -176,6 +183,7 @@ def registration(settings: AgentSettings, machine: Machine) -> pb.RegisterWorker
         location=machine.location,
         gpu_name=machine.gpu_name,
         docker_status=machine.docker_status,
+        max_tasks=task_cap(settings, machine),
     )
 
 

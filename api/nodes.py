@@ -52,6 +52,7 @@ class NodeManagerService(pb_grpc.NodeManagerServiceServicer):
             location=request.location,
             gpu_name=request.gpu_name,
             docker_status=request.docker_status,
+            max_tasks=request.max_tasks,
         )
         spec = node_cases.validate(fields, call.user.username, self.ctx.settings)
         registration = node_cases.register_node(

@@ -32,6 +32,7 @@ BOUNDS = {  # inclusive ranges a real machine can have
     "gpu_score": (0, 10_000_000),
     "gpu_memory_gb": (0, 16384),
     "port": (1, 65535),
+    "max_tasks": (0, 100_000),  # 0: no cap (as many tasks as the resources fit)
 }
 
 
@@ -80,6 +81,7 @@ class NodeRequest:
     location: str
     gpu_name: str
     docker_status: str
+    max_tasks: int = 0  # 0: no cap
 
 
 def validate(request: NodeRequest, caller: str, settings: Settings, resolve=None) -> nodes.NodeSpec:  # type: ignore[no-untyped-def]
@@ -108,6 +110,7 @@ def validate(request: NodeRequest, caller: str, settings: Settings, resolve=None
         gpu_name=_text(request.gpu_name, "gpu_name", 128),
         location=_text(request.location, "location", 64),
         docker_status=docker,
+        max_tasks=request.max_tasks or None,
     )
 
 

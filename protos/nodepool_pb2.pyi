@@ -79,7 +79,7 @@ class TransferResponse(_message.Message):
     def __init__(self, success: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class RegisterWorkerNodeRequest(_message.Message):
-    __slots__ = ("node_id", "hostname", "cpu_cores", "memory_gb", "cpu_score", "gpu_score", "gpu_memory_gb", "location", "port", "gpu_name", "docker_status")
+    __slots__ = ("node_id", "hostname", "cpu_cores", "memory_gb", "cpu_score", "gpu_score", "gpu_memory_gb", "location", "port", "gpu_name", "docker_status", "max_tasks")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     CPU_CORES_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class RegisterWorkerNodeRequest(_message.Message):
     PORT_FIELD_NUMBER: _ClassVar[int]
     GPU_NAME_FIELD_NUMBER: _ClassVar[int]
     DOCKER_STATUS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TASKS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     hostname: str
     cpu_cores: int
@@ -102,7 +103,8 @@ class RegisterWorkerNodeRequest(_message.Message):
     port: int
     gpu_name: str
     docker_status: str
-    def __init__(self, node_id: _Optional[str] = ..., hostname: _Optional[str] = ..., cpu_cores: _Optional[int] = ..., memory_gb: _Optional[int] = ..., cpu_score: _Optional[int] = ..., gpu_score: _Optional[int] = ..., gpu_memory_gb: _Optional[int] = ..., location: _Optional[str] = ..., port: _Optional[int] = ..., gpu_name: _Optional[str] = ..., docker_status: _Optional[str] = ...) -> None: ...
+    max_tasks: int
+    def __init__(self, node_id: _Optional[str] = ..., hostname: _Optional[str] = ..., cpu_cores: _Optional[int] = ..., memory_gb: _Optional[int] = ..., cpu_score: _Optional[int] = ..., gpu_score: _Optional[int] = ..., gpu_memory_gb: _Optional[int] = ..., location: _Optional[str] = ..., port: _Optional[int] = ..., gpu_name: _Optional[str] = ..., docker_status: _Optional[str] = ..., max_tasks: _Optional[int] = ...) -> None: ...
 
 class WorkerNodeInfo(_message.Message):
     __slots__ = ("node_id", "hostname", "cpu_cores", "memory_gb", "status", "last_heartbeat", "cpu_score", "gpu_score", "gpu_memory_gb", "location", "port", "gpu_name")

@@ -97,6 +97,8 @@ def test_the_node_refuses_what_it_cannot_take(
     full = dispatch(running_node, pool_signer, "job-c", slow)
     assert (full.success, full.message) == (False, "the node is at capacity (2 of 2 tasks running)")
     assert running_node.node.status_message() == "Running 2 tasks"
+    # The cap it refuses by is the one it registered, so the pool itself never places a third.
+    assert [r.max_tasks for r in recording_pool.of("RegisterWorkerNode")] == [2]
 
 
 def test_stop_kills_the_task_and_its_children_and_reports_it_stopped(

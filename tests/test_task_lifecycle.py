@@ -148,6 +148,38 @@ def test_a_waiting_task_is_placed_when_capacity_comes_back(fast_pool: PoolHarnes
     assert [t for t, _ in worker.executed] == [first, second]
 
 
+def test_a_node_is_given_no_more_tasks_at_once_than_the_cap_it_registered(
+    fast_pool: PoolHarness, workers: list
+) -> None:
+    """``max_tasks`` in RegisterWorkerNode (as hivemind-agent sends its own): with room for many
+    tasks, a node that runs one at a time gets one; the next waits, says why, and follows."""
+    pool = fast_pool
+    worker = ScriptedWorker(pool, script=Script(mode="hold"), max_tasks=1)
+    workers.append(worker)
+    _, token = pool.new_user()
+    first = upload(pool, token)
+    wait_status(pool, token, first, "RUNNING")
+    second = upload(pool, token)
+    sweep(pool)  # matching asked for again, and the pending task explained
+    explained = pool.master.ExplainPending(pb.ExplainPendingRequest(task_id=second), metadata=bearer(token))
+    assert "task limit" in explained.reason, explained.reason
+    assert poll(pool, token, second).status == "PENDING"
+    assert [t for t, _ in worker.executed] == [first]
+    worker.release(first)
+    wait_status(pool, token, second, "RUNNING", timeout=30)
+    assert [t for t, _ in worker.executed] == [first, second]
+    worker.release(second)
+    wait_status(pool, token, second, "COMPLETED", timeout=30)
+
+
+def test_a_negative_task_cap_is_refused(fast_pool: PoolHarness) -> None:
+    owner, token = fast_pool.new_user()
+    request = pb.RegisterWorkerNodeRequest(node_id=owner, hostname="127.0.0.1", port=50052, cpu_cores=2, max_tasks=-1)
+    assert code_of(fast_pool.nodes.RegisterWorkerNode, request, metadata=bearer(token)) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+
+
 def test_stop_running_task_and_unreachable_node(fast_pool: PoolHarness, workers: list) -> None:
     pool = fast_pool
     worker = ScriptedWorker(pool, script=Script(mode="hold"))
