@@ -194,12 +194,18 @@ def _call(
 
 
 def stop_execution(db: Database, signer: PoolSigner, channels: Channels, settings: Settings, task_id: str) -> str:
-    """Ask the task's node to stop it. A line saying what happened; never raises for node trouble."""
+    """Ask the task's node to stop it. A line saying what happened; never raises for node trouble.
+
+    The node's address is checked against NODE_ADDRESS_POLICY first, as for ExecuteTask: a name
+    that resolved to a public address at registration may resolve inside the pool's network now."""
     with db.reading() as session:
         task = tasks.get(session, task_id)
         node = nodes.get(session, task.node_id) if task and task.node_id else None
     if task is None or node is None:
         return "no node to tell"
+    problem = check_target(node.hostname, settings.NODE_ADDRESS_POLICY, resolve_host, own_addresses())
+    if problem:
+        return f"node address refused: {problem}"
     token = signer.sign(node_id=node.node_id, task_id=task_id, attempt=task.attempt, action="stop")
     try:
         reply = channels.stub(node.hostname, node.port).StopTaskExecution(
