@@ -73,7 +73,7 @@ def build_context(settings: Settings) -> PoolContext:
         heartbeats=store,
         batcher=HeartbeatBatcher(
             store,
-            lambda beats: node_cases.revive_many(db, store, beats),
+            lambda beats: node_cases.revive_many(db, store, beats, came_back=lifecycle.nodes_came_back),
             interval=settings.HEARTBEAT_FLUSH_SECONDS,
         ),
         signer=PoolSigner.load_or_create(settings.signing_key_path),

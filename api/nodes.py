@@ -62,6 +62,7 @@ class NodeManagerService(pb_grpc.NodeManagerServiceServicer):
             ended = [(r.task_id, r.attempt) for r in registration.released]
             # No credit penalty: a node also re-registers after the pool itself was unreachable.
             self.ctx.lifecycle.ended_early(ended, "node restarted (re-registered)", node_caused=False)
+        self.ctx.lifecycle.capacity_appeared(f"node {spec.node_id} registered")
         record = registration.record
         verb = "registered" if registration.created else "re-registered"
         return pb.StatusResponse(success=True, message=f"node {record.node_id} {verb} ({record.tier} trust tier)")
@@ -75,6 +76,7 @@ class NodeManagerService(pb_grpc.NodeManagerServiceServicer):
             node_id=request.node_id,
             message=request.status_message,
             batcher=self.ctx.batcher,
+            came_back=self.ctx.lifecycle.nodes_came_back,
         )
         return pb.StatusResponse(success=True, message="ok")
 

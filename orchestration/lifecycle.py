@@ -60,6 +60,19 @@ class Lifecycle:
         else:
             self.matching.request()
 
+    def capacity_appeared(self, why: str) -> None:
+        """A node registered or came back online: ask for matching now, so a task waiting for
+        capacity need not wait for the next recovery sweep (SPEC §5). Never raises: the node's
+        registration or heartbeat is done whatever Redis says, and the sweep asks again later."""
+        try:
+            self.request_matching()
+        except Exception as error:  # Redis or the broker away: the recovery sweep re-drives it
+            log.warning("could not ask for matching after %s: %s", why, error)
+
+    def nodes_came_back(self, count: int) -> None:
+        """``count`` offline nodes are online again: :meth:`capacity_appeared`."""
+        self.capacity_appeared(f"{count} node(s) came back online")
+
     def request_archival(self, task_id: str, attempt: int) -> None:
         """Queue a reported outcome for the next archival batch (one job for many completions)."""
         self.archival.push(task_id, attempt, self.followups)

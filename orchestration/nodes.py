@@ -7,6 +7,7 @@ import re
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
@@ -171,8 +172,10 @@ def heartbeat(
     node_id: str,
     message: str,
     batcher: HeartbeatBatcher | None = None,
+    came_back: Callable[[int], object] | None = None,
 ) -> str:
-    """Record a heartbeat from ``caller``'s node; brings an offline node back online.
+    """Record a heartbeat from ``caller``'s node; brings an offline node back online (and then
+    calls ``came_back(1)``).
 
     Nodes known to be online are batched (see HeartbeatBatcher); others take the slow path here,
     which answers NotFound for a node that was never registered.
@@ -182,22 +185,36 @@ def heartbeat(
     if batcher is not None and batcher.offer(node_id, message):
         return "online"
     if store.beat(node_id, message) != "online":
-        revive(db, store, node_id, message)
+        revive(db, store, node_id, message, came_back=came_back)
     if batcher is not None:
         batcher.known_online(node_id)
     return "online"
 
 
-def revive(db: Database, store: HeartbeatStore, node_id: str, message: str = "") -> None:
+def revive(
+    db: Database,
+    store: HeartbeatStore,
+    node_id: str,
+    message: str = "",
+    *,
+    came_back: Callable[[int], object] | None = None,
+) -> None:
     """The slow path of a heartbeat: make sure the node exists and is online in the DB and in Redis."""
-    if node_id not in revive_many(db, store, {node_id: message}):
+    if node_id not in revive_many(db, store, {node_id: message}, came_back=came_back):
         raise NotFound(f"node {node_id} is not registered; call RegisterWorkerNode first")
 
 
-def revive_many(db: Database, store: HeartbeatStore, beats: dict[str, str]) -> set[str]:
+def revive_many(
+    db: Database,
+    store: HeartbeatStore,
+    beats: dict[str, str],
+    *,
+    came_back: Callable[[int], object] | None = None,
+) -> set[str]:
     """:func:`revive` for many nodes at once (one read, one transaction, one Redis round trip),
     so that a flush of heartbeats finding hundreds of expired nodes does not stall on them.
-    The nodes that are registered (and now online); the others are left alone."""
+    The nodes that are registered (and now online); the others are left alone. When some were
+    offline, ``came_back(how many)`` is called once they are online again (their capacity with them)."""
     with db.reading() as session:
         known = nodes.statuses(session, beats)
     offline = [node_id for node_id, status in known.items() if status == "offline"]
@@ -207,6 +224,8 @@ def revive_many(db: Database, store: HeartbeatStore, beats: dict[str, str]) -> s
     for node_id in sorted(back):
         log.info("Node %s is back online", node_id, extra={"event": "node_online", "node_id": node_id})
     store.mark_many(known, "online")
+    if back and came_back is not None:
+        came_back(len(back))
     return set(known)
 
 

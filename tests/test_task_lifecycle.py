@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 import grpc
 import pytest
@@ -129,6 +130,47 @@ def test_task_waits_pending_until_a_fitting_node_registers(fast_pool: PoolHarnes
     workers.append(big)
     wait_status(pool, token, task_id, "COMPLETED", timeout=60, kick=True)
     assert [t for t, _ in big.executed] == [task_id]
+
+
+def matched_once(pool: PoolHarness, token: str, task_id: str) -> None:
+    """Wait until a matching job has looked at the task and left it PENDING, saying why (an
+    upload's own message is "waiting for a node")."""
+    deadline = time.monotonic() + 20
+    while (status := poll(pool, token, task_id)).message == "waiting for a node" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert status.status == "PENDING" and status.message != "waiting for a node", status
+
+
+def test_a_waiting_task_is_matched_as_soon_as_a_fitting_node_registers(fast_pool: PoolHarness, workers: list) -> None:
+    """No sweep runs here (nor beat): the registration itself asks for matching (SPEC §5)."""
+    pool = fast_pool
+    _, token = pool.new_user()
+    task_id = upload(pool, token, memory_gb=24)
+    matched_once(pool, token, task_id)
+    big = ScriptedWorker(pool, label="big", memory_gb=32)
+    workers.append(big)
+    wait_status(pool, token, task_id, "COMPLETED", timeout=20)
+    assert [t for t, _ in big.executed] == [task_id]
+
+
+def test_a_waiting_task_is_matched_as_soon_as_its_node_comes_back_online(fast_pool: PoolHarness, workers: list) -> None:
+    """A node gone silent is taken offline by the sweep; its next heartbeat brings it back, and
+    that asks for matching: nothing sweeps once it heartbeats again."""
+    pool = fast_pool
+    worker = ScriptedWorker(pool)
+    workers.append(worker)
+    sweep(pool)  # the first sweep of a pool seeds its heartbeat state: every online node gets a fresh start
+    worker.silent.set()  # no heartbeats
+    time.sleep(pool.settings.NODE_HEARTBEAT_TIMEOUT + 0.5)
+    sweep(pool)  # expires it
+    listed = pool.nodes.GetNodeList(pb.GetNodeListRequest(), metadata=bearer(worker.token)).nodes
+    assert [n.status for n in listed if n.node_id == worker.node_id] == ["offline"]
+    _, token = pool.new_user()
+    task_id = upload(pool, token)
+    matched_once(pool, token, task_id)
+    worker.silent.clear()  # heartbeats again
+    wait_status(pool, token, task_id, "COMPLETED", timeout=20)
+    assert [t for t, _ in worker.executed] == [task_id]
 
 
 def test_a_waiting_task_is_placed_when_capacity_comes_back(fast_pool: PoolHarness, workers: list) -> None:
