@@ -21,6 +21,9 @@ from agent.settings import AgentSettings, TaskLimits, default_work_dir, pip_envi
 
 app = typer.Typer(help="HiveMind worker agent.", no_args_is_help=True, add_completion=False)
 log = logging.getLogger("agent.cli")
+CA_CERT = typer.Option(
+    "--ca-cert", envvar="HIVEMIND_CA_CERT", help="PEM CA certificate: talk TLS to a pool that serves it."
+)
 POOL_KEY_HELP = "The pool's Ed25519 public key (PEM file), instead of asking the pool for it."
 
 
@@ -56,6 +59,7 @@ def run(
     pool_key: Annotated[
         Path | None, typer.Option(help="The pool's Ed25519 public key (PEM), not asking the pool.")
     ] = None,
+    ca_cert: Annotated[Path | None, CA_CERT] = None,
     max_tasks: int = typer.Option(0, help="Tasks run at once (0: one per CPU core)."),
     location: str = typer.Option("Any", help="Location reported to the pool."),
     task_memory_mb: int = typer.Option(2048, help="Memory limit of a task that asks for none."),
@@ -84,6 +88,7 @@ def run(
         work_dir=work_dir or default_work_dir(),
         docker=docker,
         pool_key_file=pool_key,
+        pool_ca_cert=ca_cert,
         max_tasks=max_tasks,
         location=location,
         limits=TaskLimits(memory_mb=task_memory_mb, max_minutes=task_minutes),
@@ -130,6 +135,7 @@ def simulate(
     pool_key: Annotated[
         Path | None, typer.Option(help="The pool's Ed25519 public key (PEM), not asking the pool.")
     ] = None,
+    ca_cert: Annotated[Path | None, CA_CERT] = None,
     register: bool = typer.Option(True, "--register/--no-register", help="Create the accounts that do not exist."),
     token_file: Annotated[Path | None, typer.Option(help="Where the nodes' tokens are kept between runs.")] = None,
     forget_tokens: bool = typer.Option(False, "--forget-tokens", help="Log every node in afresh."),
@@ -156,7 +162,9 @@ def simulate(
     stopping = _stop_on_signals()
     settle()
     try:
-        serve_fleet(pool, spec, stopping, pool_key_file=pool_key, token_file=tokens, progress=typer.echo)
+        serve_fleet(
+            pool, spec, stopping, pool_key_file=pool_key, ca_cert=ca_cert, token_file=tokens, progress=typer.echo
+        )
     except grpc.RpcError as error:
         typer.echo(f"the pool at {pool} answered {error.code().name}: {error.details()}", err=True)
         raise typer.Exit(1) from None

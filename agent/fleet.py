@@ -25,11 +25,12 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 
-from agent.session import CALL_TIMEOUT, RETRYABLE, bearer, compute_backoff
+from agent.session import CALL_TIMEOUT, RETRYABLE, bearer, compute_backoff, pool_channel
 from agent.simtasks import SimulatedTasks
 from agent.verify import PoolClaims
 from protos import nodepool_pb2 as pb
@@ -85,16 +86,17 @@ def heartbeat_interval(spec: FleetSpec) -> float:
     return max(5.0, spec.count / MAX_BEATS_PER_SECOND)
 
 
-def open_channels(target: str, count: int) -> list[grpc.Channel]:
-    """``count`` channels to ``target``, each on its own connection.
+def open_channels(target: str, count: int, *, ca_cert: Path | None = None) -> list[grpc.Channel]:
+    """``count`` channels to ``target``, each on its own connection (TLS with ``ca_cert``).
 
     grpcio shares one connection among a process's channels to one address unless each keeps its
     own subchannels. Real nodes are machines of their own, each with its own connection; a pool
     that runs several server processes on one port spreads connections, not calls, between them.
     """
     if count <= 1:
-        return [grpc.insecure_channel(target)]
-    return [grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(count)]
+        return [pool_channel(target, ca_cert=ca_cert)]
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    return [pool_channel(target, ca_cert=ca_cert, options=own) for _ in range(count)]
 
 
 class Fleet:

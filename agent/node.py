@@ -21,7 +21,7 @@ from agent.machine import Machine
 from agent.reporter import Heartbeat, TaskReporter
 from agent.runner import Runner, TaskRefused
 from agent.server import MAX_MESSAGE_BYTES, WorkerNodeServicer, create_server
-from agent.session import PoolSession
+from agent.session import PoolSession, pool_channel
 from agent.settings import AgentSettings
 from agent.task import TaskRun, TaskSpec
 from agent.verify import PoolClaims
@@ -192,7 +192,9 @@ def serve(
 ) -> None:
     """Run the node until ``stopping`` is set. Raises LoginFailed / RuntimeError / grpc.RpcError
     / OSError / ValueError when it cannot start (bad credentials, pool away, port taken, bad key)."""
-    channel = grpc.insecure_channel(settings.pool, options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    channel = pool_channel(
+        settings.pool, ca_cert=settings.pool_ca_cert, options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    )
     session = PoolSession(
         channel,
         username=settings.username,

@@ -17,7 +17,8 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -42,6 +43,16 @@ def compute_backoff(attempt: int, *, factor: float = 0.5, jitter: float, max_bac
     """Seconds to wait before retry number ``attempt`` (0-based): ``factor·2^attempt``, capped at
     ``max_backoff``, scaled by ``0.5 + jitter/2`` (``jitter`` in [0, 1), e.g. ``random.random()``)."""
     return min(max_backoff, factor * 2**attempt) * (0.5 + jitter / 2)
+
+
+def pool_channel(target: str, *, ca_cert: Path | None = None, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+    """A channel to the pool at ``target``: TLS, its certificate checked against ``ca_cert`` (a
+    PEM file), when one is given (a pool that sets GRPC_TLS_CERT and GRPC_TLS_KEY); plain
+    otherwise. OSError when the file cannot be read."""
+    if ca_cert is None:
+        return grpc.insecure_channel(target, options=list(options))
+    credentials = grpc.ssl_channel_credentials(ca_cert.read_bytes())
+    return grpc.secure_channel(target, credentials, options=list(options))
 
 
 def bearer(token: str) -> tuple[tuple[str, str]]:

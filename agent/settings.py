@@ -64,6 +64,7 @@ class AgentSettings:
     docker: str = "auto"  # auto | never
     docker_image: str = "python:3.11-slim"
     pool_key_file: Path | None = None
+    pool_ca_cert: Path | None = None  # PEM: talk TLS to a pool that serves it
     max_tasks: int = 0  # 0 = one per CPU core
     location: str = "Any"
     heartbeat_seconds: float = 5.0

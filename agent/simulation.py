@@ -79,6 +79,7 @@ def serve_fleet(
     *,
     bind: str = "0.0.0.0",
     pool_key_file: Path | None = None,
+    ca_cert: Path | None = None,
     token_file: Path | None = None,
     progress: Callable[[str], None] = print,
     progress_seconds: float = 5.0,
@@ -88,7 +89,7 @@ def serve_fleet(
     Raises grpc.RpcError when the pool fails the request for its key, RuntimeError when it does
     not answer or the port cannot be bound, OSError / ValueError for an unreadable or wrong key file.
     """
-    channels = open_channels(pool, spec.connections)
+    channels = open_channels(pool, spec.connections, ca_cert=ca_cert)
     fleet: Fleet | None = None
     server: grpc.Server | None = None
     try:

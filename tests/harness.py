@@ -126,7 +126,11 @@ class PoolHarness:
         schema.upgrade(ctx.db.engine)  # on such a copy, only the look that it is current
         server, port = create_server(ctx, "127.0.0.1:0")
         server.start()
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        if settings.GRPC_TLS_CERT and settings.GRPC_TLS_KEY:  # its own certificate is its clients' CA
+            credentials = grpc.ssl_channel_credentials(settings.GRPC_TLS_CERT.read_bytes())
+            channel = grpc.secure_channel(f"127.0.0.1:{port}", credentials)
+        else:
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         return cls(settings=settings, env=env, ctx=ctx, server=server, port=port, channel=channel, own_prefixes=own)
 
     @property
