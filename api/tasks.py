@@ -159,6 +159,25 @@ class MasterNodeService(pb_grpc.MasterNodeServiceServicer):
             filters=[pb.FilterCount(filter=name, nodes=count) for name, count in found.filters],
         )
 
+    @rpc(pb.GetTaskHistoryResponse)
+    def GetTaskHistory(self, request: pb.GetTaskHistoryRequest, call: Call) -> pb.GetTaskHistoryResponse:
+        found = self.lifecycle.history(asker(call), request.task_id)
+        return pb.GetTaskHistoryResponse(
+            success=True,
+            message=f"{len(found)} transitions",
+            transitions=[
+                pb.TaskTransition(
+                    at=t.at.timestamp(),
+                    from_status=t.from_status,
+                    to_status=t.to_status,
+                    attempt=t.attempt,
+                    node_id=t.node_id,
+                    reason=t.reason,
+                )
+                for t in found
+            ],
+        )
+
     @rpc(pb.StopTaskResponse)
     def StopTask(self, request: pb.StopTaskRequest, call: Call) -> pb.StopTaskResponse:
         return pb.StopTaskResponse(success=True, message=self.lifecycle.stop(asker(call), request.task_id))

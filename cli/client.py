@@ -163,6 +163,10 @@ class PoolClient:
     def tasks(self) -> list[pb.TaskStatus]:
         return list(self._checked(self.call(self.master.GetAllTasks, pb.GetAllTasksRequest())).tasks)
 
+    def history(self, task_id: str) -> list[pb.TaskTransition]:
+        request = pb.GetTaskHistoryRequest(task_id=task_id)
+        return list(self._checked(self.call(self.master.GetTaskHistory, request)).transitions)
+
     def explain(self, task_id: str) -> pb.ExplainPendingResponse:
         request = pb.ExplainPendingRequest(task_id=task_id)
         return self._checked(self.call(self.master.ExplainPending, request))  # type: ignore[no-any-return]

@@ -228,6 +228,41 @@ def tasks(ctx: typer.Context) -> None:
 
 
 @command()
+def history(ctx: typer.Context, task_id: TaskId) -> None:
+    """Every transition of a task, oldest first: when, from and to what, on which attempt and node, and why."""
+    s = state(ctx)
+    with s.client() as client:
+        found = client.history(task_id)
+    rows: list[dict[str, Any]] = [
+        {
+            "at": datetime.fromtimestamp(t.at).astimezone().isoformat(),
+            "from": t.from_status,
+            "to": t.to_status,
+            "attempt": t.attempt,
+            "node": t.node_id,
+            "reason": t.reason,
+        }
+        for t in found
+    ]
+    s.out.data({"task_id": task_id, "transitions": rows})
+    s.out.table(
+        ("TIME", "FROM", "TO", "ATTEMPT", "NODE", "REASON"),
+        (
+            (
+                short_time(str(r["at"])),
+                str(r["from"] or "-"),
+                status_text(str(r["to"])),
+                str(r["attempt"]),
+                str(r["node"] or "-"),
+                str(r["reason"]),
+            )
+            for r in rows
+        ),
+        empty=f"no transition of {task_id} is recorded",
+    )
+
+
+@command()
 def why(ctx: typer.Context, task_id: TaskId) -> None:
     """Why a task is still PENDING: the constraint no node meets, and how many nodes each filter turns away."""
     s = state(ctx)

@@ -252,6 +252,37 @@ def events(session: Session, task_pk: int) -> list[TaskEvent]:
     return list(session.scalars(select(TaskEvent).where(TaskEvent.task_pk == task_pk).order_by(TaskEvent.id)))
 
 
+HISTORY_LIMIT = 500  # transitions shown at most: a task has a few per attempt, MAX_TASK_ATTEMPTS attempts
+
+
+@dataclass(frozen=True)
+class Transition:
+    at: datetime
+    from_status: str
+    to_status: str
+    attempt: int
+    node_id: str
+    reason: str
+
+
+def history(session: Session, task_pk: int, limit: int = HISTORY_LIMIT) -> list[Transition]:
+    """The task's last ``limit`` recorded transitions, oldest first."""
+    newest = session.execute(
+        select(
+            TaskEvent.at,
+            TaskEvent.from_status,
+            TaskEvent.to_status,
+            TaskEvent.attempt,
+            TaskEvent.node_id,
+            TaskEvent.reason,
+        )
+        .where(TaskEvent.task_pk == task_pk)
+        .order_by(TaskEvent.id.desc())
+        .limit(limit)
+    ).all()
+    return [Transition(*row) for row in reversed(newest)]
+
+
 def due_pending(session: Session, now: datetime, limit: int) -> list[TaskView]:
     query = _select().where(Task.status == PENDING, Task.next_attempt_at <= now).order_by(Task.id).limit(limit)
     return [_view(row) for row in session.execute(query).all()]

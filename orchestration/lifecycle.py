@@ -117,6 +117,11 @@ class Lifecycle:
             ]
         return json.dumps(records)
 
+    def history(self, caller: Asker, task_id: str) -> list[tasks.Transition]:
+        """The task's recorded transitions, oldest first (its owner or an operator)."""
+        with self.db.reading() as session:
+            return tasks.history(session, self.owned(session, caller, task_id).pk)
+
     def result(self, caller: Asker, task_id: str) -> bytes:
         with self.db.reading() as session:
             task = self.owned(session, caller, task_id)

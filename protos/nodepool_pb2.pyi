@@ -434,6 +434,40 @@ class ExplainPendingResponse(_message.Message):
     filters: _containers.RepeatedCompositeFieldContainer[FilterCount]
     def __init__(self, success: _Optional[bool] = ..., message: _Optional[str] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., filters: _Optional[_Iterable[_Union[FilterCount, _Mapping]]] = ...) -> None: ...
 
+class GetTaskHistoryRequest(_message.Message):
+    __slots__ = ("task_id", "token")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    token: str
+    def __init__(self, task_id: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+
+class TaskTransition(_message.Message):
+    __slots__ = ("at", "from_status", "to_status", "attempt", "node_id", "reason")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    FROM_STATUS_FIELD_NUMBER: _ClassVar[int]
+    TO_STATUS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    at: float
+    from_status: str
+    to_status: str
+    attempt: int
+    node_id: str
+    reason: str
+    def __init__(self, at: _Optional[float] = ..., from_status: _Optional[str] = ..., to_status: _Optional[str] = ..., attempt: _Optional[int] = ..., node_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class GetTaskHistoryResponse(_message.Message):
+    __slots__ = ("success", "message", "transitions")
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TRANSITIONS_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    message: str
+    transitions: _containers.RepeatedCompositeFieldContainer[TaskTransition]
+    def __init__(self, success: _Optional[bool] = ..., message: _Optional[str] = ..., transitions: _Optional[_Iterable[_Union[TaskTransition, _Mapping]]] = ...) -> None: ...
+
 class ExecuteTaskRequest(_message.Message):
     __slots__ = ("node_id", "task_id", "task_zip", "cpu", "gpu", "memory_gb", "gpu_memory_gb", "attempt", "max_minutes", "allow_network")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]

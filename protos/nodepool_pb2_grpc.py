@@ -564,6 +564,11 @@ class MasterNodeServiceStub:
                 request_serializer=protos_dot_nodepool__pb2.FinishTaskRequest.SerializeToString,
                 response_deserializer=protos_dot_nodepool__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.GetTaskHistory = channel.unary_unary(
+                '/nodepool.MasterNodeService/GetTaskHistory',
+                request_serializer=protos_dot_nodepool__pb2.GetTaskHistoryRequest.SerializeToString,
+                response_deserializer=protos_dot_nodepool__pb2.GetTaskHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class MasterNodeServiceServicer:
@@ -662,6 +667,14 @@ class MasterNodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTaskHistory(self, request, context):
+        """Added: a task's history, oldest first: every transition the pool recorded (it survives
+        restarts), with its time, attempt, node and reason. Owner or operator only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MasterNodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -734,6 +747,11 @@ def add_MasterNodeServiceServicer_to_server(servicer, server):
                     servicer.FinishTask,
                     request_deserializer=protos_dot_nodepool__pb2.FinishTaskRequest.FromString,
                     response_serializer=protos_dot_nodepool__pb2.StatusResponse.SerializeToString,
+            ),
+            'GetTaskHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTaskHistory,
+                    request_deserializer=protos_dot_nodepool__pb2.GetTaskHistoryRequest.FromString,
+                    response_serializer=protos_dot_nodepool__pb2.GetTaskHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1116,6 +1134,33 @@ class MasterNodeService:
             '/nodepool.MasterNodeService/FinishTask',
             protos_dot_nodepool__pb2.FinishTaskRequest.SerializeToString,
             protos_dot_nodepool__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTaskHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodepool.MasterNodeService/GetTaskHistory',
+            protos_dot_nodepool__pb2.GetTaskHistoryRequest.SerializeToString,
+            protos_dot_nodepool__pb2.GetTaskHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -117,6 +117,18 @@ def test_a_user_runs_a_task_from_a_folder_to_its_result(
     assert [(t["task_id"], t["status"], t["node"]) for t in listed] == [(task_id, "COMPLETED", worker.node_id)]
     assert worker.node_id in hivemind(pool, "nodes").stdout
     assert "not waiting for a node" in hivemind(pool, "why", task_id).stdout
+    history = json.loads(hivemind(pool, "--json", "history", task_id).stdout)["transitions"]
+    assert [(h["from"], h["to"], h["attempt"]) for h in history] == [
+        ("", "PENDING", 0),
+        ("PENDING", "ASSIGNED", 1),
+        ("ASSIGNED", "RUNNING", 1),
+        ("RUNNING", "COMPLETED", 1),
+    ]
+    assert history[1]["node"] == worker.node_id and history[0]["reason"] == "uploaded"
+    shown = hivemind(pool, "history", task_id)
+    assert shown.exit_code == 0 and "uploaded" in shown.stdout and "COMPLETED" in shown.stdout, shown.output
+    followed = hivemind(pool, "logs", task_id, "--follow", "--interval", "0.2")  # ended: prints and returns
+    assert followed.exit_code == 0 and "hello from the node" in followed.stdout, followed.output
 
     missing = hivemind(pool, "status", "no-such-task")
     assert missing.exit_code == 1 and missing.stderr == "error: no task 'no-such-task'\n"

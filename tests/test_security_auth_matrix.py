@@ -114,6 +114,7 @@ MATRIX: dict[str, tuple[Build, tuple[str, ...]]] = {
         (UN, UN, UN, PD, OK, PD, PD),
     ),
     "MasterNodeService/GetTaskLogs": (held(pb.GetTaskLogsRequest), (UN, UN, UN, PD, PD, OK, OK)),
+    "MasterNodeService/GetTaskHistory": (held(pb.GetTaskHistoryRequest), (UN, UN, UN, PD, PD, OK, OK)),
     "MasterNodeService/GetAllTasks": (lambda s, who: pb.GetAllTasksRequest(), (UN, UN, UN, OK, OK, OK, OK)),
     # The finished task: a permitted stop is refused in-band ("already COMPLETED") and changes nothing.
     # Operators see every task, but only its owner may stop one.

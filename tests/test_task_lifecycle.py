@@ -113,6 +113,19 @@ def test_lost_node_task_runs_elsewhere(fast_pool: PoolHarness, workers: list) ->
     assert rescuer.executed == [(task_id, 2)]
     assert "rescuer" in done.message or done.status == "COMPLETED"
     assert no_active_allocations(pool, task_id)
+    # Its history says so, transition by transition, as the pool recorded it.
+    history = pool.master.GetTaskHistory(pb.GetTaskHistoryRequest(task_id=task_id), metadata=bearer(token))
+    assert [(h.from_status, h.to_status, h.attempt, h.node_id, h.reason) for h in history.transitions] == [
+        ("", "PENDING", 0, "", "uploaded"),
+        ("PENDING", "ASSIGNED", 1, doomed.node_id, f"matched to {doomed.node_id} (normal tier)"),
+        ("ASSIGNED", "RUNNING", 1, doomed.node_id, "accepted by node: accepted"),
+        ("RUNNING", "PENDING", 1, doomed.node_id, "node lost (no heartbeat)"),
+        ("PENDING", "ASSIGNED", 2, rescuer.node_id, f"matched to {rescuer.node_id} (normal tier)"),
+        ("ASSIGNED", "RUNNING", 2, rescuer.node_id, "accepted by node: accepted"),
+        ("RUNNING", "COMPLETED", 2, rescuer.node_id, "completed"),
+    ]
+    times = [h.at for h in history.transitions]
+    assert times == sorted(times) and abs(times[-1] - time.time()) < 60
     # The dead node's late report (if it came back) is refused: the task is no longer on its node.
     late = pb.StoreOutputRequest(task_id=task_id, output="late", attempt=1)
     assert code_of(pool.master.StoreOutput, late, metadata=bearer(doomed.token)) == grpc.StatusCode.PERMISSION_DENIED
