@@ -164,6 +164,46 @@ def test_lost_node_is_refunded_and_the_rescuer_paid(fast_pool: PoolHarness, work
     audit_ok(pool)
 
 
+def test_a_task_past_its_time_limit_is_taken_back_and_its_node_pays(fast_pool: PoolHarness, workers: list) -> None:
+    """The pool's own clock: a RUNNING task past its max_minutes (and 2 minutes' grace) is taken
+    from its node by the recovery sweep, whatever the node says. Its owner loses credit, the
+    attempt's pending reward goes back to the submitter, and the next attempt runs elsewhere."""
+    pool = fast_pool
+    stuck = ScriptedWorker(pool, label="stuck", script=Script(mode="hold"), cpu_score=9000)
+    workers.append(stuck)
+    _, token = pool.new_user()
+    task_id = upload(pool, token)
+    wait_status(pool, token, task_id, "RUNNING")
+    started_minutes_ago(pool, task_id, 5)
+    accrue(pool)  # 10 CPT pending for the stuck node
+    assert pool.balance(token) == 1000 - ESCROW
+    fresh = ScriptedWorker(pool, label="fresh", script=Script(mode="hold"))
+    workers.append(fresh)
+    started_minutes_ago(pool, task_id, MAX_MINUTES + 1)
+    sweep(pool)
+    assert credit_of(pool, stuck.owner) == 50  # within its grace: nothing yet
+    started_minutes_ago(pool, task_id, MAX_MINUTES + 3)
+    sweep(pool)
+    history = pool.master.GetTaskHistory(pb.GetTaskHistoryRequest(task_id=task_id), metadata=bearer(token))
+    taken = [h for h in history.transitions if h.from_status == "RUNNING"]
+    assert [(h.to_status, h.attempt, h.node_id) for h in taken] == [("PENDING", 1, stuck.node_id)]
+    assert taken[0].reason == f"timed out after {MAX_MINUTES} min"
+    assert credit_of(pool, stuck.owner) == 50 - pool.settings.CREDIT_PENALTY
+    deadline = time.monotonic() + 60
+    while (task_id, 2) not in fresh.executed and time.monotonic() < deadline:
+        time.sleep(KICK_EVERY)
+        sweep(pool)
+    assert fresh.executed == [(task_id, 2)]
+    wait_status(pool, token, task_id, "RUNNING")
+    started_minutes_ago(pool, task_id, 1)
+    fresh.release(task_id)
+    wait_status(pool, token, task_id, "COMPLETED")
+    assert pool.balance(stuck.token) == 1000  # its 10 CPT pending went back
+    assert pool.balance(fresh.token) == 1000 + PER_MINUTE
+    assert pool.balance(token) == 1000 - PER_MINUTE
+    audit_ok(pool)
+
+
 def test_user_stop_pays_for_work_done(fast_pool: PoolHarness, workers: list) -> None:
     pool = fast_pool
     worker = ScriptedWorker(pool, script=Script(mode="hold"))
