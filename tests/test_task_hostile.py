@@ -11,7 +11,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
-from models import task_output, tasks
+from models import task_files, task_output, tasks
 from models.tables import Task
 from orchestration import reports
 from protos import nodepool_pb2 as pb
@@ -262,5 +262,124 @@ def test_a_report_whose_task_moves_on_after_its_check_is_refused_and_writes_noth
             assert row.reported_outcome == ""
             assert "late line" not in poll(pool, owner_token, task_id).output
             set_task(**restore)  # back as it was, for the next report
+    finally:
+        worker.close()
+
+
+def test_hostile_and_oversized_results_are_refused_by_every_result_rpc(
+    make_pool, sqlite_url: str, celery_worker_for
+) -> None:
+    """A result zip is checked as a task zip is (SPEC §3), whichever of the three calls carries it:
+    each hostile zip is INVALID_ARGUMENT, one over MAX_RESULT_SIZE or over the gRPC message limit
+    RESOURCE_EXHAUSTED; none is kept, the task goes on RUNNING, and a good result still ends it."""
+    pool = make_pool(database_url=sqlite_url, MAX_RESULT_SIZE=80_000, GRPC_MAX_MESSAGE_BYTES=1_000_000, **FAST)
+    celery_worker_for(pool)
+    worker = ScriptedWorker(pool, script=Script(mode="hold"))
+    _, owner_token = pool.new_user()
+    try:
+        task_id = upload(pool, owner_token)
+        wait_status(pool, owner_token, task_id, "RUNNING")
+        auth = bearer(worker.token)
+
+        def send(rpc: str, data: bytes) -> grpc.StatusCode:
+            if rpc == "StoreResult":
+                request = pb.StoreResultRequest(task_id=task_id, result_zip=data, attempt=1)
+            elif rpc == "ReturnTaskResult":
+                request = pb.ReturnTaskResultRequest(task_id=task_id, result_zip=data, attempt=1)
+            else:
+                request = pb.FinishTaskRequest(
+                    task_id=task_id, node_id=worker.node_id, success=True, attempt=1, output="last", result_zip=data
+                )
+            return code_of(getattr(pool.master, rpc), request, metadata=auth)
+
+        over_limit = zip_with([("data.bin", bytes(range(256)) * 400)])  # ~100 kB: over MAX_RESULT_SIZE
+        for rpc in ("StoreResult", "ReturnTaskResult", "FinishTask"):
+            for kind, data in HOSTILE_ZIPS.items():
+                if rpc == "FinishTask" and not data:
+                    continue  # FinishTask's empty result_zip means "no result", and would end the task
+                assert send(rpc, data) == INVALID, (rpc, kind)
+            assert send(rpc, over_limit) == grpc.StatusCode.RESOURCE_EXHAUSTED, rpc
+            assert send(rpc, b"x" * 2_000_000) == grpc.StatusCode.RESOURCE_EXHAUSTED, rpc  # over the message limit
+            assert pool.kept_file(task_id, task_files.RESULT_ZIP) is None, rpc
+            status = poll(pool, owner_token, task_id)
+            assert status.status == "RUNNING" and "last" not in status.output, rpc
+        worker.release(task_id)
+        done = wait_status(pool, owner_token, task_id, "COMPLETED")
+        assert pool.kept_file(task_id, task_files.RESULT_ZIP) == worker.script.result
+        assert "last" not in done.output  # no refused FinishTask left its output behind
+    finally:
+        worker.close()
+
+
+def test_malformed_reports_and_heartbeats_from_the_right_node_are_invalid(
+    make_pool, sqlite_url: str, celery_worker_for
+) -> None:
+    """The node's own owner, with malformed fields: INVALID_ARGUMENT each, nothing recorded, and the
+    node's reports for another of its owner's nodes, or another user's, are refused."""
+    pool = make_pool(database_url=sqlite_url, **FAST)
+    celery_worker_for(pool)
+    worker = ScriptedWorker(pool, script=Script(mode="hold"))
+    _, owner_token = pool.new_user()
+    stranger, _ = pool.new_user()
+    try:
+        task_id = upload(pool, owner_token)
+        wait_status(pool, owner_token, task_id, "RUNNING")
+        auth = bearer(worker.token)
+        beat = pool.nodes.ReportStatus
+        for node_id, message in [
+            ("", "Idle"),  # no node id
+            (f"{worker.owner}/", "Idle"),  # an empty label
+            (f"{worker.owner}/a b", "Idle"),  # a label with a space
+            (f"{worker.owner}/{'x' * 33}", "Idle"),  # a label too long
+            (worker.node_id, "x" * 201),  # a status message too long
+            (worker.node_id, "Idle\x00"),  # and unprintable
+            (worker.node_id, "Idle\nRunning 9 tasks"),  # a line break inside (the ends are trimmed)
+        ]:
+            assert code_of(beat, pb.ReportStatusRequest(node_id=node_id, status_message=message), metadata=auth) == (
+                INVALID
+            ), (node_id, message)
+        heartbeat_of_another = pb.ReportStatusRequest(node_id=stranger, status_message="Idle")
+        assert code_of(beat, heartbeat_of_another, metadata=auth) == DENIED
+        usage = pool.worker_side.ReportRunningStatus
+        for fields in [
+            {"cpu_usage": 101},
+            {"memory_usage": 250},
+            {"gpu_usage": -1},
+            {"gpu_memory_usage": 1000},
+            {"cpu_usage": 50, "attempt": -1},
+        ]:
+            request = pb.RunningStatusRequest(task_id=task_id, node_id=worker.node_id, **fields)
+            assert code_of(usage, request, metadata=auth) == INVALID, fields
+        for call, request in [
+            (pool.master.StoreLogs, pb.StoreLogsRequest(task_id=task_id, node_id=f"{worker.owner}/other", logs="[]")),
+            (pool.master.StoreLogs, pb.StoreLogsRequest(task_id=task_id, node_id=stranger, logs="[]")),
+            (
+                pool.worker_side.ReportOutput,
+                pb.ReportOutputRequest(task_id=task_id, node_id=f"{worker.owner}/other", output="fake"),
+            ),
+        ]:
+            assert code_of(call, request, metadata=auth) == DENIED, request
+        for call, request in [
+            (pool.master.StoreOutput, pb.StoreOutputRequest(task_id=task_id, output="x", attempt=-1)),
+            (
+                pool.master.StoreLogs,
+                pb.StoreLogsRequest(task_id=task_id, node_id=worker.node_id, logs="[]", attempt=-2),
+            ),
+            (pool.master.StoreLogs, pb.StoreLogsRequest(task_id=task_id, node_id=worker.node_id, logs="")),
+            (pool.master.TaskCompleted, pb.TaskCompletedRequest(task_id=task_id, success=True, attempt=-1)),
+        ]:
+            assert code_of(call, request, metadata=auth) == INVALID, request
+        assert (
+            code_of(
+                pool.master.StoreLogs,
+                pb.StoreLogsRequest(task_id=task_id, node_id=worker.node_id, logs="x" * (reports.MAX_LOG_PAYLOAD + 1)),
+                metadata=auth,
+            )
+            == grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
+        status = poll(pool, owner_token, task_id)
+        assert status.status == "RUNNING" and list(status.output) == list(Script().lines)
+        worker.release(task_id)
+        wait_status(pool, owner_token, task_id, "COMPLETED")
     finally:
         worker.close()
