@@ -179,10 +179,10 @@ def test_a_task_past_its_time_limit_is_taken_back_and_its_node_pays(fast_pool: P
     assert pool.balance(token) == 1000 - ESCROW
     fresh = ScriptedWorker(pool, label="fresh", script=Script(mode="hold"))
     workers.append(fresh)
-    started_minutes_ago(pool, task_id, MAX_MINUTES + 1)
+    started_minutes_ago(pool, task_id, int(MAX_MINUTES) + 1)
     sweep(pool)
     assert credit_of(pool, stuck.owner) == 50  # within its grace: nothing yet
-    started_minutes_ago(pool, task_id, MAX_MINUTES + 3)
+    started_minutes_ago(pool, task_id, int(MAX_MINUTES) + 3)
     sweep(pool)
     history = pool.master.GetTaskHistory(pb.GetTaskHistoryRequest(task_id=task_id), metadata=bearer(token))
     taken = [h for h in history.transitions if h.from_status == "RUNNING"]

@@ -348,8 +348,8 @@ def test_malformed_reports_and_heartbeats_from_the_right_node_are_invalid(
             {"gpu_memory_usage": 1000},
             {"cpu_usage": 50, "attempt": -1},
         ]:
-            request = pb.RunningStatusRequest(task_id=task_id, node_id=worker.node_id, **fields)
-            assert code_of(usage, request, metadata=auth) == INVALID, fields
+            sample = pb.RunningStatusRequest(task_id=task_id, node_id=worker.node_id, **fields)
+            assert code_of(usage, sample, metadata=auth) == INVALID, fields
         for call, request in [
             (pool.master.StoreLogs, pb.StoreLogsRequest(task_id=task_id, node_id=f"{worker.owner}/other", logs="[]")),
             (pool.master.StoreLogs, pb.StoreLogsRequest(task_id=task_id, node_id=stranger, logs="[]")),
