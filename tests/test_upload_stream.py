@@ -22,6 +22,7 @@ from orchestration.storage import BACKGROUND_HASH_BYTES
 from protos import nodepool_pb2 as pb
 from tests.harness import PoolHarness, bearer
 from tests.tasks_support import task_zip
+from tests.test_task_hostile import HOSTILE_ZIPS
 from tests.test_upload_large import large_zip
 
 PIECE = 64 << 10
@@ -192,6 +193,38 @@ def test_a_stream_whose_bytes_are_no_zip_is_invalid(sqlite_pool: PoolHarness, zi
         call.result(timeout=30)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     assert expected in raised.value.details()  # type: ignore[attr-defined]
+    assert_nothing_kept(pool, token, task_id, balance)
+
+
+@pytest.mark.parametrize("kind", sorted(k for k in HOSTILE_ZIPS if HOSTILE_ZIPS[k]))
+def test_a_streamed_hostile_zip_is_invalid_and_nothing_is_kept(sqlite_pool: PoolHarness, kind: str) -> None:
+    """Every zip UploadTask refuses (tests/test_task_hostile.py), sent in pieces instead."""
+    pool = sqlite_pool
+    token, balance, task_id = newcomer(pool)
+    messages = pieces(task_id, HOSTILE_ZIPS[kind], first_bytes=10, piece=4096)
+    call = pool.master.UploadTaskStream.future(iter(messages), metadata=bearer(token))
+    with pytest.raises(grpc.RpcError) as raised:
+        call.result(timeout=30)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()  # type: ignore[attr-defined]
+    assert "refused" in raised.value.details()  # type: ignore[attr-defined]
+    assert_nothing_kept(pool, token, task_id, balance)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"cpu_score": -1}, {"memory_gb": -5}, {"location": "x" * 65}, {"gpu_name": "bad\x00name"}, {"task_id": "../etc"}],
+    ids=["negative-cpu", "negative-memory", "long-location", "unprintable-gpu-name", "traversal-id"],
+)
+def test_a_stream_whose_first_message_has_bad_fields_is_invalid(sqlite_pool: PoolHarness, fields: dict) -> None:
+    pool = sqlite_pool
+    token, balance, task_id = newcomer(pool)
+    head, *rest = pieces(task_id, task_zip(), first_bytes=10, piece=4096)
+    for name, value in fields.items():
+        setattr(head, name, value)
+    call = pool.master.UploadTaskStream.future(iter([head, *rest]), metadata=bearer(token))
+    with pytest.raises(grpc.RpcError) as raised:
+        call.result(timeout=30)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()  # type: ignore[attr-defined]
     assert_nothing_kept(pool, token, task_id, balance)
 
 
