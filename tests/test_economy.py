@@ -12,6 +12,8 @@ import threading
 import time
 from datetime import timedelta
 
+import grpc
+import pytest
 import sqlalchemy as sa
 
 from models import ledger, nodes
@@ -161,6 +163,51 @@ def test_lost_node_is_refunded_and_the_rescuer_paid(fast_pool: PoolHarness, work
     assert pool.balance(rescuer.token) == 1000 + PER_MINUTE
     assert pool.balance(token) == 1000 - PER_MINUTE
     assert credit_of(pool, doomed.owner) == 50 - pool.settings.CREDIT_PENALTY
+    audit_ok(pool)
+
+
+@pytest.mark.parametrize("rpc", ["FinishTask", "TaskCompleted"])
+def test_the_same_completion_sent_many_times_at_once_pays_once(fast_pool: PoolHarness, workers: list, rpc: str) -> None:
+    """A node (or a retrying network) sends its task's end six times at once, and again once it
+    is settled: the task completes once, its node is paid and credited once, the books balance."""
+    pool = fast_pool
+    worker = ScriptedWorker(pool, script=Script(mode="hold"))
+    workers.append(worker)
+    _, token = pool.new_user()
+    task_id = upload(pool, token)
+    wait_status(pool, token, task_id, "RUNNING")
+    started_minutes_ago(pool, task_id, 3)
+    auth = bearer(worker.token)
+    verdict = {"task_id": task_id, "node_id": worker.node_id, "success": True, "attempt": 1}
+    if rpc == "TaskCompleted":
+        result = pb.ReturnTaskResultRequest(task_id=task_id, result_zip=worker.script.result, attempt=1)
+        assert pool.master.ReturnTaskResult(result, metadata=auth).success
+
+    def send() -> str:
+        try:
+            if rpc == "FinishTask":
+                request = pb.FinishTaskRequest(result_zip=worker.script.result, **verdict)
+                reply = pool.master.FinishTask(request, metadata=auth)
+            else:
+                reply = pool.master.TaskCompleted(pb.TaskCompletedRequest(**verdict), metadata=auth)
+        except grpc.RpcError as error:
+            return error.code().name  # type: ignore[no-any-return]
+        return "OK" if reply.success else "REFUSED"
+
+    answers: list[str] = []
+    threads = [threading.Thread(target=lambda: answers.append(send())) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(answers) == 6 and set(answers) <= {"OK", "REFUSED"} and "OK" in answers, answers
+    wait_status(pool, token, task_id, "COMPLETED")
+    assert send() == "REFUSED"  # settled: a late copy is refused in band
+    assert pool.balance(token) == 1000 - 3 * PER_MINUTE
+    assert pool.balance(worker.token) == 1000 + 3 * PER_MINUTE
+    assert credit_of(pool, worker.owner) == 50 + pool.settings.CREDIT_FOR_COMPLETION
+    history = pool.master.GetTaskHistory(pb.GetTaskHistoryRequest(task_id=task_id), metadata=bearer(token))
+    assert [h.to_status for h in history.transitions].count("COMPLETED") == 1
     audit_ok(pool)
 
 
