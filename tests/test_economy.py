@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from datetime import timedelta
+from typing import Any
 
 import grpc
 import pytest
@@ -178,7 +179,7 @@ def test_the_same_completion_sent_many_times_at_once_pays_once(fast_pool: PoolHa
     wait_status(pool, token, task_id, "RUNNING")
     started_minutes_ago(pool, task_id, 3)
     auth = bearer(worker.token)
-    verdict = {"task_id": task_id, "node_id": worker.node_id, "success": True, "attempt": 1}
+    verdict: dict[str, Any] = {"task_id": task_id, "node_id": worker.node_id, "success": True, "attempt": 1}
     if rpc == "TaskCompleted":
         result = pb.ReturnTaskResultRequest(task_id=task_id, result_zip=worker.script.result, attempt=1)
         assert pool.master.ReturnTaskResult(result, metadata=auth).success
