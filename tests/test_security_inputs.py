@@ -12,6 +12,7 @@ import random
 import socket
 
 import grpc
+import pytest
 
 import orchestration.dispatcher
 import orchestration.nodes
@@ -115,7 +116,10 @@ def resolving(name: str, addresses: list[str]):  # type: ignore[no-untyped-def]
     return lambda host: addresses if host == name else real(host)
 
 
-def test_dispatch_rechecks_a_name_that_resolves_elsewhere_now(make_pool, sqlite_url: str, monkeypatch) -> None:
+@pytest.mark.parametrize("call", ["ExecuteTask", "StopTaskExecution"])
+def test_a_call_to_a_node_rechecks_a_name_that_resolves_elsewhere_now(
+    make_pool, sqlite_url: str, monkeypatch, call: str
+) -> None:
     # DNS rebinding: public when the node registered, loopback when the pool is about to dial it.
     pool = make_pool(database_url=sqlite_url, NODE_ADDRESS_POLICY="public")
     monkeypatch.setattr(orchestration.nodes, "resolve_host", resolving("rebind.example", ["93.184.216.34"]))
@@ -126,23 +130,13 @@ def test_dispatch_rechecks_a_name_that_resolves_elsewhere_now(make_pool, sqlite_
     placed = scheduler.match_pending(pool.ctx.db, NodeCatalog(), pool.settings, rng=random.Random(7))
     assert placed == [(task_id, 1)]
     monkeypatch.setattr(orchestration.dispatcher, "resolve_host", resolving("rebind.example", ["127.0.0.1"]))
-    outcome = dispatch_now(pool, task_id)
-    assert not outcome.accepted and outcome.reason.startswith("node address refused") and "loopback" in outcome.reason
-
-
-def test_a_stop_rechecks_a_name_that_resolves_elsewhere_now(make_pool, sqlite_url: str, monkeypatch) -> None:
-    # As for ExecuteTask: public when the node registered, loopback when the pool would tell it to stop.
-    pool = make_pool(database_url=sqlite_url, NODE_ADDRESS_POLICY="public")
-    monkeypatch.setattr(orchestration.nodes, "resolve_host", resolving("rebind.example", ["93.184.216.34"]))
-    owner, token = pool.new_user()
-    assert pool.nodes.RegisterWorkerNode(node_request(owner, hostname="rebind.example"), metadata=bearer(token)).success
-    _, submitter = pool.new_user()
-    task_id = upload(pool, submitter)
-    assert scheduler.match_pending(pool.ctx.db, NodeCatalog(), pool.settings, rng=random.Random(7)) == [(task_id, 1)]
-    monkeypatch.setattr(orchestration.dispatcher, "resolve_host", resolving("rebind.example", ["127.0.0.1"]))
-    said = orchestration.dispatcher.stop_execution(
-        pool.ctx.db, pool.ctx.signer, orchestration.dispatcher.Channels(1 << 20), pool.settings, task_id
-    )
+    if call == "ExecuteTask":
+        outcome = dispatch_now(pool, task_id)
+        assert not outcome.accepted
+        said = outcome.reason
+    else:
+        channels = orchestration.dispatcher.Channels(1 << 20)
+        said = orchestration.dispatcher.stop_execution(pool.ctx.db, pool.ctx.signer, channels, pool.settings, task_id)
     assert said.startswith("node address refused") and "loopback" in said, said
 
 
