@@ -63,10 +63,14 @@ class Lifecycle:
     def capacity_appeared(self, why: str) -> None:
         """A node registered or came back online: ask for matching now, so a task waiting for
         capacity need not wait for the next recovery sweep (SPEC §5). Never raises: the node's
-        registration or heartbeat is done whatever Redis says, and the sweep asks again later."""
+        registration or heartbeat is done whatever Redis says, and the sweep asks again later.
+        Only when some task is PENDING: a fleet registering asks for no empty matching jobs."""
         try:
+            with self.db.reading() as session:
+                if not tasks.any_pending(session):
+                    return
             self.request_matching()
-        except Exception as error:  # Redis or the broker away: the recovery sweep re-drives it
+        except Exception as error:  # the database, Redis or the broker away: the sweep re-drives it
             log.warning("could not ask for matching after %s: %s", why, error)
 
     def nodes_came_back(self, count: int) -> None:
