@@ -183,6 +183,26 @@ def test_tokens_missing_expired_forged_or_disagreeing(sqlite_pool: PoolHarness) 
     assert pool.balance(token) == 1000 and pool.balance(bob_token) == 1000
 
 
+def test_an_overlong_login_is_invalid(sqlite_pool: PoolHarness) -> None:
+    name = sqlite_pool.register()
+    for request in [
+        pb.LoginRequest(username="u" * 65, password=PASSWORD),
+        pb.LoginRequest(username=name, password="p" * 1025),
+        pb.LoginRequest(username=name, password="é" * 513),  # 1,026 bytes in 513 characters
+    ]:
+        assert code_of(sqlite_pool.users.Login, request) == grpc.StatusCode.INVALID_ARGUMENT
+    assert sqlite_pool.users.Login(pb.LoginRequest(username=name, password=PASSWORD)).success  # no lockout from them
+
+
+def test_an_operator_asking_for_a_malformed_or_unknown_users_balance_is_refused(make_pool, database_url: str) -> None:
+    pool = make_pool(database_url=database_url, OPERATORS=["opsadmin"])
+    pool.register("opsadmin")
+    operator = bearer(pool.login("opsadmin"))
+    for username in ["nobody-here", "a\x00b", "x" * 10_000, "../etc/passwd", "' OR 1=1 --", "ＡＢＣ"]:
+        reply = pool.users.GetBalance(pb.GetBalanceRequest(username=username), metadata=operator)
+        assert not reply.success and "no user named" in reply.message, (username[:20], reply)
+
+
 def test_balance_of_someone_else_is_denied_except_to_operators(make_pool, sqlite_url: str) -> None:
     pool = make_pool(database_url=sqlite_url, OPERATORS=["opsadmin"])
     (alice, token), (bob, _) = pool.new_user(), pool.new_user()
