@@ -38,6 +38,18 @@ def started_minutes_ago(pool: PoolHarness, task_id: str, minutes: int) -> None:
     )
 
 
+def held_for_minutes(pool: PoolHarness, workers: list, minutes: int) -> tuple[ScriptedWorker, str, str]:
+    """A new user's task RUNNING on a new node that holds it until released, started ``minutes`` ago:
+    (the node, the submitter's token, the task id)."""
+    worker = ScriptedWorker(pool, script=Script(mode="hold"))
+    workers.append(worker)
+    _, token = pool.new_user()
+    task_id = upload(pool, token)
+    wait_status(pool, token, task_id, "RUNNING")
+    started_minutes_ago(pool, task_id, minutes)
+    return worker, token, task_id
+
+
 def accrue(pool: PoolHarness) -> int:
     return pool.ctx.jobs.app.send_task("pool.maintenance.accrue_rewards").get(timeout=30)
 
@@ -64,12 +76,7 @@ def test_upload_escrows_the_maximum_price(fast_pool: PoolHarness) -> None:
 
 def test_completed_task_pays_metered_time_and_refunds_the_rest(fast_pool: PoolHarness, workers: list) -> None:
     pool = fast_pool
-    worker = ScriptedWorker(pool, script=Script(mode="hold"))
-    workers.append(worker)
-    _, token = pool.new_user()
-    task_id = upload(pool, token)
-    wait_status(pool, token, task_id, "RUNNING")
-    started_minutes_ago(pool, task_id, 3)
+    worker, token, task_id = held_for_minutes(pool, workers, 3)
     accrue(pool)
     usage = pool.worker_side.ReportRunningStatus(
         pb.RunningStatusRequest(node_id=worker.node_id, task_id=task_id, cpu_usage=100, memory_usage=100),
@@ -172,12 +179,7 @@ def test_the_same_completion_sent_many_times_at_once_pays_once(fast_pool: PoolHa
     """A node (or a retrying network) sends its task's end six times at once, and again once it
     is settled: the task completes once, its node is paid and credited once, the books balance."""
     pool = fast_pool
-    worker = ScriptedWorker(pool, script=Script(mode="hold"))
-    workers.append(worker)
-    _, token = pool.new_user()
-    task_id = upload(pool, token)
-    wait_status(pool, token, task_id, "RUNNING")
-    started_minutes_ago(pool, task_id, 3)
+    worker, token, task_id = held_for_minutes(pool, workers, 3)
     auth = bearer(worker.token)
     verdict: dict[str, Any] = {"task_id": task_id, "node_id": worker.node_id, "success": True, "attempt": 1}
     if rpc == "TaskCompleted":
@@ -254,12 +256,7 @@ def test_a_task_past_its_time_limit_is_taken_back_and_its_node_pays(fast_pool: P
 
 def test_user_stop_pays_for_work_done(fast_pool: PoolHarness, workers: list) -> None:
     pool = fast_pool
-    worker = ScriptedWorker(pool, script=Script(mode="hold"))
-    workers.append(worker)
-    _, token = pool.new_user()
-    task_id = upload(pool, token)
-    wait_status(pool, token, task_id, "RUNNING")
-    started_minutes_ago(pool, task_id, 2)
+    worker, token, task_id = held_for_minutes(pool, workers, 2)
     assert pool.master.StopTask(pb.StopTaskRequest(task_id=task_id), metadata=bearer(token)).success
     wait_status(pool, token, task_id, "STOPPED")
     assert pool.balance(worker.token) == 1000 + 2 * PER_MINUTE
@@ -283,12 +280,7 @@ def test_dispatch_refused_costs_nothing_and_costs_the_node_credit(fast_pool: Poo
 def test_accrual_twice_or_concurrently_pays_once(fast_pool: PoolHarness, workers: list, celery_worker_for) -> None:
     pool = fast_pool
     celery_worker_for(pool)  # a second worker process
-    worker = ScriptedWorker(pool, script=Script(mode="hold"))
-    workers.append(worker)
-    _, token = pool.new_user()
-    task_id = upload(pool, token)
-    wait_status(pool, token, task_id, "RUNNING")
-    started_minutes_ago(pool, task_id, 6)
+    worker, _, task_id = held_for_minutes(pool, workers, 6)
     results: list[int] = []
     threads = [threading.Thread(target=lambda: results.append(accrue(pool))) for _ in range(4)]
     for thread in threads:
