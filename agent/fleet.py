@@ -30,7 +30,7 @@ from typing import Any
 
 import grpc
 
-from agent.session import CALL_TIMEOUT, RETRYABLE, bearer, compute_backoff, pool_channel
+from agent.session import CALL_TIMEOUT, bearer, compute_backoff, pool_channel, retryable
 from agent.simtasks import SimulatedTasks
 from agent.verify import PoolClaims
 from protos import nodepool_pb2 as pb
@@ -189,7 +189,7 @@ class Fleet:
             except grpc.RpcError as error:
                 if self._stopping.is_set():
                     return
-                if error.code() not in RETRYABLE:
+                if not retryable(error):
                     log.warning("virtual node %s: %s %s", node.node_id, error.code().name, error.details())
                     node.state = FAILED
                     return

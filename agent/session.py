@@ -45,6 +45,30 @@ def compute_backoff(attempt: int, *, factor: float = 0.5, jitter: float, max_bac
     return min(max_backoff, factor * 2**attempt) * (0.5 + jitter / 2)
 
 
+def retry_after(error: grpc.RpcError) -> float | None:
+    """The seconds an answer's ``retry-after`` trailer asks a client to wait (the pool sends one
+    with RESOURCE_EXHAUSTED when it limits a rate, or every upload stream is taken); None when
+    there is none."""
+    trailers = getattr(error, "trailing_metadata", None)
+    for key, value in (trailers() if callable(trailers) else None) or ():
+        if key == "retry-after":
+            try:
+                return max(0.0, float(value))
+            except (TypeError, ValueError):
+                return 0.0
+    return None
+
+
+def retryable(error: grpc.RpcError) -> bool:
+    """Whether the same call may succeed later: the pool unavailable or slow, or busy. A
+    RESOURCE_EXHAUSTED without ``retry-after`` is a payload over a limit (a result zip larger
+    than the pool takes, say), which the same call would meet again however long it waited."""
+    code = error.code()
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return retry_after(error) is not None
+    return code in RETRYABLE
+
+
 def pool_channel(target: str, *, ca_cert: Path | None = None, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
     """A channel to the pool at ``target``: TLS, its certificate checked against ``ca_cert`` (a
     PEM file), when one is given (a pool that sets GRPC_TLS_CERT and GRPC_TLS_KEY); plain
@@ -144,7 +168,7 @@ class PoolSession:
             try:
                 return action()
             except grpc.RpcError as error:
-                if error.code() not in RETRYABLE or time.monotonic() > deadline:
+                if not retryable(error) or time.monotonic() > deadline:
                     raise
                 self._sleep(compute_backoff(attempt, jitter=self._rng()))
                 attempt += 1
@@ -163,8 +187,8 @@ class PoolSession:
     ) -> Any:
         """``method(request)`` with the token; the response, or None when it finally failed (logged).
 
-        Retries UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED with backoff and logs in
-        again (once) on UNAUTHENTICATED; see :meth:`send`.
+        Retries UNAVAILABLE, DEADLINE_EXCEEDED and a RESOURCE_EXHAUSTED that says when to retry
+        (:func:`retryable`) with backoff, and logs in again (once) on UNAUTHENTICATED; see :meth:`send`.
         """
         try:
             return self.send(method, request, timeout=timeout, tries=tries)
@@ -189,8 +213,9 @@ class PoolSession:
                 return method(request, metadata=bearer(self._token), timeout=timeout)
             except grpc.RpcError as error:
                 code = error.code()
-                if code in RETRYABLE and attempt + 1 < tries:
-                    self._sleep(compute_backoff(attempt, jitter=self._rng()))
+                if retryable(error) and attempt + 1 < tries:
+                    asked = retry_after(error) or 0.0
+                    self._sleep(max(asked, compute_backoff(attempt, jitter=self._rng())))
                     attempt += 1
                 elif code == grpc.StatusCode.UNAUTHENTICATED and not renewed:
                     renewed = True

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import grpc
 
 from agent.outcome import SHUTTING_DOWN, STOPPED
-from agent.session import CALL_TIMEOUT, RETRYABLE, bearer, compute_backoff
+from agent.session import CALL_TIMEOUT, bearer, compute_backoff, retryable
 from agent.verify import PoolClaims
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
@@ -173,7 +173,7 @@ class SimulatedTasks:
             except grpc.RpcError as error:
                 if error.code() == raise_on:
                     raise
-                if error.code() not in RETRYABLE:
+                if not retryable(error):
                     name = type(request).__name__
                     log.warning("%s for %s: %s %s", name, node.node_id, error.code().name, error.details())
                     return None

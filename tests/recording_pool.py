@@ -34,11 +34,14 @@ class Recorded:
 
 @dataclass
 class RecordingPool:
-    """See the module doc. ``failures[name]`` is a list of status codes the next calls get."""
+    """See the module doc. ``failures[name]`` is a list of status codes the next calls get (or
+    of (status code, trailing metadata) pairs)."""
 
     signer: PoolSigner
     calls: list[Recorded] = field(default_factory=list)
-    failures: dict[str, list[grpc.StatusCode]] = field(default_factory=dict)
+    failures: dict[str, list[grpc.StatusCode | tuple[grpc.StatusCode, tuple[tuple[str, str], ...]]]] = field(
+        default_factory=dict
+    )
     refuse_heartbeats: int = 0
     rejected_tokens: set[str] = field(default_factory=set)  # answered UNAUTHENTICATED
     passwords: dict[str, str] = field(default_factory=dict)
@@ -53,12 +56,15 @@ class RecordingPool:
                 token = str(value).removeprefix("Bearer ")
         with self.changed:
             pending = self.failures.get(name)
-            code = pending.pop(0) if pending else None
+            failure = pending.pop(0) if pending else None
+            code, trailers = failure if isinstance(failure, tuple) else (failure, ())
             if code is None and token and token in self.rejected_tokens:
                 code = grpc.StatusCode.UNAUTHENTICATED
             self.calls.append(Recorded(name, request, token, context.peer()))
             self.changed.notify_all()
         if code is not None:
+            if trailers:
+                context.set_trailing_metadata(trailers)
             context.abort(code, f"injected {code.name}")
 
     def names(self, *, task_id: str | None = None) -> list[str]:

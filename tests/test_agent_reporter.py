@@ -79,6 +79,33 @@ def test_an_unavailable_pool_is_retried_with_backoff(recording_pool: RecordingPo
     assert waits == [0.5, 1.0, 2.0]
 
 
+def test_a_payload_the_pool_finds_too_large_is_not_sent_again(recording_pool: RecordingPool) -> None:
+    """RESOURCE_EXHAUSTED without retry-after: over a limit, which the same call would meet again."""
+    waits: list[float] = []
+    session = session_for(recording_pool.address, sleep=waits.append, rng=lambda: 1.0)
+    session.start()
+    recording_pool.failures["ReturnTaskResult"] = [grpc.StatusCode.RESOURCE_EXHAUSTED]
+    request = pb.ReturnTaskResultRequest(task_id="t", result_zip=b"PK", attempt=1)
+
+    assert session.call(session.master.ReturnTaskResult, request, name="ReturnTaskResult") is None
+    assert recording_pool.count("ReturnTaskResult") == 1 and waits == []
+
+
+def test_a_pool_that_says_when_to_retry_is_retried_no_sooner(recording_pool: RecordingPool) -> None:
+    """RESOURCE_EXHAUSTED with retry-after (a rate limit): sent again, after at least that long."""
+    waits: list[float] = []
+    session = session_for(recording_pool.address, sleep=waits.append, rng=lambda: 1.0)
+    session.start()
+    busy = (grpc.StatusCode.RESOURCE_EXHAUSTED, (("retry-after", "3"),))
+    recording_pool.failures["StoreOutput"] = [busy, busy]
+
+    reply = session.call(session.master.StoreOutput, pb.StoreOutputRequest(task_id="t", output="x"), name="StoreOutput")
+
+    assert reply is not None and reply.success
+    assert recording_pool.count("StoreOutput") == 3
+    assert waits == [3.0, 3.0]  # the backoff alone would be 0.5 s, then 1 s
+
+
 def test_an_expired_token_means_logging_in_again(recording_pool: RecordingPool) -> None:
     session = session_for(recording_pool.address)
     session.start()
