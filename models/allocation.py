@@ -75,16 +75,12 @@ def hold(session: Session, node_pk: int, need: Need) -> bool:
     return bool(_hold_shares(session, {node_pk: (need, 1)}))
 
 
-def hold_many(session: Session, holds: dict[int, tuple[Need, int]]) -> set[int]:
+def hold_many(session: Session, holds: dict[int, tuple[Need, int]]) -> list[Row[Any]]:
     """:func:`hold` for many nodes in one statement: node pk -> (the needs of its tasks summed,
     how many tasks). Each node takes all of its share or none of it, under the same conditions
-    (online, room in every dimension, below its task cap counting them all); the pks that took it."""
-    return {node.id for node in _hold_shares(session, holds)}
-
-
-def hold_many_nodes(session: Session, holds: dict[int, tuple[Need, int]]) -> list[Row[Any]]:
-    """:func:`hold_many`, answering the rows of the nodes that took their share as the hold left
-    them (:data:`NODE_COLUMNS`, and ``stamp``: ``changed_at`` as the driver hands it back)."""
+    (online, room in every dimension, below its task cap counting them all). The rows of the
+    nodes that took it, as the hold left them (:data:`NODE_COLUMNS`, and ``stamp``: ``changed_at``
+    as the driver hands it back)."""
     return _hold_shares(session, holds)
 
 

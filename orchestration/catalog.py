@@ -84,7 +84,7 @@ class NodeCatalog:
         return count
 
     def holding(self, rows: Iterable[Row[Any]]) -> None:
-        """Note the rows our holds left (:func:`allocation.hold_many_nodes`), to be applied once
+        """Note the rows our holds left (:func:`allocation.hold_many`), to be applied once
         their transaction commits (:meth:`committed`): the next refresh then skips those nodes,
         which would otherwise be read back and rebuilt for a change that was our own."""
         self.held += rows

@@ -137,7 +137,7 @@ def _hold_first_choices(
         total, count = shares.get(pk, (allocation.Need(), 0))
         shares[pk] = (total.plus(allocation.Need(**task.needs)), count + 1)
         chosen.append((task, node, pk))
-    rows = allocation.hold_many_nodes(session, shares)
+    rows = allocation.hold_many(session, shares)
     catalog.holding(rows)
     held = {node.id for node in rows}
     placed = [(task, node) for task, node, pk in chosen if pk in held]

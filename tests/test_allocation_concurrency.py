@@ -12,6 +12,7 @@ import multiprocessing
 import random
 import threading
 import time
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -62,12 +63,17 @@ def _seed(db: Database, run: str, count: int = NODES) -> list[int]:
     return db.transaction(work)
 
 
+def held_ids(rows: list[Any]) -> set[int]:
+    """The pks of the nodes a hold took (its rows)."""
+    return {row.id for row in rows}
+
+
 def _allocate_group(session: sa.orm.Session, group: list[tuple[str, int, allocation.Need]]) -> list[int]:
     shares: dict[int, tuple[allocation.Need, int]] = {}
     for _, node_pk, need in group:
         total, count = shares.get(node_pk, (allocation.Need(), 0))
         shares[node_pk] = (total.plus(need), count + 1)
-    held = allocation.hold_many(session, shares)
+    held = held_ids(allocation.hold_many(session, shares))
     rows = [
         Allocation(node_pk=node_pk, task_id=task_id, attempt=1, **need.as_dict())
         for task_id, node_pk, need in group
@@ -200,15 +206,20 @@ def test_a_node_takes_all_of_its_share_of_a_batch_or_none(database_url: str) -> 
     each = allocation.Need(cpu_score=6, memory_gb=6)
     two = allocation.Need(cpu_score=12, memory_gb=12)
     held = db.transaction(
-        lambda s: allocation.hold_many(s, {roomy: (two, 2), offline: (each, 1), capped: (two, 2), small: (two, 2)})
+        lambda s: held_ids(
+            allocation.hold_many(s, {roomy: (two, 2), offline: (each, 1), capped: (two, 2), small: (two, 2)})
+        )
     )
     assert held == {roomy}  # offline; two tasks past a cap of one; 12 where 10 are free
     with db.reading() as session:
         query = sa.select(Node.id, Node.avail_cpu_score, Node.avail_memory_gb, Node.running_tasks)
         rows = {row.id: tuple(row)[1:] for row in session.execute(query.where(Node.id.in_(pks)))}
     assert rows == {roomy: (88, 88, 2), offline: (100, 100, 0), capped: (100, 100, 0), small: (10, 10, 0)}
-    assert db.transaction(lambda s: allocation.hold_many(s, {small: (each, 1), capped: (each, 1)})) == {small, capped}
-    assert db.transaction(lambda s: allocation.hold_many(s, {})) == set()
+    assert db.transaction(lambda s: held_ids(allocation.hold_many(s, {small: (each, 1), capped: (each, 1)}))) == {
+        small,
+        capped,
+    }
+    assert db.transaction(lambda s: allocation.hold_many(s, {})) == []
     db.dispose()
 
 
@@ -231,7 +242,7 @@ def test_holds_for_more_nodes_than_one_statement_takes(database_url: str) -> Non
         )
     )
     shares = {pk: (allocation.Need(cpu_score=1 + i % 7, memory_gb=2), 1 + i % 3) for i, pk in enumerate(pks)}
-    held = db.transaction(lambda s: allocation.hold_many(s, shares))
+    held = db.transaction(lambda s: held_ids(allocation.hold_many(s, shares)))
     assert held == {pk for i, pk in enumerate(pks) if i % 10}
     with db.reading() as session:
         rows = session.execute(

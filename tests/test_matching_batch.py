@@ -37,14 +37,14 @@ def test_tasks_whose_first_choice_went_stale_are_placed_on_the_next(make_pool, d
     ids = {upload(pool, submitter) for _ in range(TASKS)}
 
     chose_stale = 0
-    hold_many_nodes = allocation.hold_many_nodes
+    hold_many = allocation.hold_many
 
     def counting(session: sa.orm.Session, holds: dict[int, tuple[allocation.Need, int]]) -> list[Any]:
         nonlocal chose_stale
         chose_stale += stale_pk in holds
-        return hold_many_nodes(session, holds)
+        return hold_many(session, holds)
 
-    monkeypatch.setattr(allocation, "hold_many_nodes", counting)
+    monkeypatch.setattr(allocation, "hold_many", counting)
     placed = scheduler.match_pending(db, catalog, pool.settings, rng=random.Random(3))
     assert chose_stale == 1, "the batch must have tried the stale node first"
     assert {task_id for task_id, _ in placed} == ids and all(attempt == 1 for _, attempt in placed)

@@ -172,7 +172,7 @@ def hold(engine: sa.Engine, catalog: NodeCatalog, *node_ids: str) -> None:
     need = allocation.Need(cpu_score=100, memory_gb=1)
     with Session(engine) as session, session.begin():
         shares = {catalog.pks[node_id]: (need, 1) for node_id in node_ids}
-        catalog.holding(allocation.hold_many_nodes(session, shares))
+        catalog.holding(allocation.hold_many(session, shares))
 
 
 def test_nodes_changed_by_our_own_committed_holds_are_not_read_again(engine: sa.Engine) -> None:
@@ -202,7 +202,7 @@ def test_holds_noted_then_forgotten_are_never_applied(engine: sa.Engine) -> None
     catalog = NodeCatalog()
     refresh(engine, catalog)
     with Session(engine) as session, session.begin():
-        catalog.holding(allocation.hold_many_nodes(session, {catalog.pks["n03"]: (allocation.Need(cpu_score=100), 1)}))
+        catalog.holding(allocation.hold_many(session, {catalog.pks["n03"]: (allocation.Need(cpu_score=100), 1)}))
         session.rollback()
     catalog.forget()  # as matching does when its transaction fails
     catalog.committed()
