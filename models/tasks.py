@@ -248,10 +248,6 @@ def set_fields(session: Session, task_pk: int, **values: object) -> None:
     session.execute(update(Task).where(Task.id == task_pk).values(**values))
 
 
-def events(session: Session, task_pk: int) -> list[TaskEvent]:
-    return list(session.scalars(select(TaskEvent).where(TaskEvent.task_pk == task_pk).order_by(TaskEvent.id)))
-
-
 HISTORY_LIMIT = 500  # transitions shown at most: a task has a few per attempt, MAX_TASK_ATTEMPTS attempts
 
 

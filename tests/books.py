@@ -28,7 +28,7 @@ def assert_books_close(pool: PoolHarness, task_ids: list[str]) -> None:
         for task_id in task_ids:
             task = tasks.get(session, task_id)
             assert task is not None and task.status in tasks.TERMINAL, (task_id, task and task.status)
-            endings = [e for e in tasks.events(session, task.pk) if e.to_status in tasks.TERMINAL]
+            endings = [e for e in tasks.history(session, task.pk) if e.to_status in tasks.TERMINAL]
             assert len(endings) == 1, (task_id, [(e.from_status, e.to_status) for e in endings])
         held = session.execute(
             sa.select(Allocation.task_id, Task.status)

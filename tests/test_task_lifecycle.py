@@ -47,7 +47,7 @@ def test_happy_path(fast_pool: PoolHarness, workers: list, result_rpc: str) -> N
 
         row = tasks.get(session, task_id)
         assert row is not None and row.result_sha256 == hashlib.sha256(worker.script.result).hexdigest()
-        history = [(e.from_status, e.to_status) for e in tasks.events(session, row.pk)]
+        history = [(e.from_status, e.to_status) for e in tasks.history(session, row.pk)]
         assert ledger.audit(session).ok
     archived = pool.kept_file(task_id, task_files.RESULT_ZIP)  # small: kept in the database
     assert archived is not None and hashlib.sha256(archived).hexdigest() == row.result_sha256

@@ -30,7 +30,7 @@ def test_sigkill_mid_dispatch_loses_nothing(make_pool, database_url: str, celery
         with pool.ctx.db.reading() as session:
             task = tasks.get(session, task_id)
             assert task is not None
-            completions = [e for e in tasks.events(session, task.pk) if e.to_status == "COMPLETED"]
+            completions = [e for e in tasks.history(session, task.pk) if e.to_status == "COMPLETED"]
             assert [(e.attempt, e.from_status) for e in completions][:1] and len(completions) == 1
             assert task.attempt == 1
             assert all(allocation.active_allocation(session, task_id, n) is None for n in (1, 2, 3))
