@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -66,27 +67,25 @@ def agent_pool(  # type: ignore[no-untyped-def]
     )
     celery_worker_for(pool)  # up before the agent starts: the agent's CPU benchmark needs the cores to itself
     owner, _ = pool.new_user()
-    env = {**os.environ, "HIVEMIND_PASSWORD": "correct-horse-battery", "PYTHONUNBUFFERED": "1"}
     log_path = tmp_path / "agent.log"
+    agent = start_agent(pool.address, owner, unused_port, work_dir, log_path)
+    # The agent's node is low tier without Docker: vouch for the submitter so it may use it.
+    from orchestration.credit import set_credit
+
+    submitter, submitter_token = pool.new_user()
+    set_credit(pool.ctx.db, pool.settings, submitter, 100, "test submitter")
+    yield pool, submitter_token, agent, log_path
+    stop_agent(agent, in_background)
+
+
+def start_agent(pool: str, owner: str, port: int, work: Path, log_path: Path, *options: str) -> subprocess.Popen[bytes]:
+    """`hivemind-agent run` for ``owner``'s node (subprocesses, no Docker) against ``pool``, with
+    ``options`` besides, its output in ``log_path``; once it says it serves."""
+    env = {**os.environ, "HIVEMIND_PASSWORD": "correct-horse-battery", "PYTHONUNBUFFERED": "1"}
     argv = [
-        sys.executable,
-        "-m",
-        "agent",
-        "run",
-        "--pool",
-        pool.address,
-        "--username",
-        owner,
-        "--port",
-        str(unused_port),
-        "--bind",
-        "127.0.0.1",
-        "--docker",
-        "never",
-        "--work-dir",
-        str(work_dir),
-        "--task-memory-mb",
-        "256",
+        *(sys.executable, "-m", "agent", "run", "--pool", pool, "--username", owner, *options),
+        *("--port", str(port), "--bind", "127.0.0.1", "--docker", "never"),
+        *("--work-dir", str(work), "--task-memory-mb", "256"),
     ]
     with log_path.open("wb") as log:
         agent = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -95,12 +94,11 @@ def agent_pool(  # type: ignore[no-untyped-def]
         assert agent.poll() is None, log_path.read_text()
         time.sleep(0.05)
     assert "serving on port" in log_path.read_text(), log_path.read_text()
-    # The agent's node is low tier without Docker: vouch for the submitter so it may use it.
-    from orchestration.credit import set_credit
+    return agent
 
-    submitter, submitter_token = pool.new_user()
-    set_credit(pool.ctx.db, pool.settings, submitter, 100, "test submitter")
-    yield pool, submitter_token, agent, log_path
+
+def stop_agent(agent: subprocess.Popen[bytes], in_background: Callable[[Callable[[], object]], None]) -> None:
+    """SIGTERM, then its wait (a SIGKILL after 20 s) left to ``in_background``."""
     if agent.poll() is None:
         agent.send_signal(signal.SIGTERM)
         in_background(lambda: _wait_or_kill(agent))

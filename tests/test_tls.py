@@ -7,10 +7,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -33,7 +29,7 @@ from protos import nodepool_pb2_grpc as pb_grpc
 from tests.agent_fixtures import work_dir  # noqa: F401  (fixture)
 from tests.harness import PoolHarness, unique_name
 from tests.tasks_support import FAST, upload, wait_status
-from tests.test_agent_end_to_end import MAIN, REPO, zipped
+from tests.test_agent_end_to_end import MAIN, start_agent, stop_agent, zipped
 
 PASSWORD = "correct-horse-battery"
 
@@ -118,29 +114,16 @@ def test_the_agent_joins_a_tls_pool_and_runs_its_task(  # type: ignore[no-untype
     pool, cert = tls_pool
     celery_worker_for(pool)
     owner, _ = pool.new_user()
-    env = {**os.environ, "HIVEMIND_PASSWORD": PASSWORD, "PYTHONUNBUFFERED": "1"}
-    argv = [
-        *(sys.executable, "-m", "agent", "run", "--pool", pool.address, "--ca-cert", str(cert)),
-        *("--username", owner, "--port", str(unused_port), "--bind", "127.0.0.1", "--docker", "never"),
-        *("--work-dir", str(work_dir), "--task-memory-mb", "256"),
-    ]
     log_path = tmp_path / "agent.log"
-    with log_path.open("wb") as log:
-        agent = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    agent = start_agent(pool.address, owner, unused_port, work_dir, log_path, "--ca-cert", str(cert))
     try:
-        deadline = time.monotonic() + 60
-        while "serving on port" not in log_path.read_text() and time.monotonic() < deadline:
-            assert agent.poll() is None, log_path.read_text()
-            time.sleep(0.05)
-        assert "serving on port" in log_path.read_text(), log_path.read_text()
         submitter, token = pool.new_user()
         set_credit(pool.ctx.db, pool.settings, submitter, 100, "test submitter")  # the node is low tier
         task_id = upload(pool, token, task_zip=zipped({"main.py": MAIN, "input.txt": "6 7"}))
         done = wait_status(pool, token, task_id, {"COMPLETED", "FAILED"}, timeout=90)
         assert done.status == "COMPLETED", (done.message, log_path.read_text()[-3000:])
     finally:
-        agent.send_signal(signal.SIGTERM)
-        in_background(lambda: agent.wait(timeout=30))
+        stop_agent(agent, in_background)
 
 
 def test_the_simulated_fleet_joins_a_tls_pool(tls_pool: tuple[PoolHarness, Path]) -> None:
