@@ -22,6 +22,13 @@ def pipeline_lines(results: list[pipeline.Result]) -> list[str]:
             f"{target.pair()} ms ({target.figure('p99_ms').spread}) {met} | "
             f"{r.upload_rate.median:.0f} tasks/s ({r.upload_rate.spread}) | {r.registration_s:.0f} s |"
         )
+    lines += [
+        "",
+        "Nodes the pool took offline for silence during the run (no heartbeat for its 30 s timeout, "
+        "the nodes' server processes being the lowest in priority): "
+        + "; ".join(f"{r.backend} {r.went_offline:,}" for r in results)
+        + ".",
+    ]
     analyzed = [r.backend for r in results if r.analyzed]
     if analyzed:
         lines += [
@@ -41,7 +48,10 @@ def pipeline_lines(results: list[pipeline.Result]) -> list[str]:
         "",
     ]
     for r in results:
-        servers = f"{r.server_processes} gRPC server process" + ("es" if r.server_processes > 1 else "")
+        servers = (
+            f"{r.server_processes} gRPC server process{'es' if r.server_processes > 1 else ''} for the clients "
+            f"and {r.node_server_processes} for the nodes"
+        )
         lines += [f"- {r.backend}, {servers}: " + "; ".join(f"round {i + 1}: {cpu}" for i, cpu in enumerate(r.cpu))]
     cores = os.cpu_count() or 1
     lines += [
