@@ -76,26 +76,21 @@ def create_server(ctx: PoolContext, address: str) -> tuple[grpc.Server, int]:
     return server, port
 
 
-def serve(settings: Settings, *, replica: int = 0, nodes: bool = False) -> None:
+def serve(settings: Settings, *, replica: int = 0) -> None:
     """Migrate, start the server and block until SIGINT/SIGTERM; then drain for a few seconds.
 
-    ``replica``: this process's number among the pool's gRPC server processes (``hivemind-pool up``
-    runs ``GRPC_PROCESSES`` on the port, numbered from 0, then those on the node port). Replica N
-    serves its metrics on METRICS_PORT + N; only replica 0 listens to the workers' task events, so
-    each job's duration is counted once. ``nodes``: listen on GRPC_NODE_PORT instead.
+    ``replica``: this process's number among the gRPC server processes sharing the port
+    (``hivemind-pool up`` runs ``GRPC_PROCESSES``). Replica N serves its metrics on METRICS_PORT + N;
+    only replica 0 listens to the workers' task events, so each job's duration is counted once.
     """
-    address = settings.grpc_node_address if nodes else settings.grpc_address
-    if address is None:
-        raise SystemExit("serve --nodes needs GRPC_NODE_PORT")
     ctx = build_context(settings)
     schema.upgrade(ctx.db.engine)
     if replica == 0 and (advice := schema.unattended(ctx.db.engine)):
         log.warning(advice)
-    server, port = create_server(ctx, address)
+    server, port = create_server(ctx, settings.grpc_address)
     collector.settle()  # before the first call: a full collection no longer walks all of the above
     server.start()
-    named = ", ".join(([f"replica {replica}"] if replica else []) + (["for the nodes"] if nodes else []))
-    named = f" ({named})" if named else ""
+    named = f" (replica {replica})" if replica else ""
     log.info("gRPC server listening on %s:%d%s", settings.GRPC_SERVER_HOST, port, named)
     metrics = None
     if settings.METRICS_PORT:

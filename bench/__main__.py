@@ -181,13 +181,11 @@ def main() -> None:
         nodes = int(os.environ.get("BENCH_PIPELINE_NODES", 10_000 // scale))
         tasks = int(os.environ.get("BENCH_PIPELINE_TASKS", 5_000 // scale))
         rounds = int(os.environ.get("BENCH_PIPELINE_ROUNDS", 3))  # a median of three, not the mean of two
-        defaults = Settings(_env_file=None)  # type: ignore[call-arg]
         size = (
             f"{nodes:,} simulated nodes (their calls over {bench_fleet.CONNECTIONS} connections), bursts of "
             f"{tasks:,} tasks from {CLIENTS} clients (a connection each), {rounds} round(s); the pool as "
-            f"`hivemind-pool up` runs it here with a port of the nodes' own (`GRPC_NODE_PORT`): gRPC server "
-            f"processes on the clients' port {defaults.GRPC_NICE} nice steps below the rest (`GRPC_NICE`) and "
-            f"on the nodes' port {defaults.GRPC_NODE_NICE} below (`GRPC_NODE_NICE`), see the CPU lines below; "
+            f"`hivemind-pool up` runs it here (gRPC server processes on one port, see the CPU lines below, "
+            f"{Settings(_env_file=None).GRPC_NICE} nice steps below the rest: `GRPC_NICE`), "  # type: ignore[call-arg]
             f"its matcher (one process) and a Celery worker of {stage.CONCURRENCY} for the other queues; "
             f"the no-op baseline's worker has {stage.JOB_PROCESSES}"
         )

@@ -35,7 +35,7 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, text
 
 from bench import rpc_floor, stage
-from bench.common import Comparison, Figure, free_ports, pool_env, process, scratch, wait_serving
+from bench.common import Comparison, Figure, free_port, free_ports, pool_env, process, scratch, wait_serving
 from bench.rounds import CLIENTS, Latency, pipeline_round
 from models import schema
 from pool import priority
@@ -103,9 +103,8 @@ class Result:
     cpu: list[str]
     idle_cores: dict[str, float]  # by process group, with no task in flight
     calls: rpc_floor.Calls
-    server_processes: int  # gRPC server processes on the clients' port, as `up` runs them here
-    node_server_processes: int  # and on the nodes' port
-    went_offline: int  # nodes the pool took offline for silence during the run (none, when heartbeats keep up)
+    server_processes: int  # gRPC server processes on the pool's port, as `up` runs them here
+    went_offline: int  # nodes the pool took offline for silence during the run (none, while heartbeats keep up)
     analyzed: bool  # the database ANALYZEd by the benchmark, its server's autovacuum being off
 
 
@@ -128,19 +127,15 @@ def run_backend(
     ):
         tokens = stage.seed_accounts(backend.database_url, "bn", nodes)
         (work / "tokens.json").write_text(json.dumps(tokens))
-        # The nodes call on a port of their own (GRPC_NODE_PORT), as a deployment gives its nodes
-        port = free_ports(2)
-        node_port = port + 1
-        settings = Settings(_env_file=None, DATA_DIR=work, GRPC_SERVER_PORT=port, GRPC_NODE_PORT=node_port)  # type: ignore[call-arg]
-        replicas = settings.grpc_processes + settings.grpc_node_processes  # as `up` runs them here
-        metrics_port = free_ports(replicas)
+        settings = Settings(_env_file=None, DATA_DIR=work)  # type: ignore[call-arg]
+        replicas = settings.grpc_processes  # gRPC server processes, as `up` runs them here
+        port, metrics_port = free_port(), free_ports(replicas)
         metrics_ports = [metrics_port + n for n in range(replicas)]
         env = pool_env(
             work,
             backend.redis_url,
             DATABASE_URL=backend.database_url,
             GRPC_SERVER_PORT=port,
-            GRPC_NODE_PORT=node_port,
             INITIAL_BALANCE=10**12,
             METRICS_PORT=metrics_port,
             MAX_NODES_PER_OWNER=1,
@@ -148,7 +143,7 @@ def run_backend(
             LOG_LEVEL="INFO",
         )
         noop_env = {**env, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-        target, node_target = f"127.0.0.1:{port}", f"127.0.0.1:{node_port}"
+        target = f"127.0.0.1:{port}"
         with contextlib.ExitStack() as stack:
             pool_children = {
                 c.name: c for c in children(settings, flower=False, flower_port=0, concurrency=stage.CONCURRENCY)
@@ -160,7 +155,7 @@ def run_backend(
                     problem = priority.lower(servers[-1].pid, c.nice)  # as `up`'s supervisor does
                     if problem:
                         print(f"  {name} kept a higher CPU priority than `up` gives it: {problem}", file=sys.stderr)
-                    wait_serving(node_port if "--nodes" in c.argv else port, servers[-1], work / f"{name}.log")
+                    wait_serving(port, servers[-1], work / f"{name}.log")
             matcher = stack.enter_context(process(pool_children["matcher"].argv, env, work / "matcher.log"))
             worker = stack.enter_context(process(pool_children["worker"].argv, env, work / "worker.log"))
             stack.enter_context(process(pool_children["beat"].argv, env, work / "beat.log"))
@@ -182,7 +177,7 @@ def run_backend(
                         sys.executable,
                         "-m",
                         "bench.fleet",
-                        node_target,
+                        target,
                         str(nodes),
                         "bn",
                         str(work / "tokens.json"),
@@ -268,8 +263,7 @@ def run_backend(
         registration_s=registration,
         cpu=cpu_laps,
         idle_cores=idle,
-        server_processes=settings.grpc_processes,
-        node_server_processes=settings.grpc_node_processes,
+        server_processes=len(servers),
         went_offline=went_offline,
         analyzed=analyzed,
         calls=rpc_floor.Calls(

@@ -24,8 +24,8 @@ def pipeline_lines(results: list[pipeline.Result]) -> list[str]:
         )
     lines += [
         "",
-        "Nodes the pool took offline for silence during the run (no heartbeat for its 30 s timeout, "
-        "the nodes' server processes being the lowest in priority): "
+        "Nodes the pool took offline for silence during the run (no heartbeat answered for its 30 s "
+        "timeout: a pool whose cores leave its nodes' heartbeats waiting loses nodes that are there): "
         + "; ".join(f"{r.backend} {r.went_offline:,}" for r in results)
         + ".",
     ]
@@ -48,10 +48,7 @@ def pipeline_lines(results: list[pipeline.Result]) -> list[str]:
         "",
     ]
     for r in results:
-        servers = (
-            f"{r.server_processes} gRPC server process{'es' if r.server_processes > 1 else ''} for the clients "
-            f"and {r.node_server_processes} for the nodes"
-        )
+        servers = f"{r.server_processes} gRPC server process" + ("es" if r.server_processes > 1 else "")
         lines += [f"- {r.backend}, {servers}: " + "; ".join(f"round {i + 1}: {cpu}" for i, cpu in enumerate(r.cpu))]
     cores = os.cpu_count() or 1
     lines += [

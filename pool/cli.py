@@ -38,14 +38,13 @@ def up(
 @app.command()
 def serve(
     replica: int = typer.Option(
-        0, min=0, help="This process's number among the pool's gRPC servers (metrics on METRICS_PORT + N)."
+        0, min=0, help="This process's number among gRPC servers sharing the port (metrics on METRICS_PORT + N)."
     ),
-    nodes: bool = typer.Option(False, "--nodes", help="Listen on GRPC_NODE_PORT, the worker nodes' port."),
 ) -> None:
     """Run the gRPC server only (Celery workers and beat run separately)."""
     from api.server import serve as run_server
 
-    run_server(_settings(), replica=replica, nodes=nodes)
+    run_server(_settings(), replica=replica)
 
 
 @app.command()

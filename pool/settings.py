@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -38,14 +38,6 @@ class Settings(BaseSettings):
     # machine whose cores are full, work already accepted (matching, dispatch, archival) goes
     # first, and new calls wait, instead of tasks piling up between the steps (pool/priority.py).
     GRPC_NICE: int = Field(default=5, ge=0, le=19)
-    # A port of their own for the worker nodes (give it to them as the pool's address): `up` serves
-    # it with GRPC_NODE_PROCESSES processes (0 = half of one per core, at least 1; the first port
-    # keeps the rest) GRPC_NODE_NICE steps below the matcher and the Celery worker. A heartbeat or
-    # a report may wait while the cores are full; a client's upload, and the matching and dispatch
-    # that take it to its node, go first. Both ports serve every RPC. 0: one port for all.
-    GRPC_NODE_PORT: int = Field(default=0, ge=0, le=65535)
-    GRPC_NODE_PROCESSES: int = Field(default=0, ge=0, le=64)
-    GRPC_NODE_NICE: int = Field(default=10, ge=0, le=19)
     GRPC_MAX_MESSAGE_BYTES: int = 100 * 1024 * 1024
     GRPC_KEEPALIVE_TIME_MS: int = 10_000
     GRPC_KEEPALIVE_TIMEOUT_MS: int = 5_000
@@ -128,13 +120,6 @@ class Settings(BaseSettings):
     METRICS_PORT: int = Field(default=9108, ge=0, le=65535)  # Prometheus endpoint of the gRPC server; 0 = off
     FLOWER_BASIC_AUTH: str | None = None  # user:password[,user2:password2] for Flower (run by `up --flower`)
 
-    @field_validator("GRPC_NODE_PORT")
-    @classmethod
-    def _node_port_of_its_own(cls, value: int, info: ValidationInfo) -> int:
-        if value and value == info.data.get("GRPC_SERVER_PORT"):
-            raise ValueError("GRPC_NODE_PORT must differ from GRPC_SERVER_PORT (0: the nodes use that port)")
-        return value
-
     @field_validator("OPERATORS", mode="before")
     @classmethod
     def _split_operators(cls, value: object) -> object:
@@ -179,39 +164,12 @@ class Settings(BaseSettings):
         return f"{self.GRPC_SERVER_HOST}:{self.GRPC_SERVER_PORT}"
 
     @property
-    def grpc_node_address(self) -> str | None:
-        """Where the nodes' own server processes listen (GRPC_NODE_PORT); None without a node port."""
-        return f"{self.GRPC_SERVER_HOST}:{self.GRPC_NODE_PORT}" if self.GRPC_NODE_PORT else None
-
-    @property
     def grpc_processes(self) -> int:
-        """How many gRPC server processes `up` runs on GRPC_SERVER_PORT: GRPC_PROCESSES, or one per
-        core (at most 4), less those on the node port. One where the port cannot be shared: any
-        free port (0, each process would get its own) or a system other than Linux (whose
-        SO_REUSEPORT does not spread connections)."""
-        if self.GRPC_SERVER_PORT == 0 or not _ports_shared():
+        """How many gRPC server processes `up` runs: GRPC_PROCESSES, or one per core (at most 4).
+        One where the port cannot be shared: any free port (0, each process would get its own)
+        or a system other than Linux (whose SO_REUSEPORT does not spread connections)."""
+        if self.GRPC_SERVER_PORT == 0 or sys.platform != "linux":
             return 1
         if self.GRPC_PROCESSES:
             return self.GRPC_PROCESSES
-        return max(1, _per_core() - self.grpc_node_processes)
-
-    @property
-    def grpc_node_processes(self) -> int:
-        """How many gRPC server processes `up` runs on GRPC_NODE_PORT (none without one):
-        GRPC_NODE_PROCESSES, or half of one per core (at most 4), at least 1."""
-        if not self.GRPC_NODE_PORT:
-            return 0
-        if not _ports_shared():
-            return 1
-        return self.GRPC_NODE_PROCESSES or max(1, _per_core() // 2)
-
-
-def _ports_shared() -> bool:
-    """Whether several processes can share a port with connections spread between them (Linux's
-    SO_REUSEPORT)."""
-    return sys.platform == "linux"
-
-
-def _per_core() -> int:
-    """One gRPC server process per core this process may run on, at most 4."""
-    return max(1, min(4, len(os.sched_getaffinity(0))))
+        return max(1, min(4, len(os.sched_getaffinity(0))))

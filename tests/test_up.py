@@ -22,11 +22,10 @@ from pool.settings import Settings
 from pool.up import children
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
-from tests.harness import bearer, signal_another_thread, unique_name
+from tests.harness import signal_another_thread, unique_name
 from tests.processes import wait_gone
 from tests.test_server import SERVICES, list_services
 
-PER_CORE = max(1, min(4, len(os.sched_getaffinity(0))))
 CONFIG_VARS = (
     "REDIS_URL",
     "REDIS_HOST",
@@ -132,112 +131,6 @@ def test_up_runs_one_grpc_process_per_core_unless_told(configured: dict, port: i
     assert len({c.name for c in grpc_children}) == expected
     if expected > 1:
         assert [c.argv[c.argv.index("--replica") + 1] for c in grpc_children] == [str(n) for n in range(expected)]
-
-
-@pytest.mark.parametrize(
-    ("configured", "clients", "nodes"),
-    [
-        ({"GRPC_NODE_PORT": 50052}, max(1, PER_CORE - max(1, PER_CORE // 2)), max(1, PER_CORE // 2)),
-        ({"GRPC_NODE_PORT": 50052, "GRPC_PROCESSES": 3, "GRPC_NODE_PROCESSES": 2}, 3, 2),
-        ({"GRPC_NODE_PORT": 50052, "GRPC_NODE_PROCESSES": 3}, max(1, PER_CORE - 3), 3),
-        ({"GRPC_NODE_PROCESSES": 3}, PER_CORE, 0),  # no node port: the setting says nothing
-    ],
-)
-def test_up_splits_the_server_processes_between_the_clients_and_the_nodes_port(
-    configured: dict, clients: int, nodes: int
-) -> None:
-    settings = Settings(_env_file=None, **configured)  # type: ignore[call-arg]
-    grpc_children = [c for c in children(settings, flower=False, flower_port=0, concurrency=1) if "serve" in c.argv]
-    for_nodes = [c for c in grpc_children if "--nodes" in c.argv]
-    assert (settings.grpc_processes, settings.grpc_node_processes) == (clients, nodes)
-    assert (len(grpc_children) - len(for_nodes), len(for_nodes)) == (clients, nodes)
-    assert {c.nice for c in for_nodes} <= {settings.GRPC_NODE_NICE}
-    assert {c.nice for c in grpc_children if c not in for_nodes} == {settings.GRPC_NICE}
-    # Every process its own number, so each its own metrics port, the nodes' after the clients'
-    if clients + nodes > 1:
-        numbers = [int(c.argv[c.argv.index("--replica") + 1]) for c in grpc_children if "--replica" in c.argv]
-        assert sorted(numbers) == list(range(clients + nodes))[1 if clients == 1 else 0 :]
-        assert [int(c.argv[c.argv.index("--replica") + 1]) for c in for_nodes] == list(range(clients, clients + nodes))
-    assert len({c.name for c in grpc_children}) == clients + nodes
-
-
-def test_the_nodes_port_must_differ_from_the_clients() -> None:
-    with pytest.raises(ValueError, match="GRPC_NODE_PORT must differ from GRPC_SERVER_PORT"):
-        Settings(_env_file=None, GRPC_SERVER_PORT=50051, GRPC_NODE_PORT=50051)  # type: ignore[call-arg]
-
-
-def test_serve_for_the_nodes_without_a_node_port_says_so(tmp_path: Path) -> None:
-    env = {key: value for key, value in os.environ.items() if key not in CONFIG_VARS}
-    done = subprocess.run(
-        [sys.executable, "-m", "pool", "serve", "--nodes"],
-        cwd=tmp_path,
-        env={**env, "DATA_DIR": str(tmp_path), "GRPC_NODE_PORT": "0", "METRICS_PORT": "0"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode != 0
-    assert "serve --nodes needs GRPC_NODE_PORT" in done.stderr
-
-
-def test_up_gives_the_nodes_a_port_of_their_own_below_the_clients(tmp_path: Path, unused_port: int) -> None:
-    """With GRPC_NODE_PORT, `up` serves it with processes of its own GRPC_NODE_NICE steps below the
-    jobs (the clients' GRPC_NICE): a node registers and heartbeats there, and a client's calls go on
-    on the first port."""
-    metrics_port = _free_ports(3)
-    node_port = metrics_port + 2
-    up, log_path = _start_up(
-        tmp_path,
-        unused_port,
-        GRPC_NODE_PORT=str(node_port),
-        GRPC_PROCESSES="1",
-        GRPC_NODE_PROCESSES="1",
-        METRICS_PORT=str(metrics_port),
-    )
-    try:
-        assert f"the nodes' gRPC on 127.0.0.1:{node_port}" in log_path.read_text()
-        family = psutil.Process(up.pid).children(recursive=True)
-        for_nodes = [p for p in family if "--nodes" in p.cmdline()]
-        for_clients = [p for p in family if "serve" in p.cmdline() and "--nodes" not in p.cmdline()]
-        assert len(for_nodes) == len(for_clients) == 1, [p.cmdline() for p in family]
-        base = psutil.Process(up.pid).nice()
-        assert {os.getpriority(os.PRIO_PROCESS, t.id) for t in for_nodes[0].threads()} == {min(19, base + 10)}
-        assert {os.getpriority(os.PRIO_PROCESS, t.id) for t in for_clients[0].threads()} == {min(19, base + 5)}
-        if autogroup_nice(for_nodes[0].pid) is not None:
-            assert (autogroup_nice(for_clients[0].pid), autogroup_nice(for_nodes[0].pid)) == (5, 10)
-
-        name = unique_name("node")
-        clients = grpc.insecure_channel(f"127.0.0.1:{unused_port}")
-        nodes = grpc.insecure_channel(f"127.0.0.1:{node_port}")
-        users = pb_grpc.UserServiceStub(clients)
-        assert users.Register(pb.RegisterRequest(username=name, password="password-1")).success
-        token = users.Login(pb.LoginRequest(username=name, password="password-1")).token
-        node_manager = pb_grpc.NodeManagerServiceStub(nodes)
-        registered = node_manager.RegisterWorkerNode(
-            pb.RegisterWorkerNodeRequest(
-                node_id=name, hostname="127.0.0.1", port=1, cpu_cores=2, memory_gb=4, docker_status="enabled"
-            ),
-            metadata=bearer(token),
-        )
-        assert registered.success, registered.message
-        beat = node_manager.ReportStatus(
-            pb.ReportStatusRequest(node_id=name, status_message="Idle"), metadata=bearer(token)
-        )
-        assert beat.success, beat.message
-        # Each port's calls counted by its own process (metrics on METRICS_PORT + its number)
-        assert _answered(_metrics(metrics_port), "Register") == 1
-        assert _answered(_metrics(metrics_port + 1), "ReportStatus") == 1
-        assert _answered(_metrics(metrics_port), "ReportStatus") == 0
-        clients.close()
-        nodes.close()
-
-        up.send_signal(signal.SIGINT)
-        assert up.wait(timeout=30) == 0, log_path.read_text()[-3000:]
-        alive = [p for p in family if not wait_gone(p.pid, timeout=0.5)]
-        assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
-    finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
 
 
 def test_up_gives_matching_a_worker_of_one_process_and_the_other_queues_another() -> None:
