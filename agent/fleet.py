@@ -121,6 +121,11 @@ class Fleet:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self.port = spec.port
+        # How the heartbeats kept up: the most a sweep fell behind its schedule, the longest a
+        # ReportStatus took, and the calls refused or lost, by status code
+        self.sweep_lag = 0.0
+        self.beat_wait = 0.0
+        self.beats_failed: dict[str, int] = {}
 
     # ------------------------------------------------------------------ bringing nodes online
 
@@ -251,6 +256,7 @@ class Fleet:
                     in_flight.release()
                     return
                 ahead = sweep_start + gap * (position + 1) - time.monotonic()
+                self.sweep_lag = max(self.sweep_lag, -ahead)
                 if ahead > 0.005:
                     self._stopping.wait(ahead)
             rest = sweep_start + interval - time.monotonic()
@@ -263,12 +269,15 @@ class Fleet:
             if self._stopping.is_set() or node.state != ONLINE:
                 return
             message = "Idle" if node.running == 0 else f"Running {node.running} tasks"
+            sent = time.monotonic()
             reply = self._node_stubs[node.lane].ReportStatus(
                 pb.ReportStatusRequest(node_id=node.node_id, status_message=message),
                 metadata=bearer(node.token),
                 timeout=CALL_TIMEOUT,
             )
+            self.beat_wait = max(self.beat_wait, time.monotonic() - sent)
         except grpc.RpcError as error:
+            self.beats_failed[error.code().name] = self.beats_failed.get(error.code().name, 0) + 1
             if error.code() == grpc.StatusCode.UNAUTHENTICATED and node.state == ONLINE:
                 node.state, node.token = NEW, ""
                 self._submit_login(node)

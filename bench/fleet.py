@@ -3,8 +3,10 @@
 Run: ``python -m bench.fleet POOL COUNT PREFIX TOKENS STATE``. The nodes' tokens come from the
 JSON file TOKENS (the accounts were created in bulk; each node still registers over gRPC).
 Every half second the fleet writes STATE (JSON): nodes online and failed, tasks received and
-completed; on SIGUSR1 it also writes the arrival time of every task (``time.monotonic()``,
-which on Linux is one clock for every process of the machine) to ``STATE.arrivals``.
+completed, and how its heartbeats kept up (the longest ReportStatus, the furthest a sweep fell
+behind its schedule, in seconds, and the heartbeats lost, by status code); on SIGUSR1 it also
+writes the arrival time of every task (``time.monotonic()``, which on Linux is one clock for
+every process of the machine) to ``STATE.arrivals``.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ def main() -> None:
                 "failed": fleet.failed(),
                 "received": len(fleet.arrivals),
                 "completed": fleet.completed,
+                "sweep_lag": fleet.sweep_lag,
+                "beat_wait": fleet.beat_wait,
+                "beats_failed": fleet.beats_failed,
             },
         )
     server.stop(grace=1).wait()

@@ -263,3 +263,23 @@ def test_the_token_file_is_private_and_survives_a_round_trip(tmp_path: Path) -> 
 )
 def test_a_big_fleet_spaces_its_heartbeats(count: int, given: float, expected: float) -> None:
     assert heartbeat_interval(FleetSpec(count=count, heartbeat_seconds=given)) == expected
+
+
+def test_the_fleet_tells_how_its_heartbeats_kept_up(recording_pool: RecordingPool) -> None:
+    """The longest a heartbeat took, how far a sweep fell behind, and the heartbeats lost by status
+    code: what says whether a node the pool took offline had gone silent on the fleet's side."""
+    spec = FleetSpec(prefix="kept", count=2, heartbeat_seconds=0.2)
+    running = RunningFleet(recording_pool.address, recording_pool.signer.public_key_pem, spec)
+    try:
+        running.wait_online(2)
+        assert recording_pool.wait_for(lambda p: p.count("ReportStatus") >= 4, timeout=10)
+        assert 0 < running.fleet.beat_wait < 5
+        assert running.fleet.beats_failed == {}
+        recording_pool.failures["ReportStatus"] = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
+        deadline = time.monotonic() + 10
+        while running.fleet.beats_failed.get("UNAVAILABLE", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running.fleet.beats_failed == {"UNAVAILABLE": 2}
+        assert 0 <= running.fleet.sweep_lag < 5
+    finally:
+        running.close()
