@@ -126,6 +126,7 @@ class Fleet:
         self.sweep_lag = 0.0
         self.beat_wait = 0.0
         self.beats_failed: dict[str, int] = {}
+        self._tally = threading.Lock()  # the caller threads count their failures together
 
     # ------------------------------------------------------------------ bringing nodes online
 
@@ -277,7 +278,8 @@ class Fleet:
             )
             self.beat_wait = max(self.beat_wait, time.monotonic() - sent)
         except grpc.RpcError as error:
-            self.beats_failed[error.code().name] = self.beats_failed.get(error.code().name, 0) + 1
+            with self._tally:
+                self.beats_failed[error.code().name] = self.beats_failed.get(error.code().name, 0) + 1
             if error.code() == grpc.StatusCode.UNAUTHENTICATED and node.state == ONLINE:
                 node.state, node.token = NEW, ""
                 self._submit_login(node)
