@@ -43,6 +43,7 @@ class RecordingPool:
         default_factory=dict
     )
     refuse_heartbeats: int = 0
+    delays: dict[str, float] = field(default_factory=dict)  # seconds each call of that name takes to answer
     rejected_tokens: set[str] = field(default_factory=set)  # answered UNAUTHENTICATED
     passwords: dict[str, str] = field(default_factory=dict)
     logins: int = 0
@@ -62,6 +63,8 @@ class RecordingPool:
                 code = grpc.StatusCode.UNAUTHENTICATED
             self.calls.append(Recorded(name, request, token, context.peer()))
             self.changed.notify_all()
+        if name in self.delays:
+            time.sleep(self.delays[name])
         if code is not None:
             if trailers:
                 context.set_trailing_metadata(trailers)

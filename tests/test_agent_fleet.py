@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+import agent.fleet as agent_fleet
 from agent.fleet import Fleet, FleetSpec, heartbeat_interval, open_channels
 from agent.server import WorkerNodeServicer, create_server
 from agent.simulation import read_tokens, write_tokens
@@ -25,7 +26,7 @@ from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
 from tests.agent_fixtures import make_zip
 from tests.harness import PoolHarness, bearer, unique_name
-from tests.recording_pool import RecordingPool, pool_signer, recording_pool, signed
+from tests.recording_pool import RecordingPool, pool_signer, recording_pool, signed, wait_until
 
 __all__ = ["pool_signer", "recording_pool"]  # fixtures, used by name
 
@@ -265,7 +266,9 @@ def test_a_big_fleet_spaces_its_heartbeats(count: int, given: float, expected: f
     assert heartbeat_interval(FleetSpec(count=count, heartbeat_seconds=given)) == expected
 
 
-def test_the_fleet_tells_how_its_heartbeats_kept_up(recording_pool: RecordingPool) -> None:
+def test_the_fleet_tells_how_its_heartbeats_kept_up(
+    recording_pool: RecordingPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The longest a heartbeat took, how far a sweep fell behind, and the heartbeats lost by status
     code: what says whether a node the pool took offline had gone silent on the fleet's side."""
     spec = FleetSpec(prefix="kept", count=2, heartbeat_seconds=0.2)
@@ -273,13 +276,26 @@ def test_the_fleet_tells_how_its_heartbeats_kept_up(recording_pool: RecordingPoo
     try:
         running.wait_online(2)
         assert recording_pool.wait_for(lambda p: p.count("ReportStatus") >= 4, timeout=10)
-        assert 0 < running.fleet.beat_wait < 5
+        assert 0 < running.fleet.beat_wait < 1.0
+        assert running.fleet.sweep_lag < 1.0  # a loaded test machine (the slow pool below: over 0.5 s)
         assert running.fleet.beats_failed == {}
         recording_pool.failures["ReportStatus"] = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
-        deadline = time.monotonic() + 10
-        while running.fleet.beats_failed.get("UNAVAILABLE", 0) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert wait_until(lambda: running.fleet.beats_failed.get("UNAVAILABLE", 0) >= 2)
         assert running.fleet.beats_failed == {"UNAVAILABLE": 2}
-        assert 0 <= running.fleet.sweep_lag < 5
     finally:
         running.close()
+
+    # A pool slow to answer, with one heartbeat in flight at a time: the sweep falls behind
+    monkeypatch.setattr(agent_fleet, "MAX_IN_FLIGHT", 1)
+    recording_pool.delays["ReportStatus"] = 0.6
+    slow = RunningFleet(
+        recording_pool.address,
+        recording_pool.signer.public_key_pem,
+        FleetSpec(prefix="late", count=2, heartbeat_seconds=0.2, heartbeat_threads=1),
+    )
+    try:
+        slow.wait_online(2)
+        assert wait_until(lambda: slow.fleet.sweep_lag > 0.5)
+        assert slow.fleet.beat_wait >= 0.6
+    finally:
+        slow.close()
