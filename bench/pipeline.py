@@ -38,6 +38,7 @@ from bench import rpc_floor, stage
 from bench.common import Comparison, Figure, free_port, free_ports, pool_env, process, scratch, wait_serving
 from bench.rounds import CLIENTS, Latency, pipeline_round
 from models import schema
+from orchestration.nodes import OFFLINE_FOR_SILENCE
 from pool import priority
 from pool.settings import Settings
 from pool.up import children
@@ -240,7 +241,7 @@ def run_backend(
                     + ", ".join(f"{lap.cores['machine']:.2f}" for lap in laps)
                 )
             engine.dispose()
-            went_offline = (work / "worker.log").read_text(errors="replace").count(" went offline: no heartbeat")
+            went_offline = (work / "worker.log").read_text(errors="replace").count(OFFLINE_FOR_SILENCE)
     raw = Figure("celery no-op", "jobs/s", tuple(noop_rates))
     return Result(
         backend=backend.name,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from bench import pipeline
+from pool.settings import Settings
 
 
 def pipeline_lines(results: list[pipeline.Result]) -> list[str]:
@@ -24,8 +25,9 @@ def pipeline_lines(results: list[pipeline.Result]) -> list[str]:
         )
     lines += [
         "",
-        "Nodes the pool took offline for silence during the run (no heartbeat answered for its 30 s "
-        "timeout: a pool whose cores leave its nodes' heartbeats waiting loses nodes that are there): "
+        "Nodes the pool took offline for silence during the run (no heartbeat answered for its "
+        f"{Settings(_env_file=None).NODE_HEARTBEAT_TIMEOUT:.0f} s timeout: a pool whose cores leave its "  # type: ignore[call-arg]
+        "nodes' heartbeats waiting, or a fleet that sends them late, loses nodes that are there): "
         + "; ".join(f"{r.backend} {r.went_offline:,}" for r in results)
         + ".",
     ]

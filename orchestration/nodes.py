@@ -256,6 +256,7 @@ def list_nodes(db: Database, store: HeartbeatStore, *, timeout: float, now: floa
 
 
 EXPIRY_CHUNK = 200  # nodes taken offline per transaction
+OFFLINE_FOR_SILENCE = "went offline: no heartbeat"  # in the log line of each node the sweep takes offline
 
 
 def expire_silent_nodes(
@@ -291,7 +292,7 @@ def expire_silent_nodes(
         per_node = Counter(item.node_pk for item in freed)
         for node_id, pk in sorted(moved.items()):
             log.warning(
-                "Node %s went offline: no heartbeat for %.0f s",
+                f"Node %s {OFFLINE_FOR_SILENCE} for %.0f s",
                 node_id,
                 timeout,
                 extra={"event": "node_offline", "node_id": node_id, "released": per_node[pk]},
