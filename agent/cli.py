@@ -137,6 +137,9 @@ def simulate(
     ] = None,
     ca_cert: Annotated[Path | None, CA_CERT] = None,
     register: bool = typer.Option(True, "--register/--no-register", help="Create the accounts that do not exist."),
+    heartbeat_process: bool = typer.Option(
+        False, "--heartbeat-process", help="Heartbeats from a process of their own (big fleets, busy machines)."
+    ),
     token_file: Annotated[Path | None, typer.Option(help="Where the nodes' tokens are kept between runs.")] = None,
     forget_tokens: bool = typer.Option(False, "--forget-tokens", help="Log every node in afresh."),
     log_level: str = typer.Option("WARNING", help="Log level."),
@@ -157,6 +160,7 @@ def simulate(
         heartbeat_seconds=heartbeat_seconds,
         connections=connections,
         create_accounts=register,
+        heartbeat_process=heartbeat_process,
     )
     tokens = None if forget_tokens else token_file or default_work_dir() / "fleet" / f"{prefix}@{pool}.json"
     stopping = _stop_on_signals()

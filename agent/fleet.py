@@ -6,11 +6,9 @@ server on one port: an ExecuteTask is routed by the node its pool token is for. 
 fleet keeps a few fields (id, token, state, running tasks), so 10,000 nodes fit easily.
 
 Logins and registrations run on a small thread pool as the fleet starts (nodes come online as
-they finish). Heartbeats: a few threads each sweep their share of the nodes once per interval,
-handing each node's ReportStatus to a pool of caller threads that make it as a blocking call
-(about a third less of the fleet's CPU than asynchronous ``.future()`` calls, whose channel starts a
-polling thread whenever its calls in flight go from none to one). A node whose heartbeat is
-refused registers again; one whose token is refused logs in again.
+they finish). The heartbeats (:mod:`agent.beats`) are swept by threads of this process or, with
+``heartbeat_process``, of a process of their own. A node whose heartbeat is refused registers
+again; one whose token is refused logs in again.
 
 Its tasks are simulated (:mod:`agent.simtasks`): they run nothing and report success after
 ``task_seconds``.
@@ -26,10 +24,11 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 
+from agent import beats
+from agent.beats import FAILED, NEW, ONLINE, VirtualNode
 from agent.session import CALL_TIMEOUT, bearer, compute_backoff, pool_channel, retryable
 from agent.simtasks import SimulatedTasks
 from agent.verify import PoolClaims
@@ -38,20 +37,7 @@ from protos import nodepool_pb2_grpc as pb_grpc
 
 log = logging.getLogger("agent.fleet")
 
-NEW, ONLINE, FAILED = 0, 1, 2
-MAX_IN_FLIGHT = 256  # heartbeats handed to the callers and not yet answered, per sweeping thread
 MAX_BEATS_PER_SECOND = 500  # what one pool server process answers comfortably on 2 cores
-
-
-class VirtualNode:
-    __slots__ = ("lane", "node_id", "running", "state", "token")
-
-    def __init__(self, node_id: str, lane: int = 0) -> None:
-        self.node_id = node_id
-        self.token = ""
-        self.state = NEW
-        self.running = 0
-        self.lane = lane  # which of the fleet's connections its calls take
 
 
 @dataclass(frozen=True)
@@ -67,6 +53,7 @@ class FleetSpec:
     heartbeat_seconds: float = 0.0  # 0: every 5 s, slower for big fleets (see heartbeat_interval)
     heartbeat_threads: int = 4  # sweeping the nodes, each its share
     heartbeat_callers: int = 64  # making the calls, one at a time each
+    heartbeat_process: bool = False  # the heartbeats from a process of their own (see agent.beats)
     connections: int = 1  # to the pool, the nodes spread over them (see open_channels)
     report_threads: int = 16  # tasks reporting their end at once (FinishTask, or the three calls)
     login_workers: int = 8
@@ -102,13 +89,20 @@ def open_channels(target: str, count: int, *, ca_cert: Path | None = None) -> li
 class Fleet:
     """The virtual nodes and their conversation with the pool (see the module doc)."""
 
-    def __init__(self, channels: Sequence[grpc.Channel], spec: FleetSpec) -> None:
-        """``channels``: to the pool (:func:`open_channels`); node i calls over channel i mod their number."""
+    def __init__(
+        self, channels: Sequence[grpc.Channel], spec: FleetSpec, *, target: str = "", ca_cert: Path | None = None
+    ) -> None:
+        """``channels``: to the pool (:func:`open_channels`); node i calls over channel i mod their
+        number. ``target`` and ``ca_cert``: where the heartbeat process connects, with ``heartbeat_process``."""
+        if spec.heartbeat_process and not target:
+            raise ValueError("a fleet whose heartbeats have a process of their own needs the pool's address")
         self.spec = spec
         self.users = pb_grpc.UserServiceStub(channels[0])
         self._node_stubs = [pb_grpc.NodeManagerServiceStub(c) for c in channels]
+        counts = beats.shared_counts(spec.count) if spec.heartbeat_process else [0] * spec.count
         self.nodes = {
-            f"{spec.prefix}{i:05d}": VirtualNode(f"{spec.prefix}{i:05d}", i % len(channels)) for i in range(spec.count)
+            f"{spec.prefix}{i:05d}": VirtualNode(f"{spec.prefix}{i:05d}", i % len(channels), index=i, counts=counts)
+            for i in range(spec.count)
         }
         self.tasks = SimulatedTasks(
             [pb_grpc.MasterNodeServiceStub(c) for c in channels],
@@ -117,16 +111,20 @@ class Fleet:
             report_threads=spec.report_threads,
         )
         self._logins = ThreadPoolExecutor(spec.login_workers, thread_name_prefix="fleet-login")
-        self._beats = ThreadPoolExecutor(max(1, spec.heartbeat_callers), thread_name_prefix="fleet-beat")
         self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
         self.port = spec.port
-        # How the heartbeats kept up: the most a sweep fell behind its schedule, the longest a
-        # ReportStatus took, and the calls refused or lost, by status code
-        self.sweep_lag = 0.0
-        self.beat_wait = 0.0
-        self.beats_failed: dict[str, int] = {}
-        self._tally = threading.Lock()  # the caller threads count their failures together
+        listed, interval = list(self.nodes.values()), heartbeat_interval(spec)
+        threads, callers = spec.heartbeat_threads, spec.heartbeat_callers
+        self.heartbeats: beats.Heartbeats | beats.HeartbeatProcess
+        if spec.heartbeat_process:
+            self.heartbeats = beats.HeartbeatProcess(
+                target, listed, interval, self._refused, connections=len(channels), ca_cert=ca_cert,
+                threads=threads, callers=callers, counts=counts,
+            )  # fmt: skip
+        else:
+            self.heartbeats = beats.Heartbeats(
+                self._node_stubs, listed, interval, self._refused, threads=threads, callers=callers
+            )
 
     # ------------------------------------------------------------------ bringing nodes online
 
@@ -134,16 +132,24 @@ class Fleet:
         """Begin logging in and registering every node (served on ``port``), heartbeating, and
         finishing tasks."""
         self.port = port
+        self.heartbeats.start()
         for node in self.nodes.values():
             self._logins.submit(self._bring_online, node, create=self.spec.create_accounts and not node.token)
-        for index in range(max(1, self.spec.heartbeat_threads)):
-            self._spawn(self._heartbeats, index)
         self.tasks.start()
 
-    def _spawn(self, target: Any, *args: Any) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True, name=f"fleet-{target.__name__}")
-        thread.start()
-        self._threads.append(thread)
+    # How the heartbeats kept up: the most a sweep fell behind its schedule and the longest a
+    # ReportStatus took, in seconds, and the heartbeats lost, by status code
+    @property
+    def sweep_lag(self) -> float:
+        return float(self.heartbeats.record()["sweep_lag"])
+
+    @property
+    def beat_wait(self) -> float:
+        return float(self.heartbeats.record()["beat_wait"])
+
+    @property
+    def beats_failed(self) -> dict[str, int]:
+        return dict(self.heartbeats.record()["beats_failed"])
 
     def remember(self, tokens: dict[str, str]) -> None:
         """Tokens from an earlier run: those nodes skip the login (call before ``start``)."""
@@ -183,14 +189,14 @@ class Fleet:
             try:
                 if node.token:
                     try:
-                        node.state = ONLINE if self._register(node) else FAILED
+                        self._registered(node, self._register(node))
                         return
                     except grpc.RpcError as error:
                         if error.code() != grpc.StatusCode.UNAUTHENTICATED:
                             raise
                         node.token = ""  # expired, or another pool: log in again
                 node.token = self._log_in(node, create=create)
-                node.state = ONLINE if node.token and self._register(node) else FAILED
+                self._registered(node, bool(node.token) and self._register(node))
                 return
             except grpc.RpcError as error:
                 if self._stopping.is_set():
@@ -201,6 +207,11 @@ class Fleet:
                     return
                 time.sleep(compute_backoff(attempt, jitter=0.5))
         node.state = FAILED
+
+    def _registered(self, node: VirtualNode, success: bool) -> None:
+        node.state = ONLINE if success else FAILED
+        if success:
+            self.heartbeats.online(node)
 
     def _log_in(self, node: VirtualNode, *, create: bool) -> str:
         """A token for ``node`` ("" when refused). The account is created first when ``create``,
@@ -238,57 +249,14 @@ class Fleet:
 
     # ------------------------------------------------------------------ heartbeats
 
-    def _heartbeats(self, index: int) -> None:
-        mine = [node for i, node in enumerate(self.nodes.values()) if i % max(1, self.spec.heartbeat_threads) == index]
-        in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
-        while not self._stopping.is_set():
-            sweep_start = time.monotonic()
-            interval = heartbeat_interval(self.spec)
-            gap = interval / max(1, len(mine))
-            for position, node in enumerate(mine):
-                if self._stopping.is_set():
-                    return
-                if node.state != ONLINE:
-                    continue
-                in_flight.acquire()
-                try:
-                    self._beats.submit(self._heartbeat, node, in_flight)
-                except RuntimeError:  # the callers were shut down: the fleet is closing
-                    in_flight.release()
-                    return
-                ahead = sweep_start + gap * (position + 1) - time.monotonic()
-                self.sweep_lag = max(self.sweep_lag, -ahead)
-                if ahead > 0.005:
-                    self._stopping.wait(ahead)
-            rest = sweep_start + interval - time.monotonic()
-            if rest > 0:
-                self._stopping.wait(rest)
-
-    def _heartbeat(self, node: VirtualNode, in_flight: threading.BoundedSemaphore) -> None:
-        """One ReportStatus of ``node``, on a caller thread; a refusal brings the node online again."""
-        try:
-            if self._stopping.is_set() or node.state != ONLINE:
-                return
-            message = "Idle" if node.running == 0 else f"Running {node.running} tasks"
-            sent = time.monotonic()
-            reply = self._node_stubs[node.lane].ReportStatus(
-                pb.ReportStatusRequest(node_id=node.node_id, status_message=message),
-                metadata=bearer(node.token),
-                timeout=CALL_TIMEOUT,
-            )
-            self.beat_wait = max(self.beat_wait, time.monotonic() - sent)
-        except grpc.RpcError as error:
-            with self._tally:
-                self.beats_failed[error.code().name] = self.beats_failed.get(error.code().name, 0) + 1
-            if error.code() == grpc.StatusCode.UNAUTHENTICATED and node.state == ONLINE:
-                node.state, node.token = NEW, ""
-                self._submit_login(node)
+    def _refused(self, node: VirtualNode, token: str, what: str) -> None:
+        """The pool refused a heartbeat ``node`` sent with ``token``: bring the node online again."""
+        if node.state != ONLINE or node.token != token:  # already being brought online again
             return
-        finally:
-            in_flight.release()
-        if not reply.success and node.state == ONLINE:  # the pool forgot the node: register it again
-            node.state = NEW
-            self._submit_login(node)
+        node.state = NEW
+        if what == beats.TOKEN:
+            node.token = ""
+        self._submit_login(node)
 
     def _submit_login(self, node: VirtualNode) -> None:
         with contextlib.suppress(RuntimeError):  # the fleet is closing
@@ -311,7 +279,5 @@ class Fleet:
         """Stop heartbeats and logins; report the simulated tasks still running as failed."""
         self._stopping.set()
         self._logins.shutdown(wait=False, cancel_futures=True)
-        self._beats.shutdown(wait=False)  # heartbeats still queued return at once, freeing their sweeper
+        self.heartbeats.close()
         self.tasks.close()
-        for thread in self._threads:
-            thread.join(timeout=2)

@@ -93,7 +93,7 @@ def serve_fleet(
     fleet: Fleet | None = None
     server: grpc.Server | None = None
     try:
-        fleet = Fleet(channels, spec)
+        fleet = Fleet(channels, spec, target=pool, ca_cert=ca_cert)
         fleet.remember(read_tokens(token_file))
         verifier = pool_verifier(channels[0], pool_key_file, fleet)
         server, port = create_server(WorkerNodeServicer(verifier, fleet), f"{bind}:{spec.port}", max_workers=16)

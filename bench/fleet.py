@@ -30,8 +30,8 @@ CONNECTIONS = 8  # the nodes' calls spread over this many connections, as many m
 
 
 class RecordingFleet(Fleet):
-    def __init__(self, channels: list[grpc.Channel], spec: FleetSpec) -> None:
-        super().__init__(channels, spec)
+    def __init__(self, channels: list[grpc.Channel], spec: FleetSpec, *, target: str) -> None:
+        super().__init__(channels, spec, target=target)
         self.arrivals: dict[str, float] = {}
 
     def execute(self, claims: PoolClaims, request: pb.ExecuteTaskRequest) -> tuple[bool, str]:
@@ -49,9 +49,16 @@ def main() -> None:
     pool, count, prefix, tokens_file, state_file = sys.argv[1:6]
     settle()  # as hivemind-agent simulate does
     state = Path(state_file)
-    spec = FleetSpec(prefix=prefix, count=int(count), create_accounts=False, login_workers=8, connections=CONNECTIONS)
+    spec = FleetSpec(
+        prefix=prefix,
+        count=int(count),
+        create_accounts=False,
+        login_workers=8,
+        connections=CONNECTIONS,
+        heartbeat_process=True,  # kept on time however busy the tasks keep this process
+    )
     channels = open_channels(pool, spec.connections)
-    fleet = RecordingFleet(channels, spec)
+    fleet = RecordingFleet(channels, spec, target=pool)
     fleet.remember(json.loads(Path(tokens_file).read_text()))
     servicer = WorkerNodeServicer(pool_verifier(channels[0], None, fleet), fleet)
     server, port = create_server(servicer, "127.0.0.1:0", max_workers=16)

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-import agent.fleet as agent_fleet
+import agent.beats as agent_beats
 from agent.fleet import Fleet, FleetSpec, heartbeat_interval, open_channels
 from agent.server import WorkerNodeServicer, create_server
 from agent.simulation import read_tokens, write_tokens
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.timeout(90)
 class RunningFleet:
     def __init__(self, address: str, signer_pem: str, spec: FleetSpec, tokens: dict[str, str] | None = None) -> None:
         self.channels = open_channels(address, spec.connections)
-        self.fleet = Fleet(self.channels, spec)
+        self.fleet = Fleet(self.channels, spec, target=address)
         self.fleet.remember(tokens or {})
         servicer = WorkerNodeServicer(CallVerifier(load_public_key(signer_pem)), self.fleet)
         self.server, self.port = create_server(servicer, "127.0.0.1:0", max_workers=16)
@@ -286,7 +286,7 @@ def test_the_fleet_tells_how_its_heartbeats_kept_up(
         running.close()
 
     # A pool slow to answer, with one heartbeat in flight at a time: the sweep falls behind
-    monkeypatch.setattr(agent_fleet, "MAX_IN_FLIGHT", 1)
+    monkeypatch.setattr(agent_beats, "MAX_IN_FLIGHT", 1)
     recording_pool.delays["ReportStatus"] = 0.6
     slow = RunningFleet(
         recording_pool.address,

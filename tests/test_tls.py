@@ -28,6 +28,7 @@ from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
 from tests.agent_fixtures import work_dir  # noqa: F401  (fixture)
 from tests.harness import PoolHarness, unique_name
+from tests.recording_pool import wait_until
 from tests.tasks_support import FAST, upload, wait_status
 from tests.test_agent_end_to_end import MAIN, start_agent, stop_agent, zipped
 
@@ -126,10 +127,13 @@ def test_the_agent_joins_a_tls_pool_and_runs_its_task(  # type: ignore[no-untype
         stop_agent(agent, in_background)
 
 
-def test_the_simulated_fleet_joins_a_tls_pool(tls_pool: tuple[PoolHarness, Path]) -> None:
+@pytest.mark.parametrize("heartbeat_process", [False, True], ids=["in its process", "from their own process"])
+def test_the_simulated_fleet_joins_a_tls_pool_and_beats(
+    tls_pool: tuple[PoolHarness, Path], heartbeat_process: bool
+) -> None:
     pool, cert = tls_pool
     prefix = unique_name("f")
-    spec = FleetSpec(prefix=prefix, count=3, connections=2)
+    spec = FleetSpec(prefix=prefix, count=3, connections=2, heartbeat_seconds=0.3, heartbeat_process=heartbeat_process)
     stopping = threading.Event()
     lines: list[str] = []
     fleet = threading.Thread(
@@ -148,6 +152,14 @@ def test_the_simulated_fleet_joins_a_tls_pool(tls_pool: tuple[PoolHarness, Path]
                 break
             time.sleep(0.1)
         assert len(online) == 3, lines[-3:]
+        registered = time.time()
+        ids = [r.node_id for r in online]
+
+        def beaten() -> bool:  # every node, since it came online, over its own TLS connection
+            seen = pool.ctx.heartbeats.last_seen(ids)
+            return len(seen) == 3 and min(seen.values()) > registered + 0.5
+
+        assert wait_until(beaten, timeout=10)
     finally:
         stopping.set()
         fleet.join(timeout=20)
