@@ -14,6 +14,7 @@ child process with connections of its own, which a burst of tasks in the fleet c
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import queue
@@ -31,6 +32,7 @@ from agent.session import CALL_TIMEOUT, bearer
 from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
 
+log = logging.getLogger("agent.beats")
 NEW, ONLINE, FAILED = 0, 1, 2
 MAX_IN_FLIGHT = 256  # heartbeats handed to the callers and not yet answered, per sweeping thread
 TOKEN, NODE = "token", "node"  # what the pool refused: the node's token, or the node (not registered)
@@ -173,7 +175,7 @@ class HeartbeatProcess:
     def __init__(
         self,
         target: str,
-        nodes: Sequence[VirtualNode],  # their counts: a ``counts`` of :func:`shared_counts`
+        nodes: Sequence[VirtualNode],  # their running-task counts in ``counts``, a RawArray the child shares
         interval: float,
         refused: Refused,
         *,
@@ -224,13 +226,15 @@ class HeartbeatProcess:
             channel.cancel_join_thread()
 
     def _listen(self) -> None:
-        while not self._closing.is_set() or self._process.is_alive():
+        while True:
             try:
                 message = self._outbox.get(timeout=0.2)
             except queue.Empty:
-                if not self._process.is_alive():
-                    return
-                continue
+                if self._process.is_alive():
+                    continue
+                if not self._closing.is_set():
+                    log.error("the heartbeat process exited (%s): no node beats", self._process.exitcode)
+                return
             except (EOFError, OSError):
                 return
             if message[0] == "record":
@@ -240,11 +244,6 @@ class HeartbeatProcess:
                 node = self._nodes[index]
                 if node.state == ONLINE and node.token == token:
                     self._refused(node, token, what)
-
-
-def shared_counts(count: int) -> Any:
-    """The running-task counts of ``count`` nodes, shared with a heartbeat process."""
-    return multiprocessing.get_context("spawn").RawArray("i", count)
 
 
 def serve_heartbeats(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import threading
 import time
 from collections.abc import Sequence
@@ -99,7 +100,8 @@ class Fleet:
         self.spec = spec
         self.users = pb_grpc.UserServiceStub(channels[0])
         self._node_stubs = [pb_grpc.NodeManagerServiceStub(c) for c in channels]
-        counts = beats.shared_counts(spec.count) if spec.heartbeat_process else [0] * spec.count
+        shared = multiprocessing.get_context("spawn").RawArray("i", spec.count) if spec.heartbeat_process else None
+        counts = shared if shared is not None else [0] * spec.count  # the running tasks of each node
         self.nodes = {
             f"{spec.prefix}{i:05d}": VirtualNode(f"{spec.prefix}{i:05d}", i % len(channels), index=i, counts=counts)
             for i in range(spec.count)

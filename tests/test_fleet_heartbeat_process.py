@@ -7,6 +7,7 @@ recording pool where a test needs refusals injected, and the real pool otherwise
 from __future__ import annotations
 
 import collections.abc
+import logging
 import os
 import signal
 import subprocess
@@ -135,3 +136,17 @@ def test_the_heartbeat_process_leaves_when_the_fleet_is_killed(
     finally:
         if fleet.poll() is None:
             fleet.kill()
+
+
+def test_the_fleet_says_so_when_its_heartbeat_process_dies(
+    recording_pool: RecordingPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = {child.pid for child in heartbeat_children()}
+    running = start(recording_pool, "dies", 2)
+    try:
+        [child] = [child for child in heartbeat_children() if child.pid not in before]
+        with caplog.at_level(logging.ERROR, logger="agent.beats"):
+            child.kill()
+            assert wait_until(lambda: "the heartbeat process exited (-9): no node beats" in caplog.text)
+    finally:
+        running.close()  # and closes at once, the child gone
