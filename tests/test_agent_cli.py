@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 
 from protos import nodepool_pb2 as pb
@@ -141,14 +142,15 @@ def test_run_with_a_wrong_password_says_so_and_exits(
     assert "login refused by the pool" in out
 
 
+@pytest.mark.parametrize("beats", [[], ["--heartbeat-process"]], ids=["one process", "heartbeats apart"])
 def test_simulate_brings_a_fleet_online_and_stops_on_sigterm(
-    sqlite_pool: PoolHarness, spawn_agent: Callable[..., subprocess.Popen[str]], tmp_path: Path
+    sqlite_pool: PoolHarness, spawn_agent: Callable[..., subprocess.Popen[str]], tmp_path: Path, beats: list[str]
 ) -> None:
     prefix = unique_name("s")[:8]
     tokens = tmp_path / "tokens.json"
     fleet = spawn_agent(
         "simulate", "--pool", sqlite_pool.address, "--nodes", "25", "--prefix", prefix, "--port", "0",
-        "--heartbeat-seconds", "1", "--token-file", str(tokens),
+        "--heartbeat-seconds", "1", "--token-file", str(tokens), *beats,
     )  # fmt: skip
     _, viewer = sqlite_pool.new_user()
 
@@ -157,9 +159,12 @@ def test_simulate_brings_a_fleet_online_and_stops_on_sigterm(
         return sum(1 for n in nodes if n.node_id.startswith(prefix) and n.status != "offline")
 
     assert wait_for(lambda: online() == 25, timeout=60)
+    children = psutil.Process(fleet.pid).children()  # with --heartbeat-process: its own, and a resource tracker
 
     fleet.send_signal(signal.SIGTERM)
     out, _ = fleet.communicate(timeout=30)
     assert fleet.returncode == 0, out
+    assert len(children) == (2 if beats else 0)
+    assert not psutil.wait_procs(children, timeout=10)[1]  # none left behind
     assert "simulating 25 nodes" in out and "fleet stopped" in out
     assert len(json.loads(tokens.read_text())) == 25  # the next run registers without logging in
