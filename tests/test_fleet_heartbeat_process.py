@@ -102,8 +102,12 @@ def test_a_node_whose_token_is_refused_logs_in_again_and_beats_with_the_new_one(
         recording_pool.failures["ReportStatus"] = [grpc.StatusCode.UNAUTHENTICATED]
         assert recording_pool.wait_for(lambda p: p.count("Login") == 3, timeout=10)
         running.wait_online(2)
-        fresh = running.fleet.tokens()
-        assert recording_pool.wait_for(lambda p: set(fresh.values()) <= {c.token for c in p.calls[-8:]}, timeout=10)
+        fresh = set(running.fleet.tokens().values())  # one of them new
+
+        def beaten(pool: RecordingPool) -> bool:
+            return fresh <= {call.token for call in pool.calls if call.name == "ReportStatus"}
+
+        assert recording_pool.wait_for(beaten, timeout=10)
         assert wait_until(lambda: running.fleet.beats_failed == {"UNAUTHENTICATED": 1})
     finally:
         running.close()
