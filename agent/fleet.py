@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -100,8 +101,9 @@ class Fleet:
         self.spec = spec
         self.users = pb_grpc.UserServiceStub(channels[0])
         self._node_stubs = [pb_grpc.NodeManagerServiceStub(c) for c in channels]
-        shared = multiprocessing.get_context("spawn").RawArray("i", spec.count) if spec.heartbeat_process else None
-        counts = shared if shared is not None else [0] * spec.count  # the running tasks of each node
+        # The running tasks of each node, in memory the heartbeat process shares when it has one
+        shared = spec.heartbeat_process
+        counts: Any = multiprocessing.get_context("spawn").RawArray("i", spec.count) if shared else [0] * spec.count
         self.nodes = {
             f"{spec.prefix}{i:05d}": VirtualNode(f"{spec.prefix}{i:05d}", i % len(channels), index=i, counts=counts)
             for i in range(spec.count)

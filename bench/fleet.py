@@ -79,9 +79,7 @@ def main() -> None:
                 "failed": fleet.failed(),
                 "received": len(fleet.arrivals),
                 "completed": fleet.completed,
-                "sweep_lag": fleet.sweep_lag,
-                "beat_wait": fleet.beat_wait,
-                "beats_failed": fleet.beats_failed,
+                **fleet.heartbeats.record(),  # sweep_lag, beat_wait, beats_failed
             },
         )
     server.stop(grace=1).wait()

@@ -4,8 +4,6 @@ with the right code and recorded nowhere, and the task goes on."""
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import pytest
 import sqlalchemy as sa
@@ -15,6 +13,7 @@ from models.tables import Task
 from orchestration import reports
 from protos import nodepool_pb2 as pb
 from tests.harness import bearer
+from tests.recording_pool import wait_until
 from tests.scripted_worker import Script, ScriptedWorker
 from tests.tasks_support import FAST, code_of, poll, task_zip, upload, wait_status
 from tests.test_task_hostile import DENIED, HOSTILE_ZIPS, INVALID, zip_with
@@ -81,10 +80,7 @@ def test_a_report_whose_task_moves_on_after_its_check_is_refused_and_writes_noth
         before = wait_status(pool, owner_token, task_id, "RUNNING")
         # The node's own reports (output, logs) done before the test's: the checks patched below
         # would move the task on for them instead, under a loaded machine's timing
-        deadline = time.monotonic() + 30
-        while task_id not in worker.holding and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert task_id in worker.holding
+        assert wait_until(lambda: task_id in worker.holding, timeout=30)
         checked = reports.authorized
         change = {"attempt": Task.attempt + 1} if moves == "to its next attempt" else {"status": tasks.FAILED}
         restore = {"attempt": 1} if moves == "to its next attempt" else {"status": before.status}
