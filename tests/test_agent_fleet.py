@@ -16,8 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-import agent.beats as agent_beats
-from agent.fleet import Fleet, FleetSpec, heartbeat_interval, open_channels
+from agent.fleet import Fleet, FleetSpec, open_channels
 from agent.server import WorkerNodeServicer, create_server
 from agent.simulation import read_tokens, write_tokens
 from agent.verify import CallVerifier, load_public_key
@@ -26,7 +25,7 @@ from protos import nodepool_pb2 as pb
 from protos import nodepool_pb2_grpc as pb_grpc
 from tests.agent_fixtures import make_zip
 from tests.harness import PoolHarness, bearer, unique_name
-from tests.recording_pool import RecordingPool, pool_signer, recording_pool, signed, wait_until
+from tests.recording_pool import RecordingPool, pool_signer, recording_pool, signed
 
 __all__ = ["pool_signer", "recording_pool"]  # fixtures, used by name
 
@@ -181,33 +180,6 @@ def test_heartbeats_say_what_each_virtual_node_does(
     assert {b.status_message for b in beats} == {"Idle"}
 
 
-def test_a_node_whose_heartbeat_is_refused_registers_again(recording_pool: RecordingPool) -> None:
-    spec = FleetSpec(prefix="beat", count=2, heartbeat_seconds=0.2)
-    running = RunningFleet(recording_pool.address, recording_pool.signer.public_key_pem, spec)
-    try:
-        running.wait_online(2)
-        registered = recording_pool.count("RegisterWorkerNode")
-        recording_pool.refuse_heartbeats = 1  # "not registered": the pool forgot the node
-        assert recording_pool.wait_for(lambda p: p.count("RegisterWorkerNode") == registered + 1, timeout=10)
-        running.wait_online(2)
-    finally:
-        running.close()
-    assert recording_pool.count("Login") == 2  # its token still good: registered again, no login
-
-
-def test_a_node_whose_heartbeat_token_is_refused_logs_in_again(recording_pool: RecordingPool) -> None:
-    spec = FleetSpec(prefix="relog", count=2, heartbeat_seconds=0.2)
-    running = RunningFleet(recording_pool.address, recording_pool.signer.public_key_pem, spec)
-    try:
-        running.wait_online(2)
-        recording_pool.failures["ReportStatus"] = [grpc.StatusCode.UNAUTHENTICATED]
-        assert recording_pool.wait_for(lambda p: p.count("Login") == 3, timeout=10)
-        assert recording_pool.wait_for(lambda p: p.count("RegisterWorkerNode") == 3, timeout=10)
-        running.wait_online(2)
-    finally:
-        running.close()
-
-
 def test_the_nodes_spread_over_the_fleets_connections_each_node_keeping_one(
     recording_pool: RecordingPool,
 ) -> None:
@@ -257,45 +229,3 @@ def test_the_token_file_is_private_and_survives_a_round_trip(tmp_path: Path) -> 
     assert read_tokens(path) == {"sim00000": "t0", "sim00001": "t1"}
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert read_tokens(tmp_path / "missing.json") == {} and read_tokens(None) == {}
-
-
-@pytest.mark.parametrize(
-    ("count", "given", "expected"), [(10, 0.0, 5.0), (2500, 0.0, 5.0), (10_000, 0.0, 20.0), (10_000, 3.0, 3.0)]
-)
-def test_a_big_fleet_spaces_its_heartbeats(count: int, given: float, expected: float) -> None:
-    assert heartbeat_interval(FleetSpec(count=count, heartbeat_seconds=given)) == expected
-
-
-def test_the_fleet_tells_how_its_heartbeats_kept_up(
-    recording_pool: RecordingPool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The longest a heartbeat took, how far a sweep fell behind, and the heartbeats lost by status
-    code: what says whether a node the pool took offline had gone silent on the fleet's side."""
-    spec = FleetSpec(prefix="kept", count=2, heartbeat_seconds=0.2)
-    running = RunningFleet(recording_pool.address, recording_pool.signer.public_key_pem, spec)
-    try:
-        running.wait_online(2)
-        assert recording_pool.wait_for(lambda p: p.count("ReportStatus") >= 4, timeout=10)
-        assert 0 < running.fleet.beat_wait < 1.0
-        assert running.fleet.sweep_lag < 1.0  # a loaded test machine (the slow pool below: over 0.5 s)
-        assert running.fleet.beats_failed == {}
-        recording_pool.failures["ReportStatus"] = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
-        assert wait_until(lambda: running.fleet.beats_failed.get("UNAVAILABLE", 0) >= 2)
-        assert running.fleet.beats_failed == {"UNAVAILABLE": 2}
-    finally:
-        running.close()
-
-    # A pool slow to answer, with one heartbeat in flight at a time: the sweep falls behind
-    monkeypatch.setattr(agent_beats, "MAX_IN_FLIGHT", 1)
-    recording_pool.delays["ReportStatus"] = 0.6
-    slow = RunningFleet(
-        recording_pool.address,
-        recording_pool.signer.public_key_pem,
-        FleetSpec(prefix="late", count=2, heartbeat_seconds=0.2, heartbeat_threads=1),
-    )
-    try:
-        slow.wait_online(2)
-        assert wait_until(lambda: slow.fleet.sweep_lag > 0.5)
-        assert slow.fleet.beat_wait >= 0.6
-    finally:
-        slow.close()

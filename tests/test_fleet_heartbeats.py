@@ -1,7 +1,8 @@
-"""The simulated fleet's heartbeats from a process of their own (``heartbeat_process``).
+"""The simulated fleet's heartbeats: their spacing, their record, a refusal bringing a node back,
+and the heartbeats sent from a process of their own (``heartbeat_process``).
 
 The child process is real (spawned, with its own connections to the pool); the pool is the
-recording pool where a test needs refusals injected, and the real pool otherwise.
+recording pool where a test needs refusals or delays injected, and the real pool otherwise.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import grpc
 import psutil
 import pytest
 
+import agent.beats as agent_beats
 from agent.beats import HeartbeatProcess
-from agent.fleet import FleetSpec
+from agent.fleet import FleetSpec, heartbeat_interval
 from protos import nodepool_pb2 as pb
 from tests.harness import PoolHarness, bearer, unique_name
 from tests.recording_pool import RecordingPool, pool_signer, recording_pool, wait_until
@@ -154,3 +156,72 @@ def test_the_fleet_says_so_when_its_heartbeat_process_dies(
             assert wait_until(lambda: "the heartbeat process exited (-9): no node beats" in caplog.text)
     finally:
         running.close()  # and closes at once, the child gone
+
+
+def test_a_node_whose_heartbeat_is_refused_registers_again(recording_pool: RecordingPool) -> None:
+    spec = FleetSpec(prefix="beat", count=2, heartbeat_seconds=0.2)
+    running = RunningFleet(recording_pool.address, recording_pool.signer.public_key_pem, spec)
+    try:
+        running.wait_online(2)
+        registered = recording_pool.count("RegisterWorkerNode")
+        recording_pool.refuse_heartbeats = 1  # "not registered": the pool forgot the node
+        assert recording_pool.wait_for(lambda p: p.count("RegisterWorkerNode") == registered + 1, timeout=10)
+        running.wait_online(2)
+    finally:
+        running.close()
+    assert recording_pool.count("Login") == 2  # its token still good: registered again, no login
+
+
+def test_a_node_whose_heartbeat_token_is_refused_logs_in_again(recording_pool: RecordingPool) -> None:
+    spec = FleetSpec(prefix="relog", count=2, heartbeat_seconds=0.2)
+    running = RunningFleet(recording_pool.address, recording_pool.signer.public_key_pem, spec)
+    try:
+        running.wait_online(2)
+        recording_pool.failures["ReportStatus"] = [grpc.StatusCode.UNAUTHENTICATED]
+        assert recording_pool.wait_for(lambda p: p.count("Login") == 3, timeout=10)
+        assert recording_pool.wait_for(lambda p: p.count("RegisterWorkerNode") == 3, timeout=10)
+        running.wait_online(2)
+    finally:
+        running.close()
+
+
+@pytest.mark.parametrize(
+    ("count", "given", "expected"), [(10, 0.0, 5.0), (2500, 0.0, 5.0), (10_000, 0.0, 20.0), (10_000, 3.0, 3.0)]
+)
+def test_a_big_fleet_spaces_its_heartbeats(count: int, given: float, expected: float) -> None:
+    assert heartbeat_interval(FleetSpec(count=count, heartbeat_seconds=given)) == expected
+
+
+def test_the_fleet_tells_how_its_heartbeats_kept_up(
+    recording_pool: RecordingPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The longest a heartbeat took, how far a sweep fell behind, and the heartbeats lost by status
+    code: what says whether a node the pool took offline had gone silent on the fleet's side."""
+    spec = FleetSpec(prefix="kept", count=2, heartbeat_seconds=0.2)
+    running = RunningFleet(recording_pool.address, recording_pool.signer.public_key_pem, spec)
+    try:
+        running.wait_online(2)
+        assert recording_pool.wait_for(lambda p: p.count("ReportStatus") >= 4, timeout=10)
+        assert 0 < running.fleet.beat_wait < 1.0
+        assert running.fleet.sweep_lag < 1.0  # a loaded test machine (the slow pool below: over 0.5 s)
+        assert running.fleet.beats_failed == {}
+        recording_pool.failures["ReportStatus"] = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
+        assert wait_until(lambda: running.fleet.beats_failed.get("UNAVAILABLE", 0) >= 2)
+        assert running.fleet.beats_failed == {"UNAVAILABLE": 2}
+    finally:
+        running.close()
+
+    # A pool slow to answer, with one heartbeat in flight at a time: the sweep falls behind
+    monkeypatch.setattr(agent_beats, "MAX_IN_FLIGHT", 1)
+    recording_pool.delays["ReportStatus"] = 0.6
+    slow = RunningFleet(
+        recording_pool.address,
+        recording_pool.signer.public_key_pem,
+        FleetSpec(prefix="late", count=2, heartbeat_seconds=0.2, heartbeat_threads=1),
+    )
+    try:
+        slow.wait_online(2)
+        assert wait_until(lambda: slow.fleet.sweep_lag > 0.5)
+        assert slow.fleet.beat_wait >= 0.6
+    finally:
+        slow.close()
